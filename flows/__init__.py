@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only. Algorithm code lives in ``stages/``."""

@@ -1,0 +1,1 @@
+"""Arrow table schemas and pydantic parameter models. Light imports only (pyarrow, pydantic)."""

@@ -1,0 +1,23 @@
+"""Pydantic parameter models, one module per stage, composed into ``PipelineParams``.
+
+Every field has a description and bounds or ``Literal`` choices so Prefect renders a validated form.
+Defaults live here and nowhere else.
+"""
+
+from schemas.params.data import DataParams
+from schemas.params.evaluate import EvalParams
+from schemas.params.pipeline import PipelineParams
+from schemas.params.rewards import AdvantageParams, ScoreParams
+from schemas.params.rollout import RolloutParams
+from schemas.params.update import UpdateParams, WarmstartParams
+
+__all__ = [
+    "AdvantageParams",
+    "DataParams",
+    "EvalParams",
+    "PipelineParams",
+    "RolloutParams",
+    "ScoreParams",
+    "UpdateParams",
+    "WarmstartParams",
+]

@@ -1,0 +1,26 @@
+"""Parameters of the data stage."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DataParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[str] = Field(
+        default_factory=lambda: ["synthetic:tool-arith"],
+        min_length=1,
+        description="humaneval | synthetic:tool-arith | synthetic:func-synth | a local JSONL/Parquet path | hf:<name>",
+    )
+    format: Literal["auto", "humaneval", "mbpp", "gsm8k", "math", "problems"] = Field(
+        "auto", description="Record format of path/hub sources; auto detects it from the fields"
+    )
+    skip_bad: bool = Field(False, description="Skip (and count) malformed records instead of failing")
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of problems held out for eval")
+    seed: int = Field(0, ge=0, description="Seed of the train/eval split and of synthetic generators")
+    synthetic_count: int = Field(64, ge=1, le=100_000, description="Problems per synthetic family")
+    synthetic_difficulty: int = Field(1, ge=1, le=5, description="Difficulty knob of synthetic families")
+    max_problems: int | None = Field(None, ge=1, description="Keep at most this many problems (after dedup)")

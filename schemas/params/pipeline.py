@@ -1,0 +1,52 @@
+"""The whole pipeline's parameters: one model composed of the stage models."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.params.data import DataParams
+from schemas.params.evaluate import EvalParams
+from schemas.params.rewards import AdvantageParams, ScoreParams
+from schemas.params.rollout import RolloutParams
+from schemas.params.update import UpdateParams, WarmstartParams
+
+
+class PipelineParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["grpo", "gtpo", "murphy"] = Field(
+        "gtpo", description="grpo: outcome reward; gtpo: turn-level TIR; murphy: feedback trees"
+    )
+    model: str = Field(
+        "smollm2",
+        description="Policy: 'smollm2' (prepared offline), 'tiny' (random, for plumbing) or a model directory",
+    )
+    run_root: str = Field("runs", description="Root of run storage: a directory or a pyarrow URI (s3://…)")
+    run_id: str | None = Field(None, description="Run id (default: generated); reuse one to resume a run")
+    iterations: int = Field(1, ge=1, le=10_000, description="RL iterations")
+    evaluate_every: int = Field(1, ge=0, description="Evaluate after every k-th iteration (0: only at the end)")
+    data: DataParams = Field(default_factory=DataParams)
+    warmstart: WarmstartParams = Field(default_factory=WarmstartParams)
+    rollout: RolloutParams = Field(default_factory=RolloutParams)
+    score: ScoreParams = Field(default_factory=ScoreParams)
+    advantages: AdvantageParams = Field(default_factory=AdvantageParams)
+    update: UpdateParams = Field(default_factory=UpdateParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+
+    @model_validator(mode="after")
+    def _algorithm_implies_modes(self) -> PipelineParams:
+        """The algorithm picks the rollout mode and estimator unless they were set to a consistent value."""
+        if self.algorithm == "murphy":
+            self.rollout.mode = "tree"
+            self.advantages.estimator = "murphy"
+        else:
+            self.rollout.mode = "tir"
+            if self.advantages.estimator == "murphy":
+                raise ValueError(f"advantages.estimator 'murphy' needs algorithm 'murphy', got {self.algorithm!r}")
+            if self.algorithm == "gtpo":
+                self.advantages.estimator = "gtpo"
+            elif self.advantages.estimator == "gtpo":
+                self.advantages.estimator = "grpo"
+        return self

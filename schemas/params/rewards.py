@@ -1,0 +1,33 @@
+"""Parameters of the score and advantages stages (see ../shared/ALGORITHMS.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ScoreParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code_reward: Literal["fraction", "binary"] = Field("fraction", description="Code outcome: tests fraction or all-pass")
+    format_penalty: float = Field(-0.1, le=0.0, description="GTPO penalty per invalid / missing tool call")
+    stack_penalties: bool = Field(False, description="(open) allow more than one penalty per turn")
+    shaping: bool = Field(True, description="GTPO self-supervised shaping of failed trajectories")
+    shaping_alpha: float = Field(0.5, ge=0.0, lt=1.0, description="α: shaped reward scale, < 1")
+    similarity: str = Field("lexical", description="Similarity registry entry used by shaping")
+    test_timeout_s: float = Field(10.0, gt=0, le=300, description="Sandbox limit per test run")
+
+
+class AdvantageParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    estimator: Literal["grpo", "dr_grpo", "gtpo", "murphy"] = Field("grpo", description="Advantage estimator")
+    gamma: float = Field(0.9, ge=0.0, le=1.0, description="GTPO turn discount γ")
+    norm_scope: Literal["group", "turn_position", "batch"] = Field("group", description="GTPO normalisation set")
+    murphy_mode: Literal["max", "mean"] = Field("max", description="MaRS (max) or MeRS (mean)")
+    murphy_gamma: float = Field(1.0, ge=0.0, le=1.0, description="γ_m of MeRS")
+    inter_keep: int | None = Field(None, ge=1, description="InterP: sibling groups kept (None: all)")
+    intra_keep: int | None = Field(None, ge=2, description="IntraP: nodes kept per group (None: all)")
+    keep_zero_signal: bool = Field(False, description="Keep groups whose rewards all tie")
+    eps: float = Field(1e-6, gt=0, description="ε in the z-score")

