@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Names registered in stages.policy_loss (a test checks the two stay equal).
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+PolicyLossName = Literal["ppo-clip"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 class UpdateParams(BaseModel):
@@ -12,23 +17,58 @@ class UpdateParams(BaseModel):
 
     lr: float = Field(1e-6, gt=0, le=1e-2, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup of the learning rate (optimizer steps)")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (β1, β2)")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup of the learning rate (optimizer steps, global)"
+    )
     ppo_epochs: int = Field(1, ge=1, le=16, description="Passes over the samples per update")
     minibatch_size: int = Field(8, ge=1, description="Sequences per optimizer step")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass (gradient accumulation)")
+    policy_loss: PolicyLossName = Field("ppo-clip", description="Policy loss (stages.policy_loss registry)")
     clip_eps_low: float = Field(0.2, ge=0.0, le=1.0, description="ε_low")
     clip_eps_high: float = Field(0.2, ge=0.0, le=1.0, description="ε_high (0.28 = DAPO clip-higher)")
-    kl_beta: float = Field(0.0, ge=0.0, description="β of the k3 KL to the reference model (0: no reference)")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="Loss aggregation"
+    kl_beta: float = Field(
+        0.0, ge=0.0, description="β of the KL to the reference model (0: no reference model is loaded)"
     )
-    tis_cap: float | None = Field(None, gt=0, description="Truncated importance sampling cap C (None: off)")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the update runs")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 on CPU, bf16 on CUDA")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations (CUDA)")
+    kl_estimator: KLEstimator = Field("k3", description="KL_t estimator; k3 = π_ref/π_θ − log(π_ref/π_θ) − 1")
+    loss_agg: LossAgg = Field("token-mean", description="Loss aggregation over the tokens of a minibatch")
+    loss_norm_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); set it to the rollout context limit",
+    )
+    tis_cap: float | None = Field(
+        None,
+        gt=0,
+        description="Truncated importance sampling cap C on π_old/π_rollout (None: off; 2 is usual)",
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (total L2 norm)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the update runs (auto: cuda if any)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Compute dtype (bf16 = autocast over fp32 master weights); auto: fp32 CPU, bf16 CUDA",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass")
     lora_rank: int | None = Field(None, ge=1, description="LoRA rank via peft (None: full fine-tune)")
-    seed: int = Field(0, ge=0, description="Seed of the minibatch order")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA α (scale α/r)")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters",
+    )
+    save_optimizer_state: bool = Field(
+        True, description="Store optimizer/scheduler/RNG state in the checkpoint (needed for exact resume)"
+    )
+    seed: int = Field(
+        0, ge=0, description="Seed of the minibatch order (order = f(seed, update index, epoch))"
+    )
+
+    @model_validator(mode="after")
+    def _micro_fits_minibatch(self) -> UpdateParams:
+        if self.micro_batch_size > self.minibatch_size:
+            self.micro_batch_size = self.minibatch_size
+        return self
 
 
 class WarmstartParams(BaseModel):
@@ -37,5 +77,14 @@ class WarmstartParams(BaseModel):
     enabled: bool = Field(False, description="Run a supervised warm start before iteration 1")
     steps: int = Field(20, ge=1, description="Optimizer steps")
     lr: float = Field(5e-5, gt=0, le=1e-2, description="Learning rate")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup of the learning rate (optimizer steps)")
     batch_size: int = Field(8, ge=1, description="Demonstrations per step")
+    micro_batch_size: int = Field(4, ge=1, description="Demonstrations per forward pass")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (total L2 norm)")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many demonstrations")
+    split: Literal["train", "eval", "any"] = Field(
+        "train", description="Problems split to take demonstrations from"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the fine-tune runs")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
     seed: int = Field(0, ge=0, description="Shuffle seed")

@@ -1,0 +1,225 @@
+"""The token-level policy loss of ALGORITHMS.md ("Policy loss"), as registries of pure tensor functions.
+
+    ρ_t  = π_θ(t | ·) / π_old(t | ·)
+    L    = − agg_t [ min(ρ_t A_t, clip(ρ_t, 1 − ε_low, 1 + ε_high) A_t) ] + β · agg_t KL_t
+    KL_t = π_ref/π_θ − log(π_ref/π_θ) − 1                      (k3; k1 and k2 are registered too)
+
+Three registries, each keyed by the name a parameter carries (``schemas.params.update``):
+
+- ``AGGREGATIONS``: how per-token values (B, L) become one scalar. Each takes the *minibatch* normalisers
+  (its token count and sequence count), so the micro-batches of one optimizer step add up exactly to the
+  minibatch's aggregate under gradient accumulation; by default they are the micro-batch's own counts.
+  ``token-mean`` (default, DAPO): Σ_bt v·m / N_tokens. ``seq-mean-token-mean`` (GRPO paper): mean over
+  sequences of each sequence's token mean. ``seq-mean-token-sum-norm`` (Dr.GRPO, arXiv 2503.20783): mean over
+  sequences of Σ_t v·m / C with a constant C (``loss_norm_tokens``).
+- ``POLICY_LOSSES``: per-token surrogate losses. ``ppo-clip``: the clipped surrogate with ε_low / ε_high
+  (DAPO clip-higher when ε_high > ε_low).
+- ``KL_ESTIMATORS``: per-token KL(π_θ || π_ref) estimates from log-probs (Schulman, "Approximating KL").
+
+TIS (truncated importance sampling, Yao et al. 2025, "Your efficient RL framework secretly brings you
+off-policy RL training"): the rollout engine's log-probs differ from the trainer's; each token's policy loss
+is weighted by w_t = min(π_old/π_rollout, C), detached.
+
+Shapes: B sequences, L positions. ``logp``/``old_logp``/``ref_logp``/``rollout_logp``: (B, L) log-probs of
+the token at each position; ``advantages``: (B, L); ``mask``: (B, L) float, 1 on trained (completion) tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0  # |log ρ| beyond this is numerically meaningless; clamp before exp
+
+AggFn = Callable[..., torch.Tensor]
+AGGREGATIONS: dict[str, AggFn] = {}
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+
+def _register(registry: dict, name: str):
+    def deco(fn):
+        if name in registry:
+            raise ValueError(f"{name!r} is registered twice")
+        registry[name] = fn
+        return fn
+
+    return deco
+
+
+def _lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(registry)}")
+    return registry[name]
+
+
+# --- aggregation ----------------------------------------------------------------------------------------------
+@_register(AGGREGATIONS, "token-mean")
+def token_mean(
+    values: torch.Tensor, mask: torch.Tensor, *, n_tokens: float | None = None, **_: Any
+) -> torch.Tensor:
+    """Σ_bt v·m / N. ``n_tokens``: trained tokens of the whole minibatch (default: this batch's)."""
+    n = mask.sum() if n_tokens is None else n_tokens
+    return (values * mask).sum() / max(float(n), 1.0)
+
+
+@_register(AGGREGATIONS, "seq-mean-token-mean")
+def seq_mean_token_mean(
+    values: torch.Tensor, mask: torch.Tensor, *, n_seqs: float | None = None, **_: Any
+) -> torch.Tensor:
+    """Σ_b [Σ_t v·m / Σ_t m] / S. ``n_seqs``: sequences of the whole minibatch (default: this batch's).
+    A sequence without trained tokens contributes 0 (and counts in S)."""
+    per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    s = values.shape[0] if n_seqs is None else n_seqs
+    return per_seq.sum() / max(float(s), 1.0)
+
+
+@_register(AGGREGATIONS, "seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    n_seqs: float | None = None,
+    norm_tokens: float = 2048.0,
+    **_: Any,
+) -> torch.Tensor:
+    """Σ_b [Σ_t v·m / C] / S with the constant C = ``norm_tokens`` (Dr.GRPO: no length bias)."""
+    s = values.shape[0] if n_seqs is None else n_seqs
+    return (values * mask).sum() / float(norm_tokens) / max(float(s), 1.0)
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    n_tokens: float | None = None,
+    n_seqs: float | None = None,
+    norm_tokens: float = 2048.0,
+) -> torch.Tensor:
+    """Aggregate (B, L) ``values`` over ``mask`` with the named mode (see module docstring)."""
+    fn = _lookup(AGGREGATIONS, mode, "loss aggregation")
+    return fn(values, mask, n_tokens=n_tokens, n_seqs=n_seqs, norm_tokens=norm_tokens)
+
+
+# --- KL estimators: per-token estimates of KL(π_θ || π_ref) ------------------------------------------------------
+@_register(KL_ESTIMATORS, "k1")
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """log π_θ − log π_ref (unbiased, can be negative)."""
+    return logp - ref_logp
+
+
+@_register(KL_ESTIMATORS, "k2")
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """½ (log π_θ − log π_ref)²."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@_register(KL_ESTIMATORS, "k3")
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """π_ref/π_θ − log(π_ref/π_θ) − 1 (unbiased, ≥ 0)."""
+    d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(d) - d - 1.0
+
+
+def kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    return _lookup(KL_ESTIMATORS, estimator, "KL estimator")(logp, ref_logp)
+
+
+# --- policy losses: (loss (B, L), clipped (B, L) bool) --------------------------------------------------------------
+@_register(POLICY_LOSSES, "ppo-clip")
+def ppo_clip(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) and where the clipped branch is the active one."""
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """(B, L) detached min(π_old/π_rollout, C)."""
+    d = (old_logp - rollout_logp).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.exp(d).clamp(max=cap)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss: str = "ppo-clip",
+    agg: str = "token-mean",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    kl_beta: float = 0.0,
+    kl_estimator: str = "k3",
+    ref_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    n_tokens: float | None = None,
+    n_seqs: float | None = None,
+    norm_tokens: float = 2048.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The full loss of one (micro-)batch: scalar and token-summed statistics.
+
+    ``n_tokens`` / ``n_seqs``: normalisers of the minibatch this micro-batch belongs to (see ``aggregate``).
+    Returned stats are *sums over trained tokens* (so micro-batches add up): ``tokens``, ``clipped``,
+    ``approx_kl`` (k3 of π_old against π_θ), ``kl_ref`` (when a reference is given), ``tis_weight``.
+    """
+    if kl_beta > 0 and ref_logp is None:
+        raise ValueError("kl_beta > 0 needs the reference log-probs (ref_logp)")
+    norm = {"n_tokens": n_tokens, "n_seqs": n_seqs, "norm_tokens": norm_tokens}
+    pg, clipped = _lookup(POLICY_LOSSES, loss, "policy loss")(
+        logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high
+    )
+    stats: dict[str, float] = {}
+    if tis_cap is not None:
+        if rollout_logp is None:
+            raise ValueError("tis_cap is set but no rollout log-probs were given")
+        w = tis_weights(old_logp, rollout_logp, tis_cap)
+        pg = pg * w
+        stats["tis_weight"] = float((w * mask).sum())
+    total = aggregate(pg, mask, agg, **norm)
+    with torch.no_grad():
+        m = mask.detach()
+        stats["tokens"] = float(m.sum())
+        stats["clipped"] = float((clipped.to(m.dtype) * m).sum())
+        stats["approx_kl"] = float((kl_k3(logp.detach(), old_logp) * m).sum())
+    if ref_logp is not None:
+        kl_t = kl(logp, ref_logp, kl_estimator)
+        stats["kl_ref"] = float((kl_t.detach() * mask).sum())
+        if kl_beta > 0:
+            total = total + kl_beta * aggregate(kl_t, mask, agg, **norm)
+    return total, stats
+
+
+# --- log-probs and entropy from logits ---------------------------------------------------------------------------------
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) log π(input_ids[:, t] | input_ids[:, <t]) from (B, L, V) logits; position 0 gets 0.
+
+    Computed as logit − logsumexp in fp32, without materialising the full log-softmax.
+    """
+    logits = logits[:, :-1].float()
+    target = input_ids[:, 1:].unsqueeze(-1)
+    lp = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.nn.functional.pad(lp, (1, 0), value=0.0)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(B, L) entropy of the next-token distribution that predicted each position; position 0 gets 0."""
+    lg = logits[:, :-1].float()
+    logz = torch.logsumexp(lg, dim=-1, keepdim=True)
+    p = torch.exp(lg - logz)
+    ent = logz.squeeze(-1) - (p * lg).sum(-1)
+    return torch.nn.functional.pad(ent, (1, 0), value=0.0)

@@ -1,0 +1,527 @@
+"""Update stage: token-level PPO-clip on the training samples, then a new checkpoint and a weight sync.
+
+    run(params: UpdateParams, {"samples": uri, "checkpoint": dir, "ref_checkpoint": dir (when kl_beta > 0)}, out)
+        -> StageOutput(tables={"checkpoint": <out>/checkpoint}, metrics=actor/*, timing/*)
+
+What one call does (the loss is ``stages.policy_loss``, ALGORITHMS.md "Policy loss"):
+1. Reads and checks ``samples`` (schemas.tables.SAMPLES): non-empty, equal per-row lengths, finite advantages
+   and log-probs, a 0/1 loss mask with at least one trained token. Bad input: ``SamplesError``, nothing written.
+2. Loads the policy (fp32 master weights) and, when ``trainer_state.pt`` is present, its optimizer, scheduler,
+   RNG state and step counters, so consecutive calls equal one uninterrupted run (resume fidelity).
+3. Recomputes log π_old with the trainer before the first gradient step; logs the gap to the rollout
+   engine's log-probs (``actor/logprob_gap_*``). With kl_beta > 0 the reference model is loaded (only then)
+   and its log-probs computed once.
+4. ``ppo_epochs`` passes; each shuffles the samples with a generator seeded by (seed, update index, epoch),
+   cuts minibatches of ``minibatch_size`` (one optimizer step each) and, inside a minibatch, sorts by length
+   into micro-batches of ``micro_batch_size`` (gradient accumulation; padding stays small). The aggregation
+   normalisers are the minibatch's, so accumulation gives the same gradient as one big batch.
+5. AdamW, linear warmup over the global step, gradient clipping. CPU: fp32. CUDA: bf16 autocast over fp32
+   master weights, optional gradient checkpointing. LoRA (``lora_rank``) via peft: the checkpoint holds the
+   merged model (what rollout and evaluation load) and the adapter in ``lora/`` on top of ``lora_base``.
+6. Writes ``<out>/checkpoint`` atomically, then pushes the weights into the process's live rollout engine
+   (``stages.engine.live_engine()``) when there is one of the same architecture (``timing/weight_sync``).
+   When no engine is live (a single-stage rerun, or a fresh process) nothing is pushed: the next rollout loads
+   the new checkpoint from disk.
+
+Not done: sequence packing (needs varlen attention kernels; length-sorted micro-batches instead).
+Multi-GPU: launch the same entry point under ``torchrun`` / ``accelerate launch`` with FSDP2; this module
+has no home-made distribution layer and runs single-device as written.
+
+Run on its own: ``python -m stages.update SAMPLES CHECKPOINT OUT [--params JSON]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.outputs import StageOutput
+from schemas.params.update import UpdateParams
+from schemas.tables import SAMPLES
+from stages import checkpoint as ckpt
+from stages.policy_loss import policy_loss, token_entropy, token_logprobs
+from stages.tableio import read_table
+
+STAGE = "update"
+
+
+class SamplesError(ValueError):
+    """The samples table cannot be trained on (empty, inconsistent lengths, NaN values, ...)."""
+
+
+# --- samples -----------------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    """One training sequence. All tensors (L,): token ids, loss mask (float 0/1), advantages, rollout log-probs;
+    ``old_logp`` / ``ref_logp`` are filled by the trainer."""
+
+    sample_id: str
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_logp: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def load_samples(uri: str) -> list[Sample]:
+    """Read and check the samples table; raise SamplesError naming the first bad row and field."""
+    try:
+        table = read_table(uri, SAMPLES)
+    except FileNotFoundError as e:
+        raise SamplesError(str(e)) from None
+    except ValueError as e:  # SchemaError: wrong table, columns or types
+        raise SamplesError(f"samples table {uri} does not match the samples schema: {e}") from None
+    if table.num_rows == 0:
+        raise SamplesError(f"samples table {uri} is empty: nothing to train on")
+    out = []
+    for row in table.to_pylist():
+        sid = row["sample_id"]
+        ids, mask = row["input_ids"], row["loss_mask"]
+        adv, lp = row["advantages"], row["rollout_logprobs"]
+        n = len(ids)
+        if n < 2:
+            raise SamplesError(f"sample {sid!r}: input_ids has {n} tokens; need at least 2")
+        for name, col in (("loss_mask", mask), ("advantages", adv), ("rollout_logprobs", lp)):
+            if len(col) != n:
+                raise SamplesError(f"sample {sid!r}: {name} has length {len(col)}, input_ids {n}")
+        if any(m not in (0, 1) for m in mask):
+            raise SamplesError(f"sample {sid!r}: loss_mask must be 0/1")
+        if mask[0]:
+            raise SamplesError(
+                f"sample {sid!r}: loss_mask[0] is 1; the first token has no context to train on"
+            )
+        a, r = np.asarray(adv, dtype=np.float32), np.asarray(lp, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise SamplesError(
+                f"sample {sid!r}: advantages has non-finite values at {np.flatnonzero(~np.isfinite(a))[:5].tolist()}"
+            )
+        m = np.asarray(mask, dtype=bool)
+        if not np.isfinite(r[m]).all() or (r[m] > 1e-4).any():
+            raise SamplesError(f"sample {sid!r}: rollout_logprobs must be finite and <= 0 on trained tokens")
+        out.append(
+            Sample(
+                sample_id=sid,
+                input_ids=torch.tensor(ids, dtype=torch.long),
+                mask=torch.tensor(mask, dtype=torch.float32),
+                advantages=torch.from_numpy(a),
+                rollout_logp=torch.from_numpy(np.where(m, r, 0.0).astype(np.float32)),
+            )
+        )
+    if sum(float(s.mask.sum()) for s in out) == 0:
+        raise SamplesError(f"samples table {uri}: no row has a trained token (loss_mask is all 0)")
+    return out
+
+
+def collate(batch: list[Sample], device: torch.device, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: input_ids / attention_mask / mask / advantages / *_logp, all (B, Lmax)."""
+    lmax = max(len(s) for s in batch)
+
+    def pad(get, value, dtype):
+        t = torch.full((len(batch), lmax), value, dtype=dtype)
+        for i, s in enumerate(batch):
+            x = get(s)
+            t[i, : x.shape[0]] = x
+        return t.to(device)
+
+    out = {
+        "input_ids": pad(lambda s: s.input_ids, pad_id, torch.long),
+        "attention_mask": pad(lambda s: torch.ones(len(s), dtype=torch.long), 0, torch.long),
+        "mask": pad(lambda s: s.mask, 0.0, torch.float32),
+        "advantages": pad(lambda s: s.advantages, 0.0, torch.float32),
+        "rollout_logp": pad(lambda s: s.rollout_logp, 0.0, torch.float32),
+    }
+    if batch[0].old_logp is not None:
+        out["old_logp"] = pad(lambda s: s.old_logp, 0.0, torch.float32)
+    if batch[0].ref_logp is not None:
+        out["ref_logp"] = pad(lambda s: s.ref_logp, 0.0, torch.float32)
+    return out
+
+
+def order_seed(seed: int, update_idx: int, epoch: int) -> int:
+    """Seed of the data order of one epoch: a pure function of (seed, update index, epoch)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{update_idx}/{epoch}".encode()).digest()[:8], "little") >> 1
+
+
+def minibatches(n: int, params: UpdateParams, update_idx: int, epoch: int) -> list[list[int]]:
+    """Sample indices of each minibatch of one epoch (shuffled reproducibly)."""
+    g = torch.Generator().manual_seed(order_seed(params.seed, update_idx, epoch))
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i : i + params.minibatch_size] for i in range(0, n, params.minibatch_size)]
+
+
+def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
+    """Length-sorted chunks of ``size`` (stable sort: ties keep their shuffled order)."""
+    s = sorted(samples, key=len)
+    return [s[i : i + size] for i in range(0, len(s), size)]
+
+
+# --- devices and memory --------------------------------------------------------------------------------------------------
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None for plain fp32)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("update device 'cuda' requested but torch sees no CUDA device")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), (torch.bfloat16 if dtype == "bfloat16" else None)
+
+
+class PeakMemory:
+    """Peak memory (MB) over a block: CUDA max_memory_allocated, or on CPU the process's peak RSS sampled
+    every 10 ms (the process's lifetime maximum, ru_maxrss, would include whatever ran before)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_mb = self._rss_mb()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+
+# --- the trainer -------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Policy + optimizer + scheduler + counters; ``update(samples)`` is one call of the update stage's work.
+
+    Calling ``update`` k times in one process equals k stage runs that each load the previous checkpoint
+    (the resume-fidelity test checks this).
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, params: UpdateParams):
+        from stages import lora
+
+        self.params, self.source = params, ckpt.check_checkpoint(checkpoint_dir)
+        self.device, self.amp_dtype = resolve_device(params.device, params.dtype)
+        state = ckpt.load_trainer_state(self.source)
+        self.step = int(state["step"]) if state else 0
+        self.update_idx = int(state.get("update_idx", 0)) if state else 0
+        self.lineage = str(state.get("lineage", self.source)) if state else str(self.source)
+        self.lora_base: str | None = None
+        if params.lora_rank:
+            self.model, self.lora_base = lora.load_lora_policy(self.source, state, params, self.device)
+        else:
+            if state and state.get("lora_base"):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {self.source} was trained with LoRA; set lora_rank to continue it, or start a "
+                    "full fine-tune from a checkpoint without trainer_state.pt"
+                )
+            self.model = ckpt.load_model(self.source, device=self.device)
+        if params.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.pad_id = int(self.model.config.pad_token_id or 0) if hasattr(self.model, "config") else 0
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=params.lr, betas=params.adam_betas, weight_decay=params.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # Optimizer state continues only within the same kind of training (full vs LoRA parameters).
+        same_kind = bool(state and state.get("lora_base")) == bool(params.lora_rank)
+        if state and state.get("optimizer") is not None and same_kind:
+            self._restore(state)
+        self.history: list[dict[str, float]] = []  # per optimizer step
+
+    def _lr_factor(self, step: int) -> float:
+        w = self.params.warmup_steps
+        return 1.0 if w == 0 else min(1.0, (step + 1) / w)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimizer moments, scheduler position and RNG from a checkpoint; lr / weight decay from params."""
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"{self.source}/{ckpt.TRAINER_STATE}: optimizer state does not fit this model ({e})"
+            ) from e
+        self.scheduler.base_lrs = [self.params.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g.update(
+                initial_lr=self.params.lr, weight_decay=self.params.weight_decay, betas=self.params.adam_betas
+            )
+            g["lr"] = self.params.lr * self._lr_factor(self.scheduler.last_epoch)
+        if "rng" in state:
+            ckpt.restore_rng(state["rng"])
+
+    def trainer_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "update_idx": self.update_idx,
+            "lineage": self.lineage,
+            "lora_base": self.lora_base,
+            "rng": ckpt.capture_rng(),
+        }
+        if self.params.save_optimizer_state:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L, V) logits of a collated micro-batch."""
+        with self._autocast():
+            return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+
+    @torch.no_grad()
+    def logprobs(self, model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
+        """(L,) log-probs of each sample under ``model`` (eval mode, no grad), in the order given."""
+        was_training = model.training
+        model.eval()
+        out: dict[int, torch.Tensor] = {}
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
+        for j in range(0, len(order), self.params.micro_batch_size):
+            idx = order[j : j + self.params.micro_batch_size]
+            b = collate([samples[i] for i in idx], self.device, self.pad_id)
+            lp = token_logprobs(self.forward(model, b), b["input_ids"]).float().cpu()
+            for k, i in enumerate(idx):
+                out[i] = lp[k, : len(samples[i])]
+        model.train(was_training)
+        return [out[i] for i in range(len(samples))]
+
+    def update(self, samples: list[Sample], ref_model: torch.nn.Module | None = None) -> dict[str, float]:
+        """PPO epochs over ``samples``; returns actor/* and timing/* metrics."""
+        p = self.params
+        if p.kl_beta > 0 and ref_model is None:
+            raise ValueError("kl_beta > 0 needs a reference model")
+        t0 = time.perf_counter()
+        for s, lp in zip(samples, self.logprobs(self.model, samples), strict=True):
+            s.old_logp = lp
+        if ref_model is not None:
+            for s, lp in zip(samples, self.logprobs(ref_model, samples), strict=True):
+                s.ref_logp = lp
+        t_old = time.perf_counter() - t0
+        metrics = self._logprob_gap(samples)
+
+        sums: dict[str, float] = {}
+        n_tokens_seen, steps_before = 0, self.step
+        self.model.train()
+        t1 = time.perf_counter()
+        with PeakMemory(self.device) as mem:
+            for epoch in range(p.ppo_epochs):
+                for mb_idx in minibatches(len(samples), p, self.update_idx, epoch):
+                    mb = [samples[i] for i in mb_idx]
+                    st = self._optimizer_step(mb, ref_model is not None)
+                    self.history.append({"epoch": epoch, **st})
+                    for k, v in st.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_tokens_seen += sum(len(s) for s in mb)
+        t_train = time.perf_counter() - t1
+        self.update_idx += 1
+        n_steps = self.step - steps_before
+        tok = max(sums.get("tokens", 0.0), 1.0)
+        metrics.update(
+            {
+                "actor/loss": sums["loss"] / n_steps,
+                "actor/clip_frac": sums["clipped"] / tok,
+                "actor/approx_kl": sums["approx_kl"] / tok,
+                "actor/entropy": sums["entropy"] / tok,
+                "actor/grad_norm": sums["grad_norm"] / n_steps,
+                "actor/lr": self.optimizer.param_groups[0]["lr"],
+                "actor/steps": float(n_steps),
+                "actor/global_step": float(self.step),
+                "actor/trained_tokens": tok,
+                "actor/tokens_per_s": n_tokens_seen / max(t_train, 1e-9),
+                "actor/peak_mem_mb": mem.peak_mb,
+                "timing/old_logprobs": t_old,
+                "timing/update": time.perf_counter() - t0,
+            }
+        )
+        if "kl_ref" in sums:
+            metrics["actor/kl_ref"] = sums["kl_ref"] / tok
+        if "tis_weight" in sums:
+            metrics["actor/tis_weight_mean"] = sums["tis_weight"] / tok
+        return metrics
+
+    def _optimizer_step(self, mb: list[Sample], with_ref: bool) -> dict[str, float]:
+        """Gradient accumulation over the length-sorted micro-batches of one minibatch, then one AdamW step."""
+        p = self.params
+        n_tokens = float(sum(s.mask.sum() for s in mb))
+        acc = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in micro_batches(mb, p.micro_batch_size):
+            b = collate(micro, self.device, self.pad_id)
+            logits = self.forward(self.model, b)
+            logp = token_logprobs(logits, b["input_ids"])
+            loss, st = policy_loss(
+                logp,
+                b["old_logp"],
+                b["advantages"],
+                b["mask"],
+                loss=p.policy_loss,
+                agg=p.loss_agg,
+                eps_low=p.clip_eps_low,
+                eps_high=p.clip_eps_high,
+                kl_beta=p.kl_beta,
+                kl_estimator=p.kl_estimator,
+                ref_logp=b.get("ref_logp") if with_ref else None,
+                rollout_logp=b["rollout_logp"],
+                tis_cap=p.tis_cap,
+                n_tokens=n_tokens,
+                n_seqs=float(len(mb)),
+                norm_tokens=float(p.loss_norm_tokens),
+            )
+            acc["entropy"] += float((token_entropy(logits.detach()) * b["mask"]).sum())
+            del logits
+            loss.backward()
+            acc["loss"] += float(loss.detach())
+            for k, v in st.items():
+                acc[k] = acc.get(k, 0.0) + v
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step}: the update diverged")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        acc["grad_norm"] = grad_norm
+        acc["clip_frac"] = acc["clipped"] / max(acc["tokens"], 1.0)
+        return acc
+
+    @staticmethod
+    def _logprob_gap(samples: list[Sample]) -> dict[str, float]:
+        """|rollout − recomputed π_old log-prob| over trained tokens: mean and max."""
+        gaps = torch.cat([(s.rollout_logp - s.old_logp).abs()[s.mask > 0] for s in samples])
+        return {"actor/logprob_gap_mean": float(gaps.mean()), "actor/logprob_gap_max": float(gaps.max())}
+
+    def policy_for_rollout(self) -> torch.nn.Module:
+        """The plain transformers model the rollout engine should run (LoRA: a merged copy)."""
+        from stages import lora
+
+        return lora.merged_copy(self.model) if self.lora_base else self.model
+
+    def save(self, final: str | Path) -> tuple[Any, torch.nn.Module]:
+        """Write the checkpoint; returns (TableRef, the plain model that was saved)."""
+        plain = self.policy_for_rollout()
+        ref = ckpt.save_checkpoint(
+            final,
+            plain,
+            tokenizer_from=self.source,
+            trainer_state=self.trainer_state(),
+            adapter=self.model if self.lora_base else None,
+        )
+        return ref, plain
+
+
+# --- weight sync ---------------------------------------------------------------------------------------------------
+def _arch(config: Any) -> tuple:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
+    return tuple(get(k) for k in keys)
+
+
+def sync_live_engine(model: torch.nn.Module) -> tuple[float | None, str]:
+    """Push ``model``'s weights into the process's live rollout engine; (seconds or None, note).
+
+    The engine module is only consulted when it is already imported (no engine can be live otherwise, and
+    importing it would import vLLM). An engine counts as this model's lineage when its model directory's
+    config has the same architecture (model type, sizes, vocabulary).
+    """
+    engine_mod = sys.modules.get("stages.engine")
+    live = getattr(engine_mod, "live_engine", None)
+    engine = live() if live is not None else None
+    if engine is None:
+        return None, "no live rollout engine: the next rollout loads the new checkpoint"
+    model_dir = getattr(engine, "model_dir", None)
+    if model_dir is not None:
+        import json
+
+        cfg_file = Path(model_dir) / "config.json"
+        if cfg_file.is_file() and _arch(json.loads(cfg_file.read_text())) != _arch(model.config):
+            return None, f"live engine runs {model_dir}, a different architecture: not synced"
+    t0 = time.perf_counter()
+    engine.update_weights(model.state_dict())
+    return time.perf_counter() - t0, "pushed the new weights into the live rollout engine"
+
+
+# --- stage entry point -------------------------------------------------------------------------------------------------
+def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
+    """One policy update: samples + checkpoint -> new checkpoint (see module docstring)."""
+    for key in ("samples", "checkpoint"):
+        if key not in inputs:
+            raise KeyError(f"update stage needs input {key!r}; got {sorted(inputs)}")
+    t0 = time.perf_counter()
+    samples = load_samples(inputs["samples"])  # before anything heavy: bad input fails fast, writes nothing
+    trainer = Trainer(inputs["checkpoint"], params)
+    ref_model = None
+    if params.kl_beta > 0:
+        if not inputs.get("ref_checkpoint"):
+            raise KeyError(
+                "kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)"
+            )
+        ref_model = ckpt.load_model(inputs["ref_checkpoint"], device=trainer.device).eval()
+        ref_model.requires_grad_(False)
+    metrics = trainer.update(samples, ref_model)
+    del ref_model
+    t1 = time.perf_counter()
+    ref, plain = trainer.save(Path(out) / "checkpoint")
+    metrics["timing/save_checkpoint"] = time.perf_counter() - t1
+    sync_s, note = sync_live_engine(plain)
+    if sync_s is not None:
+        metrics["timing/weight_sync"] = sync_s
+    metrics["timing/update_stage"] = time.perf_counter() - t0
+    notes = [
+        note,
+        f"{len(samples)} samples, {params.ppo_epochs} epoch(s), global step {trainer.step}, "
+        f"device {trainer.device}, {'bf16 autocast' if trainer.amp_dtype else 'fp32'}"
+        + (f", LoRA r={params.lora_rank}" if params.lora_rank else ""),
+    ]
+    return StageOutput(stage=STAGE, tables={"checkpoint": ref}, metrics=metrics, notes=notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="turntree update stage")
+    ap.add_argument("samples")
+    ap.add_argument("checkpoint")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--ref-checkpoint")
+    ap.add_argument("--params", default="{}", help="UpdateParams as JSON")
+    a = ap.parse_args(argv)
+    inputs = {"samples": a.samples, "checkpoint": a.checkpoint}
+    if a.ref_checkpoint:
+        inputs["ref_checkpoint"] = a.ref_checkpoint
+    print(run(UpdateParams.model_validate_json(a.params), inputs, a.out).model_dump_json(indent=2))
+
+
+if __name__ == "__main__":
+    main()
