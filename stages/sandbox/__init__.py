@@ -1,0 +1,153 @@
+"""Sandboxed code execution: the one way turntree runs model-written code (rollouts, rewards, evaluation).
+
+Use::
+
+    from stages.sandbox import execute, run_tests, feedback_text, execute_many, run_tests_many
+    r = execute("print(input()[::-1])", stdin="abc")            # ExecutionResult(stdout="cba\\n", ...)
+    rep = run_tests(program, ["assert add(1, 2) == 3"])          # TestReport(passed=1, total=1, ...)
+    text = feedback_text(rep)                                    # what the model sees next turn
+    futures = [default_pool().submit_run_tests(p, t) for p, t in jobs]   # non-blocking, for rollout loops
+
+What IS isolated (mode "bwrap", the default where user namespaces work; each property has an attack test in
+tests/test_sandbox_isolation.py):
+- Identity: every run starts under an unprivileged uid (3500000 + slot) reserved per concurrent run with a
+  file lock, so RLIMIT_NPROC works (it does nothing for uid 0) and runs cannot signal each other.
+- Namespaces: bubblewrap ``--unshare-all`` (user, pid, net, ipc, uts, cgroup, mount) ``--as-pid-1
+  --die-with-parent --new-session --clearenv``. Filesystem: read-only ``/usr`` (the interpreter is the system
+  python3 when this process's interpreter is not readable by other uids, e.g. under a 0700 /root), fresh
+  size-capped tmpfs ``/tmp`` and ``/work`` (the working directory) per run, private ``/proc`` and ``/dev``;
+  nothing else of the host is visible, nothing outside the run survives it.
+- Network: a new, empty network namespace (no interface is up; connecting to the host's 127.0.0.1 fails).
+- Limits: wall clock (``timeout_s``, the whole namespace is killed), CPU time ceil(timeout_s) s (SIGXCPU, then
+  SIGKILL), address space ``memory_mb``, 64 processes/threads, 16 MiB per file, 128 open files, no core
+  dumps, stdout/stderr capped at 1 MiB each (the run is killed at the cap).
+- No survivors: the program is pid 1 of its pid namespace; when it exits or is killed, the kernel kills
+  every process in it, including ``setsid``/double-forked daemons. The parent waits on a pidfd, not on EOF.
+- Environment: ``--clearenv`` (PATH, HOME, LANG only); ``/proc`` shows only the run's own processes.
+- Test verdicts: see ``grading`` — the parent parses each assert, only the calls run inside, plain values
+  come back on a private pipe tagged with a per-run nonce, and the parent evaluates the assert itself.
+
+What is NOT isolated: the host kernel (a kernel exploit escapes; there is no seccomp filter in bwrap mode);
+CPU and memory bandwidth (a run can slow its neighbours); memory is limited per process (address space) not
+per run, so up to 64 processes x ``memory_mb`` plus 2 x 64 MiB of tmpfs is the worst case; ``/usr`` is
+readable (public system files). Tests that cannot be split (they use helpers or classes of the program,
+loops or statements in a check block) run whole inside the sandbox: their verdict is weaker, since the program
+can tamper with them from inside (``TestResult.split`` is False).
+
+Fallback (mode "fallback", logged as a warning and reported in ``ExecutionResult.isolation``): where
+namespaces are unavailable, runs get the same rlimits and dropped uid plus a seccomp filter denying non-Unix
+sockets, a fresh working directory under the temp dir (deleted after the run), a scrubbed environment, and a
+sweep that kills every process of the uid after the run; but the host filesystem stays visible (only what
+other users may read; /tmp is shared) and other processes are visible in /proc.
+``TURNTREE_SANDBOX_MODE=bwrap|fallback`` forces a mode; ``TURNTREE_SANDBOX_WORKERS`` sizes the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from stages.sandbox.feedback import feedback_text
+from stages.sandbox.pool import SandboxPool, default_pool
+from stages.sandbox.records import ExecutionResult, TestReport, TestResult
+
+__all__ = [
+    "ExecutionResult",
+    "SandboxPool",
+    "TestReport",
+    "TestResult",
+    "default_pool",
+    "execute",
+    "execute_many",
+    "feedback_text",
+    "run_tests",
+    "run_tests_many",
+]
+
+
+def execute(
+    code: str, *, stdin: str | None = None, timeout_s: float = 5, memory_mb: int = 1024
+) -> ExecutionResult:
+    """Run ``code`` as ``__main__`` in the sandbox with ``stdin``; never raises for what the code does."""
+    from stages.sandbox.execution import execute_on
+
+    _check_limits(timeout_s, memory_mb)
+    with default_pool().slot() as slot:
+        return execute_on(slot, code, stdin=stdin, timeout_s=timeout_s, memory_mb=memory_mb)
+
+
+def run_tests(
+    program: str,
+    tests: list[str],
+    *,
+    entry_point: str | None = None,
+    timeout_s: float = 10,
+    memory_mb: int = 1024,
+) -> TestReport:
+    """Grade ``program`` against ``tests`` (assert strings, or one HumanEval ``def check(candidate)`` block
+    whose candidate is ``entry_point``); all tests share one run and ``timeout_s``.
+
+    Raises ValueError for tests that are not valid Python (bad input, not a program failure).
+    """
+    from stages.sandbox.execution import run_tests_on
+
+    _check_limits(timeout_s, memory_mb)
+    with default_pool().slot() as slot:
+        return run_tests_on(
+            slot, program, tests, entry_point=entry_point, timeout_s=timeout_s, memory_mb=memory_mb
+        )
+
+
+def execute_many(
+    codes: Sequence[str],
+    *,
+    stdins: Sequence[str | None] | None = None,
+    timeout_s: float = 5,
+    memory_mb: int = 1024,
+    pool: SandboxPool | None = None,
+) -> list[ExecutionResult]:
+    """``execute`` for each code on the bounded pool; results in input order, one per code, never raising
+    (a failed run has ``error`` set). For a non-blocking form use ``pool.submit_execute``."""
+    _check_limits(timeout_s, memory_mb)
+    stdins = list(stdins) if stdins is not None else [None] * len(codes)
+    if len(stdins) != len(codes):
+        raise ValueError(f"execute_many: {len(codes)} codes but {len(stdins)} stdins")
+    pool = pool or default_pool()
+    kw = {"timeout_s": timeout_s, "memory_mb": memory_mb}
+    futures = [
+        pool.submit_execute(code, stdin=stdin, **kw) for code, stdin in zip(codes, stdins, strict=False)
+    ]
+    return [f.result() for f in futures]
+
+
+def run_tests_many(
+    programs: Sequence[str],
+    tests: Sequence[list[str]],
+    *,
+    entry_points: Sequence[str | None] | None = None,
+    timeout_s: float = 10,
+    memory_mb: int = 1024,
+    pool: SandboxPool | None = None,
+) -> list[TestReport]:
+    """``run_tests`` for each (program, tests, entry point) on the bounded pool; reports in input order, one per
+    program, never raising (bad tests give a report whose results say why). Non-blocking:
+    ``pool.submit_run_tests``."""
+    _check_limits(timeout_s, memory_mb)
+    entry_points = list(entry_points) if entry_points is not None else [None] * len(programs)
+    if not len(programs) == len(tests) == len(entry_points):
+        raise ValueError(
+            f"run_tests_many: {len(programs)} programs, {len(tests)} test lists, {len(entry_points)} entry points"
+        )
+    pool = pool or default_pool()
+    kw = {"timeout_s": timeout_s, "memory_mb": memory_mb}
+    futures = [
+        pool.submit_run_tests(p, list(t), entry_point=e, **kw)
+        for p, t, e in zip(programs, tests, entry_points, strict=False)
+    ]
+    return [f.result() for f in futures]
+
+
+def _check_limits(timeout_s: float, memory_mb: int) -> None:
+    if not 0 < timeout_s <= 3600:
+        raise ValueError(f"sandbox timeout_s must be in (0, 3600], got {timeout_s}")
+    if not 16 <= memory_mb <= 1 << 20:
+        raise ValueError(f"sandbox memory_mb must be in [16, 1048576], got {memory_mb}")
