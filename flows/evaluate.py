@@ -1,0 +1,57 @@
+"""Evaluate a checkpoint on a benchmark, outside of a training run.
+
+    turntree eval --checkpoint runs/<run>/iter-1/update/v1/checkpoint --benchmark humaneval
+    turntree eval --model smollm2 --benchmark gsm8k --set max_problems=50
+
+Results are stored as a run of their own (``eval-<hash>``) with an MLflow parent run tagged ``stage=evaluate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.runner import RunContext, run_stage
+from flows.tasks import prepare_model
+from flows.tracking import Tracker
+from schemas.params import EvalParams
+from stages.runstore import RunStore
+
+
+@flow(name="turntree-evaluate", log_prints=True)
+def evaluate_flow(checkpoint: str, params: EvalParams, run_root: str = "runs") -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (a model directory, or 'smollm2' / 'tiny') with ``params``."""
+    from prefect.runtime import flow_run
+
+    model_dir = prepare_model(checkpoint)
+    body = {"checkpoint": model_dir, "params": params.model_dump(mode="json")}
+    run_id = "eval-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+    store = RunStore(run_root, run_id)
+    manifest = store.create_or_open(body)
+    tracker = Tracker(run_root)
+    parent = manifest.get("mlflow_run_id") or tracker.start_parent(
+        run_id, body, {"stage": "evaluate", "algo": "eval", "prefect.flow_run_id": str(flow_run.id or "none")}
+    )
+    store.update(status="running", mlflow_run_id=parent)
+    ctx = RunContext(
+        root=run_root, run_id=run_id, algo="eval", mlflow_parent=parent, flow_run_id=str(flow_run.id)
+    )
+    try:
+        out = run_stage("evaluate", params, {"checkpoint": model_dir}, ctx, None)
+    except BaseException:
+        store.update(status="failed")
+        tracker.end(parent, "FAILED")
+        raise
+    store.update(status="completed")
+    tracker.end(parent, "FINISHED")
+    get_run_logger().info("evaluation %s: %s", run_id, {k: round(v, 4) for k, v in out.metrics.items()})
+    return {
+        "run_id": run_id,
+        "metrics": out.metrics,
+        "mlflow_run_id": parent,
+        "tracking_uri": tracker.uri,
+        "eval_results": out.uri("eval_results") if "eval_results" in out.tables else None,
+    }

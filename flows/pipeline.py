@@ -1,0 +1,168 @@
+"""The turntree pipeline flow: data → [warm start] → for each iteration: rollout → score → advantages → update
+→ evaluate.
+
+Run locally (no server needed; Prefect starts a temporary one):
+    turntree run                                  # embedded default: SmolLM2-135M, synthetic tool-arith, GTPO
+    turntree run --set algorithm=murphy --set data.sources='["synthetic:func-synth"]'
+Deploy (schedule from the Prefect UI): `turntree deploy` registers infra/prefect.yaml's deployments.
+
+Simplifications: everything runs in one process (vLLM engine and trainer colocated, the engine reused across
+iterations through ``stages.engine``); stages that are not built are skipped with a log line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.runner import RunContext, StageNotBuilt, default_run_id, fingerprint, params_field, stage_available
+from flows.tasks import _artifact_key, prepare_model, stage_runner
+from schemas.outputs import StageOutput
+from schemas.params import PipelineParams
+from stages.runstore import RunStore
+
+
+def _call(
+    stage: str, p: PipelineParams, inputs: dict[str, str], ctx: RunContext, it: int | None
+) -> StageOutput | None:
+    if not stage_available(stage):
+        get_run_logger().warning(
+            "stage %r is not built yet: skipped (and everything that needs its output)", stage
+        )
+        return None
+    params = getattr(p, params_field(stage)).model_dump(mode="json")
+    try:
+        return stage_runner(stage)(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx)
+    except StageNotBuilt as e:
+        get_run_logger().warning("%s: skipped", e)
+        return None
+
+
+def start_run(p: PipelineParams) -> tuple[RunStore, RunContext]:
+    """Create or reopen the run's storage and MLflow parent run."""
+    from prefect.runtime import flow_run
+
+    from flows.tracking import Tracker
+
+    run_id = p.run_id or default_run_id(p)
+    store = RunStore(p.run_root, run_id)
+    manifest = store.create_or_open(p.model_dump(mode="json", exclude={"run_id"}))
+    ctx = RunContext(root=p.run_root, run_id=run_id, algo=p.algorithm, flow_run_id=str(flow_run.id or "none"))
+    tracker = Tracker(p.run_root)
+    parent = manifest.get("mlflow_run_id")
+    if parent:
+        tracker.client.update_run(parent, status="RUNNING")
+    else:
+        tags = {
+            "algo": p.algorithm,
+            "git_sha": ctx.git_sha,
+            "prefect.flow_run_id": ctx.flow_run_id,
+            "stage": "pipeline",
+            "turntree.run_id": run_id,
+        }
+        parent = tracker.start_parent(run_id, p.model_dump(mode="json"), tags)
+        tracker.log_dict(parent, p.model_dump(mode="json"), "config.json")
+    ctx.mlflow_parent = parent
+    store.update(
+        status="running", mlflow_run_id=parent, tracking_uri=tracker.uri, prefect_flow_run_id=ctx.flow_run_id
+    )
+    return store, ctx
+
+
+@flow(name="turntree-pipeline", log_prints=True)
+def pipeline(params: PipelineParams) -> dict[str, Any]:
+    """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint."""
+    from flows.tracking import Tracker
+
+    logger = get_run_logger()
+    store, ctx = start_run(params)
+    tracker = Tracker(params.run_root)
+    logger.info("run %s under %s; MLflow: %s", ctx.run_id, store.base, tracker.run_url(ctx.mlflow_parent))
+    summary: list[dict[str, Any]] = []
+    try:
+        data = _call("data", params, {}, ctx, None)
+        problems = data.uri("problems") if data else None
+        checkpoint = prepare_model(params.model)
+        if params.warmstart.enabled and problems:
+            ws = _call("warmstart", params, {"problems": problems, "checkpoint": checkpoint}, ctx, 0)
+            checkpoint = ws.uri("checkpoint") if ws else checkpoint
+        table = "trees" if params.rollout.mode == "tree" else "trajectories"
+        for k in range(1, params.iterations + 1):
+            metrics: dict[str, float] = {}
+            roll = problems and _call(
+                "rollout",
+                params,
+                {"problems": problems, "checkpoint": checkpoint, "iteration": str(k)},
+                ctx,
+                k,
+            )
+            scored = roll and _call("score", params, {table: roll.uri(table), "problems": problems}, ctx, k)
+            adv = scored and _call("advantages", params, {table: scored.uri(table)}, ctx, k)
+            upd = adv and _call(
+                "update", params, {"samples": adv.uri("samples"), "checkpoint": checkpoint}, ctx, k
+            )
+            if upd:
+                checkpoint = upd.uri("checkpoint")
+            due = params.evaluate_every and k % params.evaluate_every == 0
+            ev = None
+            if due or k == params.iterations:
+                ev_inputs = {"checkpoint": checkpoint}
+                if params.eval.benchmark == "heldout" and problems:
+                    ev_inputs["problems"] = problems
+                ev = _call("evaluate", params, ev_inputs, ctx, k)
+            for out in (roll, scored, adv, upd, ev):
+                if out:
+                    metrics.update(out.metrics)
+            summary.append({"iteration": k, **{m: round(v, 4) for m, v in sorted(metrics.items())}})
+            create_table_artifact(
+                key=_artifact_key(ctx.run_id, "iter", k, "metrics"),
+                table=[{"metric": m, "value": round(v, 6)} for m, v in sorted(metrics.items())],
+                description=f"run {ctx.run_id}, iteration {k}",
+            )
+    except BaseException:
+        store.update(status="failed")
+        tracker.end(ctx.mlflow_parent, "FAILED")
+        raise
+    store.update(status="completed", final_checkpoint=checkpoint)
+    tracker.log_dict(ctx.mlflow_parent, store.load(), "manifest.json")
+    tracker.end(ctx.mlflow_parent, "FINISHED")
+    create_markdown_artifact(
+        key=_artifact_key(ctx.run_id, "summary"),
+        markdown=_summary_md(ctx, store, tracker, summary),
+        description=f"turntree run {ctx.run_id}",
+    )
+    return {
+        "run_id": ctx.run_id,
+        "run_dir": store.base,
+        "checkpoint": checkpoint,
+        "mlflow_run_id": ctx.mlflow_parent,
+        "tracking_uri": tracker.uri,
+        "iterations": summary,
+    }
+
+
+def _summary_md(ctx: RunContext, store: RunStore, tracker, summary: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# turntree run `{ctx.run_id}`",
+        "",
+        f"- algorithm: **{ctx.algo}**",
+        f"- storage: `{store.base}`",
+        f"- MLflow: {tracker.run_url(ctx.mlflow_parent)}",
+        f"- git: `{ctx.git_sha}`",
+        "",
+    ]
+    keys = [
+        k
+        for k in ("reward/mean", "adv/zero_signal_frac", "actor/loss", "actor/clip_frac")
+        if any(k in s for s in summary)
+    ]
+    evals = sorted(
+        {k for s in summary for k in s if k.startswith("eval/") and "pass@1_iter" in k and "_ci_" not in k}
+    )
+    cols = ["iteration", *keys, *evals]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for s in summary:
+        lines.append("| " + " | ".join(str(s.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)

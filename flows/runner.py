@@ -1,0 +1,177 @@
+"""Running one stage invocation: import ``stages.<name>``, run it into a scratch dir, commit it to the run store,
+track it in MLflow. Plain Python (no Prefect), so the benchmark can call the same path without orchestration.
+
+A stage is found by convention: module ``stages.<name>`` with ``run(params, inputs, out) -> StageOutput``. Its
+parameters are the ``PipelineParams`` field named in ``PARAMS_FIELD`` (default: the stage name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.outputs import StageOutput
+from schemas.params import PipelineParams
+from stages.runstore import RunStore, git_sha
+
+log = logging.getLogger("turntree.runner")
+
+PARAMS_FIELD = {"evaluate": "eval"}
+STAGES = ("data", "warmstart", "rollout", "score", "advantages", "update", "evaluate")
+
+
+class StageNotBuilt(RuntimeError):
+    pass
+
+
+@dataclass
+class RunContext:
+    """What every stage invocation of one run needs to know, besides its own params and inputs."""
+
+    root: str
+    run_id: str
+    algo: str
+    mlflow_parent: str | None = None
+    flow_run_id: str = "none"
+    git_sha: str = field(default_factory=git_sha)
+
+
+def params_field(stage: str) -> str:
+    return PARAMS_FIELD.get(stage, stage)
+
+
+def stage_available(stage: str) -> bool:
+    try:
+        return importlib.util.find_spec(f"stages.{stage}") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def params_model(stage: str) -> type[BaseModel]:
+    name = params_field(stage)
+    if name not in PipelineParams.model_fields:
+        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    return PipelineParams.model_fields[name].annotation
+
+
+def default_run_id(params: PipelineParams) -> str:
+    """Same parameters -> same run id, so rerunning a pipeline resumes it instead of starting over."""
+    body = params.model_dump(exclude={"run_id", "run_root"})
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{params.algorithm}-{digest}"
+
+
+def fingerprint(inputs: dict[str, str]) -> dict[str, str]:
+    """Cheap content fingerprints of a stage's inputs, for cache keys: a table's uri is versioned and immutable;
+    a directory (a model) is fingerprinted by its files' names, sizes and mtimes."""
+    out = {}
+    for name, uri in inputs.items():
+        p = Path(uri)
+        if "://" not in uri and p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(p.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+            out[name] = h.hexdigest()[:16]
+        else:
+            out[name] = uri
+    return out
+
+
+def run_stage(
+    stage: str,
+    params: BaseModel,
+    inputs: dict[str, str],
+    ctx: RunContext,
+    iteration: int | None,
+) -> StageOutput:
+    """Run ``stages.<stage>.run`` and commit its output as the stage's next version."""
+    if not stage_available(stage):
+        raise StageNotBuilt(f"stage {stage!r} is not built yet (no module stages.{stage})")
+    module = importlib.import_module(f"stages.{stage}")
+    store = RunStore(ctx.root, ctx.run_id)
+    scratch = store.scratch_dir(stage, iteration)
+    step = iteration or 0
+    tracker, child = _start_child(ctx, stage, iteration, params)
+    t0 = time.perf_counter()
+    try:
+        output: StageOutput = module.run(params, dict(inputs), scratch)
+    except BaseException as e:
+        if tracker and child:
+            tracker.log_text(child, traceback.format_exc(), "error.txt")
+            tracker.end(child, "FAILED")
+        _cleanup(scratch)
+        log.error("stage %s failed: %s", stage, e)
+        raise
+    elapsed = time.perf_counter() - t0
+    output.metrics.setdefault(f"timing/{stage}", elapsed)
+    output = store.commit(
+        stage,
+        iteration,
+        scratch,
+        output,
+        inputs=inputs,
+        params=params.model_dump(mode="json"),
+        params_field=params_field(stage),
+    )
+    if tracker and child:
+        try:
+            _log_outputs(tracker, child, ctx, stage, output, step)
+            tracker.end(child, "FINISHED")
+        except Exception as e:  # tracking trouble must not lose a finished stage's output
+            log.warning("MLflow logging of stage %s failed: %s", stage, e)
+    log.info(
+        "stage %s (iter %s) done in %.1fs: %s",
+        stage,
+        iteration,
+        elapsed,
+        {k: v.uri for k, v in output.tables.items()},
+    )
+    return output
+
+
+def _cleanup(scratch: Path) -> None:
+    import shutil
+
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _start_child(ctx: RunContext, stage: str, iteration: int | None, params: BaseModel):
+    if not ctx.mlflow_parent:
+        return None, None
+    from flows.tracking import Tracker
+
+    tracker = Tracker(ctx.root)
+    name = stage if iteration is None else f"iter-{iteration}/{stage}"
+    tags = {
+        "stage": stage,
+        "algo": ctx.algo,
+        "git_sha": ctx.git_sha,
+        "prefect.flow_run_id": ctx.flow_run_id,
+        "turntree.run_id": ctx.run_id,
+    }
+    child = tracker.start_child(ctx.mlflow_parent, name, {stage: params.model_dump(mode="json")}, tags)
+    return tracker, child
+
+
+def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: StageOutput, step: int) -> None:
+    tracker.log_metrics(child, output.metrics, step)
+    tracker.log_metrics(ctx.mlflow_parent, output.metrics, step)
+    tracker.log_dict(child, output.model_dump(mode="json"), "stage_output.json")
+    for name, ref in output.tables.items():
+        if ref.uri.endswith(".parquet") and "://" not in ref.uri and os.path.exists(ref.uri):
+            tracker.log_sample_table(child, ref.uri, name)
+            if name == "problems":
+                tracker.log_dataset(child, ref.uri, name, "training")
+                tracker.log_dataset(ctx.mlflow_parent, ref.uri, name, "training")

@@ -1,0 +1,132 @@
+"""`turntree serve` (local Prefect server + MLflow UI on 127.0.0.1) and `turntree deploy` (register
+infra/prefect.yaml's deployments to a process work pool)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def start_prefect_server(port: int, log_file=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log_file or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def start_mlflow_ui(tracking_uri: str, port: int, log_file=None) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log_file or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
+    from flows.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    procs = [start_prefect_server(prefect_port), start_mlflow_ui(uri, mlflow_port)]
+    try:
+        ok_p = _wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], 90)
+        ok_m = _wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", procs[1], 90)
+        if not (ok_p and ok_m):
+            print(
+                f"turntree: error: could not start {'Prefect' if not ok_p else 'MLflow'} "
+                f"(is the port in use?)",
+                file=sys.stderr,
+            )
+            return 1
+        print(
+            f"Prefect UI: http://127.0.0.1:{prefect_port}   (export PREFECT_API_URL="
+            f"http://127.0.0.1:{prefect_port}/api to send runs there)"
+        )
+        print(
+            f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (tracking URI {uri}; export "
+            f"TURNTREE_MLFLOW_UI=http://127.0.0.1:{mlflow_port} for run links)"
+        )
+        print("Ctrl-C stops both.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            stop(p)
+
+
+def deploy(pool: str, prefect_file: str) -> int:
+    """Create the process work pool if missing, then `prefect deploy --all` with the repo as working dir."""
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "turntree: error: PREFECT_API_URL is not set: start a server (`turntree serve`) and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api",
+            file=sys.stderr,
+        )
+        return 2
+    prefect = str(BIN / "prefect")
+    env = {**os.environ, "TURNTREE_REPO": str(REPO), "TURNTREE_POOL": pool}
+    inspect = subprocess.run([prefect, "work-pool", "inspect", pool], capture_output=True, text=True, env=env)
+    if inspect.returncode != 0:
+        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], check=True, env=env)
+    res = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", prefect_file], cwd=REPO, env=env
+    )
+    if res.returncode == 0:
+        print(
+            f"deployments registered to work pool {pool!r}; start a worker with "
+            f"`prefect worker start --pool {pool}`"
+        )
+    return res.returncode

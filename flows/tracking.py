@@ -1,0 +1,140 @@
+"""MLflow tracking for pipeline runs: one parent run per pipeline run, one child run per stage invocation.
+
+Uses ``MlflowClient`` with explicit run ids (no fluent active-run stack, which is thread-local and would tangle
+with Prefect's task threads). Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else a SQLite file under the run
+root (``<root>/mlflow.db``) with artifacts beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("turntree.tracking")
+EXPERIMENT = "turntree"
+# tiny tables (sample rows) are logged with log_table; these columns hold token arrays nobody reads there
+_HEAVY = ("token_ids", "logprobs", "input_ids", "loss_mask", "advantages", "turns", "nodes")
+
+
+def tracking_uri(run_root: str) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(run_root) if "://" not in run_root else Path("runs")
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root.resolve()}/mlflow.db"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings, at most 6000 chars)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = (json.dumps(v) if isinstance(v, list | tuple) else str(v))[:6000]
+    return out
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient bound to one tracking URI and experiment."""
+
+    def __init__(self, run_root: str):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri(run_root)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            art = None
+            if self.uri.startswith("sqlite:///"):
+                art = Path(self.uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=art)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # --- runs -----------------------------------------------------------------------------------------
+    def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_id}
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def run_url(self, run_id: str) -> str:
+        base = os.environ.get("TURNTREE_MLFLOW_UI", "")
+        if base:
+            return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"mlflow run {run_id} (tracking URI {self.uri}; `turntree serve` starts the UI)"
+
+    # --- logging --------------------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if _finite(v)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_dict(self, run_id: str, data: dict[str, Any], name: str) -> None:
+        self.client.log_dict(run_id, data, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
+
+    def log_sample_table(self, run_id: str, uri: str, name: str, rows: int = 20) -> None:
+        """First ``rows`` rows of a stored table, token arrays left out, as an MLflow table artifact."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(uri).slice(0, rows)
+        keep = [c for c in table.column_names if not any(h in c for h in _HEAVY)]
+        df = table.select(keep).to_pandas()
+        for col in df.columns:
+            if df[col].dtype == object:
+                df[col] = df[col].map(
+                    lambda v: v if isinstance(v, str | type(None)) else json.dumps(v, default=str)
+                )
+        self.client.log_table(run_id, df, f"samples/{name}.json")
+
+    def log_dataset(self, run_id: str, uri: str, name: str, context: str) -> None:
+        import mlflow.data
+        import pyarrow.parquet as pq
+        from mlflow.entities import DatasetInput, InputTag
+
+        df = pq.read_table(uri).to_pandas()
+        ds = mlflow.data.from_pandas(df, source=uri, name=name)
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=ds._to_mlflow_entity(), tags=[tag])])
+
+
+def _finite(v: Any) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f and f not in (float("inf"), float("-inf"))
