@@ -1,0 +1,20 @@
+# Two commands do everything on a fresh machine (each installs what it needs into .venv first):
+#   make run    - the training pipeline on its embedded default (SmolLM2-135M prepared offline, synthetic data,
+#                 local SQLite MLflow, Prefect without a server)
+#   make test   - the test suite
+.PHONY: setup run test lint bench
+
+setup:
+	bash infra/setup.sh
+
+run: setup
+	.venv/bin/turntree run $(ARGS)
+
+test: setup
+	bash infra/test.sh
+
+lint: setup
+	.venv/bin/ruff check flows stages schemas tests bench
+
+bench: setup
+	for b in bench/bench_*.py; do OMP_NUM_THREADS=1 .venv/bin/python $$b || exit 1; done
