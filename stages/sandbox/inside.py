@@ -170,4 +170,5 @@ def main():
     _exit(0)
 
 
-main()
+if __name__ == "__main__":  # ``python -c`` runs this as __main__; tests import encode()
+    main()

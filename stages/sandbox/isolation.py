@@ -110,23 +110,30 @@ class UidSlot:
 
 
 def processes_of_uid(uid: int) -> list[int]:
+    """Live processes owned by ``uid`` (zombies are dead and wait for their reaper: not counted)."""
     pids = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == uid:
+                if entry.stat().st_uid == uid and _state(entry.name) != "Z":
                     pids.append(int(entry.name))
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 pass
     return pids
 
 
-def kill_uid(uid: int | None, rounds: int = 20) -> None:
-    """SIGKILL every process owned by ``uid`` (repeated: a fork bomb may be spawning while we sweep)."""
+def _state(pid: str) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0].decode()
+
+
+def kill_uid(uid: int | None, rounds: int = 40, exclude: int | None = None) -> None:
+    """SIGKILL every process owned by ``uid`` except ``exclude``, until none is left (repeated: a fork bomb
+    may be spawning while we sweep; bounded so a zombie nobody reaps cannot hang us)."""
     if uid is None:
         return
     for _ in range(rounds):
-        pids = processes_of_uid(uid)
+        pids = [pid for pid in processes_of_uid(uid) if pid != exclude]
         if not pids:
             return
         for pid in pids:
@@ -195,6 +202,7 @@ def bwrap_command(limits: Limits, job_fd: int, result_fd: int) -> list[str]:
         *_interpreter_mounts(python),
         "--proc", "/proc", "--dev", "/dev",
         "--size", tmpfs, "--tmpfs", "/tmp", "--size", tmpfs, "--tmpfs", "/work", "--chdir", "/work",
+        "--remount-ro", "/",
         "--", python, "-I", "-S", "-c", RUNNER_SOURCE, str(job_fd), str(result_fd),
     ]  # fmt: skip
 
@@ -276,8 +284,7 @@ def launch(
     try:
         return _supervise(proc, json.dumps(payload).encode(), job_w, res_r, stdin, limits, slot, mode, start)
     finally:
-        if mode == "fallback":
-            kill_uid(slot.uid)
+        kill_uid(slot.uid)  # the slot's uid belongs to this run alone: anything left of it is a survivor
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -370,10 +377,15 @@ def _supervise(proc, job_bytes, job_w, res_r, stdin, limits, slot, mode, start) 
 
 
 def _kill(proc, slot: UidSlot, mode: str) -> None:
-    """Kill the whole run: bwrap's death kills pid 1 of the namespace (and so everything in it)."""
+    """Kill the whole run. bwrap: kill the sandbox uid's processes but bwrap itself, so pid 1 of the namespace
+    dies first (the kernel then kills the rest) and bwrap reaps it and exits; then bwrap's process group."""
+    if slot.uid is not None:
+        kill_uid(slot.uid, exclude=proc.pid if mode == "bwrap" else None)
+    try:
+        proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if mode == "fallback":
-        kill_uid(slot.uid)
