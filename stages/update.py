@@ -442,33 +442,27 @@ class Trainer:
 
 
 # --- weight sync ---------------------------------------------------------------------------------------------------
-def _arch(config: Any) -> tuple:
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    get = config.get if isinstance(config, dict) else (lambda k: getattr(config, k, None))
-    return tuple(get(k) for k in keys)
-
-
-def sync_live_engine(model: torch.nn.Module) -> tuple[float | None, str]:
+def sync_live_engine(model: torch.nn.Module, checkpoint_dir: Path) -> tuple[float | None, str]:
     """Push ``model``'s weights into the process's live rollout engine; (seconds or None, note).
 
     The engine module is only consulted when it is already imported (no engine can be live otherwise, and
-    importing it would import vLLM). An engine counts as this model's lineage when its model directory's
-    config has the same architecture (model type, sizes, vocabulary).
+    importing it would import vLLM). The weights go in only when the engine's model has the same
+    architecture as the new checkpoint (``stages.engine.same_architecture``); they are labelled with
+    ``checkpoint_dir`` so the next rollout on that checkpoint reuses the engine instead of reloading.
     """
     engine_mod = sys.modules.get("stages.engine")
     live = getattr(engine_mod, "live_engine", None)
     engine = live() if live is not None else None
     if engine is None:
         return None, "no live rollout engine: the next rollout loads the new checkpoint"
-    model_dir = getattr(engine, "model_dir", None)
-    if model_dir is not None:
-        import json
-
-        cfg_file = Path(model_dir) / "config.json"
-        if cfg_file.is_file() and _arch(json.loads(cfg_file.read_text())) != _arch(model.config):
-            return None, f"live engine runs {model_dir}, a different architecture: not synced"
+    try:
+        same = engine_mod.same_architecture(Path(engine.model_dir), checkpoint_dir)
+    except Exception as e:  # noqa: BLE001 - an unreadable engine config means: do not push
+        return None, f"live engine not checked ({type(e).__name__}: {e}): not synced"
+    if not same:
+        return None, f"live engine serves {engine.model_dir}, another architecture: not synced"
     t0 = time.perf_counter()
-    engine.update_weights(model.state_dict())
+    engine.update_weights(model.state_dict(), source=str(checkpoint_dir))
     return time.perf_counter() - t0, "pushed the new weights into the live rollout engine"
 
 
@@ -494,7 +488,7 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     t1 = time.perf_counter()
     ref, plain = trainer.save(Path(out) / "checkpoint")
     metrics["timing/save_checkpoint"] = time.perf_counter() - t1
-    sync_s, note = sync_live_engine(plain)
+    sync_s, note = sync_live_engine(plain, Path(ref.uri))
     if sync_s is not None:
         metrics["timing/weight_sync"] = sync_s
     metrics["timing/update_stage"] = time.perf_counter() - t0

@@ -1,0 +1,137 @@
+"""The policy loss against hand-computed cases, its registries against their contracts, and properties."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.params import update as P
+from stages import policy_loss as pl
+
+# Two sequences, 3 positions each (position 0 is prompt). Ratios ρ: seq0 [·, 1.5, 0.5], seq1 [·, 1.1, 5.0];
+# seq1's last position is masked out and carries garbage that must not matter.
+RATIOS = torch.tensor([[1.0, 1.5, 0.5], [1.0, 1.1, 5.0]])
+OLD = torch.log(torch.tensor([[0.5, 0.4, 0.4], [0.5, 0.5, 0.1]]))
+LOGP = OLD + torch.log(RATIOS)
+ADV = torch.tensor([[0.0, 1.0, 1.0], [0.0, -2.0, 3.0]])
+MASK = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+# Per-token losses by hand (ε = 0.2): −min(ρA, clip(ρ)A)
+#   seq0 t1: ρ=1.5, A=1  -> −min(1.5, 1.2) = −1.2 (clipped)
+#   seq0 t2: ρ=0.5, A=1  -> −min(0.5, 0.8) = −0.5
+#   seq1 t1: ρ=1.1, A=−2 -> −min(−2.2, −2.2) = 2.2
+HAND = {
+    "token-mean": (-1.2 - 0.5 + 2.2) / 3,  # 0.1667
+    "seq-mean-token-mean": ((-1.2 - 0.5) / 2 + 2.2) / 2,  # 0.675
+    "seq-mean-token-sum-norm": ((-1.2 - 0.5) / 4 + 2.2 / 4) / 2,  # C = 4 -> 0.0625
+}
+
+
+@pytest.mark.parametrize("agg", sorted(HAND))
+def test_loss_matches_hand_computed_case(agg):
+    loss, stats = pl.policy_loss(LOGP, OLD, ADV, MASK, agg=agg, norm_tokens=4)
+    assert float(loss) == pytest.approx(HAND[agg], abs=1e-6)
+    assert stats["tokens"] == 3 and stats["clipped"] == 1
+
+
+def test_clip_higher_uses_eps_high():
+    # ρ = 1.5, A = 1 with ε_high 0.28 -> −1.28 on seq0 t1
+    loss, _ = pl.policy_loss(LOGP, OLD, ADV, MASK, eps_low=0.2, eps_high=0.28)
+    assert float(loss) == pytest.approx((-1.28 - 0.5 + 2.2) / 3, abs=1e-6)
+
+
+def test_k3_kl_hand_case_and_beta_term():
+    logp, ref = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.25]]))
+    # r = π_ref/π_θ = 0.5: 0.5 − log 0.5 − 1 = 0.193147
+    assert float(pl.kl(logp, ref, "k3")) == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-6)
+    assert float(pl.kl(logp, ref, "k1")) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(pl.kl(logp, ref, "k2")) == pytest.approx(0.5 * math.log(2) ** 2, abs=1e-6)
+    ref_lp = LOGP - 0.1  # every token: log π_ref − log π_θ = −0.1
+    k3 = math.exp(-0.1) + 0.1 - 1
+    loss, stats = pl.policy_loss(LOGP, OLD, ADV, MASK, kl_beta=0.5, ref_logp=ref_lp)
+    assert float(loss) == pytest.approx(HAND["token-mean"] + 0.5 * k3, abs=1e-6)
+    assert stats["kl_ref"] == pytest.approx(3 * k3, abs=1e-6)
+    with pytest.raises(ValueError, match="ref_logp"):
+        pl.policy_loss(LOGP, OLD, ADV, MASK, kl_beta=0.5)
+
+
+def test_tis_weights_cap_and_scale_loss():
+    rollout = OLD.clone()
+    rollout[0, 1] = OLD[0, 1] - math.log(5.0)  # π_old/π_rollout = 5 -> capped at 2
+    rollout[0, 2] = OLD[0, 2] + math.log(2.0)  # 0.5
+    loss, stats = pl.policy_loss(LOGP, OLD, ADV, MASK, rollout_logp=rollout, tis_cap=2.0)
+    assert float(loss) == pytest.approx((-1.2 * 2 - 0.5 * 0.5 + 2.2) / 3, abs=1e-6)
+    assert stats["tis_weight"] == pytest.approx(2 + 0.5 + 1, abs=1e-6)
+
+
+def test_masked_tokens_get_zero_gradient():
+    for agg in pl.AGGREGATIONS:
+        logp = LOGP.clone().requires_grad_(True)
+        ref = LOGP.detach() - 0.3
+        loss, _ = pl.policy_loss(logp, OLD, ADV, MASK, agg=agg, kl_beta=0.1, ref_logp=ref)
+        loss.backward()
+        assert torch.all(logp.grad[MASK == 0] == 0), agg
+        assert torch.all(logp.grad[MASK == 1] != 0), agg
+
+
+def test_registries_match_param_choices():
+    assert set(typing.get_args(P.LossAgg)) == set(pl.AGGREGATIONS)
+    assert set(typing.get_args(P.PolicyLossName)) == set(pl.POLICY_LOSSES)
+    assert set(typing.get_args(P.KLEstimator)) == set(pl.KL_ESTIMATORS)
+    for name, fn in pl.AGGREGATIONS.items():
+        out = fn(LOGP, MASK, n_tokens=None, n_seqs=None, norm_tokens=4.0)
+        assert out.shape == (), name
+    for name, fn in pl.POLICY_LOSSES.items():
+        loss, clipped = fn(LOGP, OLD, ADV, eps_low=0.2, eps_high=0.2)
+        assert loss.shape == LOGP.shape and clipped.dtype == torch.bool, name
+    for name, fn in pl.KL_ESTIMATORS.items():
+        assert fn(LOGP, OLD).shape == LOGP.shape, name
+    with pytest.raises(ValueError, match="valid"):
+        pl.aggregate(LOGP, MASK, "nope")
+
+
+def test_token_logprobs_and_entropy_against_log_softmax():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    lp = pl.token_logprobs(logits, ids)
+    ref = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(lp[:, 1:], ref, atol=1e-6) and torch.all(lp[:, 0] == 0)
+    p = torch.softmax(logits, -1)[:, :-1]
+    assert torch.allclose(pl.token_entropy(logits)[:, 1:], -(p * p.log()).sum(-1), atol=1e-5)
+
+
+floats = st.floats(-3, 3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 6).flatmap(
+        lambda b: st.tuples(
+            st.just(b),
+            st.lists(floats, min_size=b * 4, max_size=b * 4),
+            st.lists(st.integers(0, 1), min_size=b * 4, max_size=b * 4),
+            st.integers(1, b - 1),
+        )
+    ),
+    st.sampled_from(sorted(pl.AGGREGATIONS)),
+)
+def test_micro_batches_add_up_to_the_minibatch(case, agg):
+    """Gradient accumulation: the micro-batch shares with minibatch normalisers sum to the full aggregate."""
+    b, vals, mask, split = case
+    v, m = torch.tensor(vals).view(b, 4), torch.tensor(mask, dtype=torch.float32).view(b, 4)
+    full = pl.aggregate(v, m, agg, norm_tokens=8)
+    norm = {"n_tokens": float(m.sum()), "n_seqs": float(b), "norm_tokens": 8}
+    parts = pl.aggregate(v[:split], m[:split], agg, **norm) + pl.aggregate(v[split:], m[split:], agg, **norm)
+    assert float(parts) == pytest.approx(float(full), abs=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(floats, floats), min_size=1, max_size=20))
+def test_k3_is_nonnegative_and_zero_at_equality(pairs):
+    a, b = (torch.tensor(x) for x in zip(*pairs, strict=True))
+    assert torch.all(pl.kl(a, b, "k3") >= -1e-6)
+    assert torch.all(pl.kl(a, a, "k3").abs() < 1e-6)

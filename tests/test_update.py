@@ -1,0 +1,184 @@
+"""The update stage on the tiny model: direction of the update, clipping, bad input, resume fidelity, sync."""
+
+from __future__ import annotations
+
+import random
+import sys
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from schemas.params.update import UpdateParams
+from schemas.tables import SAMPLES, TRAJECTORIES
+from stages import checkpoint as ckpt
+from stages import update
+from stages.policy_loss import token_logprobs
+from stages.tableio import write_table
+
+
+def sample_rows(model_dir: Path, n: int = 6, seed: int = 0, adv=None) -> list[dict]:
+    """n random sequences (prompt 4-8 tokens, completion 6-14) with the model's own log-probs as the rollout's;
+    advantages +1 / −1 alternating unless given."""
+    model = ckpt.load_model(model_dir).eval()
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        p, c = rng.randint(4, 8), rng.randint(6, 14)
+        ids = [rng.randrange(10, model.config.vocab_size) for _ in range(p + c)]
+        with torch.no_grad():
+            lp = token_logprobs(model(input_ids=torch.tensor([ids])).logits, torch.tensor([ids]))[0]
+        mask = [0] * p + [1] * c
+        a = adv[i] if adv else (1.0 if i % 2 == 0 else -1.0)
+        rows.append(
+            {
+                "sample_id": f"s{i}",
+                "source_id": f"t{i}",
+                "problem_id": f"p{i // 2}",
+                "group_id": f"g{i // 2}",
+                "input_ids": ids,
+                "loss_mask": mask,
+                "advantages": [a * m for m in mask],
+                "rollout_logprobs": [float(x) * m for x, m in zip(lp, mask, strict=True)],
+                "algo": "grpo",
+            }
+        )
+    return rows
+
+
+def seq_logprob(model, row) -> float:
+    ids = torch.tensor([row["input_ids"]])
+    with torch.no_grad():
+        lp = token_logprobs(model(input_ids=ids).logits, ids)[0]
+    return float((lp * torch.tensor(row["loss_mask"], dtype=torch.float32)).sum())
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_model, tmp_path_factory) -> tuple[str, list[dict]]:
+    rows = sample_rows(tiny_model)
+    uri = tmp_path_factory.mktemp("samples") / "samples.parquet"
+    write_table(rows, SAMPLES, uri)
+    return str(uri), rows
+
+
+FAST = {"lr": 1e-3, "minibatch_size": 6, "micro_batch_size": 3}
+
+
+def test_update_raises_positive_and_lowers_negative_sequences(tiny_model, samples, tmp_path):
+    uri, rows = samples
+    out = update.run(UpdateParams(**FAST), {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path)
+    before, after = ckpt.load_model(tiny_model).eval(), ckpt.load_model(out.uri("checkpoint")).eval()
+    for r in rows:
+        delta = seq_logprob(after, r) - seq_logprob(before, r)
+        assert (delta > 0) == (r["advantages"][-1] > 0), (r["sample_id"], delta)
+    m = out.metrics
+    for k in ("actor/loss", "actor/clip_frac", "actor/approx_kl", "actor/entropy", "actor/grad_norm"):
+        assert k in m and m[k] == m[k]
+    assert m["actor/tokens_per_s"] > 0 and m["actor/peak_mem_mb"] > 0
+    assert m["actor/logprob_gap_max"] < 1e-4  # rollout log-probs were the model's own
+    assert m["actor/clip_frac"] == 0.0  # one minibatch, one epoch: ρ = 1 throughout
+    assert "kl_ref" not in str(m)  # β = 0: no reference model
+
+
+def test_clip_fraction_zero_on_first_minibatch_then_clipping(tiny_model, samples):
+    uri, _ = samples
+    trainer = update.Trainer(
+        tiny_model, UpdateParams(lr=5e-3, minibatch_size=2, micro_batch_size=1, ppo_epochs=3)
+    )
+    m = trainer.update(update.load_samples(uri))
+    assert trainer.history[0]["clip_frac"] == 0.0
+    assert trainer.history[0]["approx_kl"] < 1e-6
+    assert max(h["clip_frac"] for h in trainer.history[1:]) > 0  # later steps move off π_old
+    assert m["actor/steps"] == 9 and trainer.step == 9
+
+
+def test_kl_to_reference_loads_reference_only_when_beta_positive(tiny_model, samples, tmp_path):
+    uri, _ = samples
+    p = UpdateParams(**FAST, kl_beta=0.1, ppo_epochs=2)
+    with pytest.raises(KeyError, match="ref_checkpoint"):
+        update.run(p, {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path / "a")
+    assert not (tmp_path / "a" / "checkpoint").exists()
+    out = update.run(
+        p, {"samples": uri, "checkpoint": str(tiny_model), "ref_checkpoint": str(tiny_model)}, tmp_path / "b"
+    )
+    assert out.metrics["actor/kl_ref"] > 0  # the second epoch has moved away from the reference
+
+
+def _write_raw(rows, schema, uri):
+    write_table(rows, schema, uri)
+    return str(uri)
+
+
+def test_bad_samples_tables_fail_clearly_and_write_nothing(tiny_model, samples, tmp_path):
+    _, rows = samples
+    nan_rows = [dict(r) for r in rows]
+    nan_rows[2] = dict(nan_rows[2], advantages=[float("nan")] * len(nan_rows[2]["advantages"]))
+    short = [dict(rows[0], loss_mask=rows[0]["loss_mask"][:-1])]
+    cases = {
+        "empty": (_write_raw([], SAMPLES, tmp_path / "empty.parquet"), "empty"),
+        "wrong table": (_write_raw([], TRAJECTORIES, tmp_path / "traj.parquet"), "expected 'samples'"),
+        "nan": (_write_raw(nan_rows, SAMPLES, tmp_path / "nan.parquet"), "'s2'.*advantages"),
+        "length": (_write_raw(short, SAMPLES, tmp_path / "short.parquet"), "'s0'.*loss_mask has length"),
+        "missing": (str(tmp_path / "nope.parquet"), "no samples table"),
+    }
+    bad_schema = pa.table({"sample_id": ["x"]}).replace_schema_metadata(SAMPLES.metadata)
+    import pyarrow.parquet as pq
+
+    pq.write_table(bad_schema, tmp_path / "cols.parquet")
+    cases["columns"] = (str(tmp_path / "cols.parquet"), "missing columns")
+    for name, (uri, msg) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        out.mkdir()
+        with pytest.raises(update.SamplesError, match=msg):
+            update.run(UpdateParams(), {"samples": uri, "checkpoint": str(tiny_model)}, out)
+        assert list(out.iterdir()) == [], name
+
+
+def test_resume_equals_uninterrupted_run(tiny_model, samples, tmp_path):
+    """Two stage runs through stored checkpoints == one trainer doing both updates in memory."""
+    uri, rows = samples
+    uri2 = _write_raw(sample_rows(tiny_model, n=5, seed=1), SAMPLES, tmp_path / "s2.parquet")
+    p = UpdateParams(lr=1e-3, warmup_steps=3, minibatch_size=2, micro_batch_size=2, ppo_epochs=2, seed=7)
+    one = update.Trainer(tiny_model, p)
+    one.update(update.load_samples(uri))
+    one.update(update.load_samples(uri2))
+    a = update.run(p, {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path / "it1")
+    b = update.run(p, {"samples": uri2, "checkpoint": a.uri("checkpoint")}, tmp_path / "it2")
+    resumed = update.Trainer(b.uri("checkpoint"), p)
+    assert resumed.step == one.step == 2 * 3 + 2 * 3 and resumed.update_idx == 2
+    for (name, x), y in zip(one.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    so, sr = one.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for k in so["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(so["state"][k][field]), torch.as_tensor(sr["state"][k][field]))
+    assert one.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
+    # data order is a pure function of (seed, update index, epoch)
+    assert update.minibatches(6, p, 1, 0) == update.minibatches(6, p, 1, 0) != update.minibatches(6, p, 2, 0)
+
+
+def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, monkeypatch):
+    """With a live engine of the same architecture the new weights go in, labelled with the checkpoint."""
+    uri, _ = samples
+    pushed = {}
+
+    class FakeEngine:
+        model_dir = Path(tiny_model)
+
+        def update_weights(self, weights, source=None):
+            pushed.update(weights=weights, source=source)
+            return 0.0
+
+    fake = types.SimpleNamespace(
+        live_engine=lambda: FakeEngine(),
+        same_architecture=lambda a, b: (
+            (Path(a) / "config.json").is_file() and (Path(b) / "config.json").is_file()
+        ),
+    )
+    monkeypatch.setitem(sys.modules, "stages.engine", fake)
+    out = update.run(UpdateParams(**FAST), {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path)
+    assert pushed["source"] == out.uri("checkpoint") and "timing/weight_sync" in out.metrics
+    saved = ckpt.load_model(out.uri("checkpoint")).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in pushed["weights"].items() if k in saved)
