@@ -1,4 +1,7 @@
-"""Parameters of the score and advantages stages (see ../shared/ALGORITHMS.md)."""
+"""Parameters of the score and advantages stages (see ../shared/ALGORITHMS.md).
+
+Choices the papers leave open are parameters here, with the spec's default, and logged by each run.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,31 @@ from pydantic import BaseModel, ConfigDict, Field
 class ScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    code_reward: Literal["fraction", "binary"] = Field("fraction", description="Code outcome: tests fraction or all-pass")
+    code_reward: Literal["fraction", "binary"] = Field(
+        "fraction", description="Code outcome and MURPHY node reward r(n): tests fraction or all-pass"
+    )
+    reward_weights: dict[str, float] | None = Field(
+        None,
+        description="Outcome reward r_i = Σ weight · component over registered reward functions that apply to "
+        "a row (stages.rewards.REWARDS); None: the code component picked by code_reward, and math_answer, weight 1",
+    )
+    math_rel_tol: float = Field(
+        1e-6, ge=0.0, le=0.1, description="Relative tolerance of numeric answer equality"
+    )
     format_penalty: float = Field(-0.1, le=0.0, description="GTPO penalty per invalid / missing tool call")
     stack_penalties: bool = Field(False, description="(open) allow more than one penalty per turn")
+    format_gate: bool = Field(
+        True,
+        description="GRPO baseline: the trajectory outcome reward r_i is 0 when any turn made an invalid tool call",
+    )
     shaping: bool = Field(True, description="GTPO self-supervised shaping of failed trajectories")
     shaping_alpha: float = Field(0.5, ge=0.0, lt=1.0, description="α: shaped reward scale, < 1")
-    similarity: str = Field("lexical", description="Similarity registry entry used by shaping")
+    similarity: str = Field(
+        "lexical", description="(open) similarity registry entry used by shaping: lexical | embedding"
+    )
+    embedding_model: str | None = Field(
+        None, description="Local encoder directory for similarity 'embedding' (nothing is downloaded)"
+    )
     test_timeout_s: float = Field(10.0, gt=0, le=300, description="Sandbox limit per test run")
 
 
@@ -23,11 +45,13 @@ class AdvantageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     estimator: Literal["grpo", "dr_grpo", "gtpo", "murphy"] = Field("grpo", description="Advantage estimator")
-    gamma: float = Field(0.9, ge=0.0, le=1.0, description="GTPO turn discount γ")
-    norm_scope: Literal["group", "turn_position", "batch"] = Field("group", description="GTPO normalisation set")
+    gamma: float = Field(0.9, ge=0.0, le=1.0, description="(open) GTPO turn discount γ")
+    norm_scope: Literal["group", "turn_position", "batch"] = Field(
+        "group", description="(open) GTPO normalisation set"
+    )
     murphy_mode: Literal["max", "mean"] = Field("max", description="MaRS (max) or MeRS (mean)")
-    murphy_gamma: float = Field(1.0, ge=0.0, le=1.0, description="γ_m of MeRS")
-    inter_keep: int | None = Field(None, ge=1, description="InterP: sibling groups kept (None: all)")
-    intra_keep: int | None = Field(None, ge=2, description="IntraP: nodes kept per group (None: all)")
-    keep_zero_signal: bool = Field(False, description="Keep groups whose rewards all tie")
+    murphy_gamma: float = Field(1.0, ge=0.0, le=1.0, description="(open) γ_m discounting child returns")
+    inter_keep: int | None = Field(None, ge=1, description="(open) InterP: sibling groups kept (None: all)")
+    intra_keep: int | None = Field(None, ge=2, description="(open) IntraP: nodes kept per group (None: all)")
+    keep_zero_signal: bool = Field(False, description="Keep groups whose rewards all tie (no signal)")
     eps: float = Field(1e-6, gt=0, description="ε in the z-score")

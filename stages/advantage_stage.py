@@ -1,0 +1,226 @@
+"""Table side of the advantages stage (entry point: ``stages.advantages.run``): read scored trajectories or
+trees, call the registered estimator on flat arrays, drop zero-signal groups / pruned nodes, write
+samples.parquet (and trees.parquet with ``ret`` and ``pruned`` for MURPHY), and compute the adv/* metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.outputs import StageOutput
+from schemas.params.rewards import AdvantageParams
+from schemas.tables import SAMPLES, TRAJECTORIES, TREES
+from stages.advantages import Estimator, NodeBatch, TrajectoryBatch, prune, sibling_sets
+from stages.sample_builder import field, list_parts, node_samples, numbers, trajectory_samples, with_fields
+from stages.segments import group_codes, set_has_signal, turn_positions
+from stages.tableio import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+
+def adv_metrics(adv: np.ndarray) -> dict[str, float]:
+    """adv/mean|std|min|max over the kept units (0 when none is kept)."""
+    if adv.size == 0:
+        return {"adv/mean": 0.0, "adv/std": 0.0, "adv/min": 0.0, "adv/max": 0.0}
+    return {
+        "adv/mean": float(adv.mean()),
+        "adv/std": float(adv.std()),
+        "adv/min": float(adv.min()),
+        "adv/max": float(adv.max()),
+    }
+
+
+def _first_null(col: pa.Array) -> int | None:
+    if not col.null_count:
+        return None
+    return int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def _params_note(params: AdvantageParams) -> str:
+    return "advantage params: " + ", ".join(f"{k}={v}" for k, v in params.model_dump().items())
+
+
+def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> StageOutput:
+    table = read_table(uri, TRAJECTORIES)
+    if table.num_rows == 0:
+        raise ValueError(f"{uri}: no trajectories to compute advantages for")
+    ids = table["trajectory_id"].to_pylist()
+    rewards_col = table["reward"].combine_chunks()
+    if (row := _first_null(rewards_col)) is not None:
+        raise ValueError(f"trajectory {ids[row]!r} (row {row}) has no reward: run the score stage first")
+    lengths = np.diff(list_parts(table["turns"])[0])
+    if (lengths == 0).any():
+        row = int(np.flatnonzero(lengths == 0)[0])
+        raise ValueError(f"trajectory {ids[row]!r} (row {row}) has no turns: nothing to train on")
+    _, turns = list_parts(table["turns"])
+    turn_reward = field(turns, "turn_reward")
+    if turn_reward.null_count and est.unit == "turn":
+        m = _first_null(turn_reward)
+        row = int(np.searchsorted(np.cumsum(lengths), m, side="right"))
+        raise ValueError(
+            f"trajectory {ids[row]!r} (row {row}) has a turn without turn_reward: run score first"
+        )
+    codes, n_groups = group_codes(table["group_id"], what="group_id")
+    rewards = numbers(rewards_col, np.float64)
+    bad = ~np.isfinite(rewards)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"trajectory {ids[row]!r} (row {row}) has reward {rewards[row]}: rewards must be finite"
+        )
+    batch = TrajectoryBatch(
+        rewards=rewards,
+        lengths=lengths,
+        codes=codes,
+        n_groups=n_groups,
+        turn_rewards=None if turn_reward.null_count else numbers(turn_reward, np.float64),
+    )
+    turn_adv = est.fn(batch, params)
+
+    traj_of_turn = np.repeat(np.arange(table.num_rows), lengths)
+    signal = set_has_signal(turn_adv, codes[traj_of_turn], n_groups)
+    keep = np.ones(table.num_rows, bool) if params.keep_zero_signal else signal[codes]
+    zero = int((~signal).sum())
+    kept = table.filter(pa.array(keep))
+    kept_turns = np.repeat(keep, lengths)
+    tokens = trajectory_samples(kept, turn_adv[kept_turns])
+    samples = pa.table(
+        {
+            "sample_id": kept["trajectory_id"],
+            "source_id": kept["trajectory_id"],
+            "problem_id": kept["problem_id"],
+            "group_id": kept["group_id"],
+            **tokens,
+            "algo": pa.array([est.name] * kept.num_rows, pa.string()),
+        }
+    )
+    ref = write_table(samples, SAMPLES, out / "samples.parquet")
+
+    unit_adv = turn_adv[kept_turns] if est.unit == "turn" else turn_adv[np.cumsum(lengths) - lengths][keep]
+    metrics = {
+        **adv_metrics(unit_adv),
+        "adv/groups": float(n_groups),
+        "adv/zero_signal_groups": float(zero),
+        "adv/zero_signal_frac": zero / n_groups,
+        "adv/samples": float(kept.num_rows),
+        "adv/trained_tokens": float(pc.sum(pc.list_flatten(tokens["loss_mask"])).as_py() or 0),
+    }
+    if est.unit == "turn":
+        pos = turn_positions(lengths)[kept_turns]
+        sums = np.bincount(pos, weights=unit_adv)
+        counts = np.bincount(pos)
+        for j in np.flatnonzero(counts):
+            metrics[f"adv/turn_{j + 1}/mean"] = float(sums[j] / counts[j])
+    note = f"{est.name}: {zero} of {n_groups} groups had no signal" + (
+        " (kept)" if params.keep_zero_signal else " and were dropped"
+    )
+    log.info(note)
+    return StageOutput(
+        stage="advantages", tables={"samples": ref}, metrics=metrics, notes=[note, _params_note(params)]
+    )
+
+
+def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> StageOutput:
+    trees = read_table(uri, TREES)
+    t_off, nodes = list_parts(trees["nodes"])
+    counts = np.diff(t_off)
+    tree_ids = trees["tree_id"].to_pylist()
+    tree_of = np.repeat(np.arange(trees.num_rows), counts)
+    node_id = numbers(field(nodes, "node_id"), np.int64)
+    local_parent = numbers(field(nodes, "parent_id"), np.int64)
+
+    def label(i: int) -> str:
+        return f"tree {tree_ids[tree_of[i]]!r} node {int(node_id[i])}"
+
+    if len(nodes) == 0:
+        raise ValueError(f"{uri}: no tree nodes to compute advantages for")
+    bad = np.flatnonzero(node_id != turn_positions(counts))
+    if bad.size:
+        raise ValueError(f"{label(int(bad[0]))}: node_id must equal its position in the tree's nodes list")
+    bad = np.flatnonzero((local_parent < -1) | (local_parent >= counts[tree_of]))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{label(i)}: parent {int(local_parent[i])} is missing from its tree")
+    reward_col = field(nodes, "reward")
+    if (i := _first_null(reward_col)) is not None:
+        raise ValueError(f"{label(i)} has no reward: run the score stage first")
+    rewards = numbers(reward_col, np.float64)
+    if not np.isfinite(rewards).all():
+        raise ValueError(f"{label(int(np.flatnonzero(~np.isfinite(rewards))[0]))} has a non-finite reward")
+    parents = np.where(local_parent >= 0, t_off[:-1][tree_of] + local_parent, -1)
+    try:
+        sets, n_sets = sibling_sets(tree_of, parents, trees.num_rows)
+        ret, adv = est.fn(NodeBatch(parents=parents, rewards=rewards, sets=sets, n_sets=n_sets), params)
+    except ValueError as e:  # name the tree and node instead of a flat position
+        msg = str(e)
+        if msg.startswith("node "):
+            pos = int(msg.split()[1].rstrip(":"))
+            msg = f"{label(pos)}{msg[msg.index(':') :]}"
+        raise ValueError(msg) from None
+    pruned, why = prune(
+        ret,
+        adv,
+        sets,
+        n_sets,
+        inter_keep=params.inter_keep,
+        intra_keep=params.intra_keep,
+        keep_zero_signal=params.keep_zero_signal,
+    )
+    new_nodes = with_fields(trees["nodes"], {"ret": ret.astype(np.float32), "pruned": pruned})
+    trees_ref = write_table(
+        trees.set_column(trees.schema.get_field_index("nodes"), "nodes", new_nodes),
+        TREES,
+        out / "trees.parquet",
+    )
+
+    keep = np.flatnonzero(~pruned)
+    kept_nodes = nodes.take(pa.array(keep))
+    tokens = node_samples(kept_nodes, adv[keep], lambda i: label(int(keep[i])))
+    tree_col = pa.array([tree_ids[t] for t in tree_of[keep]], pa.string())
+    problem_ids = trees["problem_id"].to_pylist()
+    source = pc.binary_join_element_wise(tree_col, pa.array(node_id[keep].astype(str)), "/")
+    group = pc.binary_join_element_wise(tree_col, pa.array(local_parent[keep].astype(str)), "/")
+    samples = pa.table(
+        {
+            "sample_id": source,
+            "source_id": source,
+            "problem_id": pa.array([problem_ids[t] for t in tree_of[keep]], pa.string()),
+            "group_id": group,
+            **tokens,
+            "algo": pa.array([est.name] * keep.size, pa.string()),
+        }
+    )
+    ref = write_table(samples, SAMPLES, out / "samples.parquet")
+    signal = set_has_signal(adv, sets, n_sets)
+    metrics = {
+        **adv_metrics(adv[keep]),
+        "adv/groups": float(n_sets),
+        "adv/zero_signal_groups": float((~signal).sum()),
+        "adv/zero_signal_frac": float((~signal).mean()),
+        "adv/pruned_nodes": float(pruned.sum()),
+        "adv/pruned_zero_signal": float(why["zero_signal"]),
+        "adv/pruned_inter": float(why["inter"]),
+        "adv/pruned_intra": float(why["intra"]),
+        "adv/ret/mean": float(ret.mean()),
+        "adv/samples": float(keep.size),
+        "adv/trained_tokens": float(pc.sum(pc.list_flatten(tokens["loss_mask"])).as_py() or 0),
+    }
+    note = (
+        f"murphy: pruned {int(pruned.sum())} of {pruned.size} nodes (zero signal {why['zero_signal']}, "
+        f"InterP {why['inter']}, IntraP {why['intra']})"
+    )
+    log.info(note)
+    return StageOutput(
+        stage="advantages",
+        tables={"samples": ref, "trees": trees_ref},
+        metrics=metrics,
+        notes=[note, _params_note(params)],
+    )
+
+
+RUNNERS = {"trajectories": run_trajectories, "trees": run_trees}

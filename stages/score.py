@@ -1,0 +1,240 @@
+"""Score stage: fill the reward fields of rollout tables (../shared/ALGORITHMS.md).
+
+    run(params: ScoreParams, inputs: {"trajectories": uri, "problems": uri} | {"trees": uri, "problems": uri},
+        out: Path) -> StageOutput
+
+Trajectories (TIR, GRPO/GTPO): the outcome reward r_i from the registered reward functions combined by weights
+(``stages.rewards``): math rows compare ``final_answer`` with ``problems.answer``; code rows run the final
+program (``final_answer``, else the last turn's code) against the problem's tests in the sandbox. Then the
+GTPO turn rewards r_ij = r_acc + r_fmt, with self-supervised shaping of failed trajectories that have a
+successful sibling. Written: ``turns[].turn_reward``, ``correct``, ``reward`` (the GRPO r_i, gated by format
+errors when ``format_gate``) and ``reward_components`` (each component, plus ``format``, ``shaped`` and
+``outcome``).
+
+Trees (MURPHY): r(n) per node from the ``tests_passed``/``tests_total`` the rollout stored (fraction, or
+all-pass when ``code_reward="binary"``); nodes without counts are re-run in the sandbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.outputs import StageOutput
+from schemas.params.rewards import ScoreParams
+from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
+from stages import rewards as R
+from stages.sample_builder import field, list_parts, numbers, with_fields
+from stages.segments import group_codes
+from stages.tableio import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+
+def run(params: ScoreParams, inputs: dict[str, str], out: Path) -> StageOutput:
+    """Score whichever rollout table ``inputs`` names ("trajectories" or "trees"), given "problems"."""
+    kinds = [k for k in RUNNERS if k in inputs]
+    if len(kinds) != 1 or "problems" not in inputs:
+        raise ValueError(
+            f"score needs 'problems' and exactly one of {sorted(RUNNERS)} in inputs; got {sorted(inputs)}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = {p["problem_id"]: p for p in read_table(inputs["problems"], PROBLEMS).to_pylist()}
+    return RUNNERS[kinds[0]](params, inputs[kinds[0]], problems, out)
+
+
+def run_tests_batch(programs: list[str], problems: list[dict], timeout_s: float) -> list[tuple[int, int]]:
+    """(passed, total) of each program against its problem's tests, through the sandbox's worker pool."""
+    from stages.sandbox import run_tests_many
+
+    if not programs:
+        return []
+    reports = run_tests_many(
+        programs,
+        [list(p["tests"] or []) for p in problems],
+        entry_points=[p.get("entry_point") for p in problems],
+        timeout_s=timeout_s,
+    )
+    return [(int(r.passed), int(r.total)) for r in reports]
+
+
+def _problem(problems: dict[str, dict], problem_id: str, where: str) -> dict:
+    if problem_id not in problems:
+        raise ValueError(f"{where}: problem {problem_id!r} is not in the problems table")
+    return problems[problem_id]
+
+
+def _component_metrics(components: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({k for c in components for k in c})
+    out = {}
+    for name in names:
+        vals = np.array([c[name] for c in components if name in c])
+        out[f"reward/{name}/mean"] = float(vals.mean())
+        out[f"reward/{name}/std"] = float(vals.std())
+    return out
+
+
+def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict], out: Path) -> StageOutput:
+    table = read_table(uri, TRAJECTORIES)
+    n = table.num_rows
+    meta = table.select(["trajectory_id", "problem_id", "final_answer"]).to_pylist()
+    t_off, turns = list_parts(table["turns"])
+    lengths = np.diff(t_off)
+    if n and (lengths == 0).any():
+        row = int(np.flatnonzero(lengths == 0)[0])
+        raise ValueError(f"trajectory {meta[row]['trajectory_id']!r} (row {row}) has no turns")
+    tool_call = numbers(field(turns, "tool_call"), object)
+    exec_status = numbers(field(turns, "exec_status"), object)
+    turn_code = field(turns, "code").to_pylist()
+    turn_dicts = [{"tool_call": tc, "exec_status": es} for tc, es in zip(tool_call, exec_status, strict=True)]
+
+    rows = []
+    for i, m in enumerate(meta):
+        p = _problem(problems, m["problem_id"], f"trajectory {m['trajectory_id']!r} (row {i})")
+        codes = [c for c in turn_code[t_off[i] : t_off[i + 1]] if c]
+        program = (
+            m["final_answer"] if p["kind"] == "code" and m["final_answer"] else (codes[-1] if codes else "")
+        )
+        rows.append(
+            {
+                **m,
+                "kind": p["kind"],
+                "answer": p.get("answer"),
+                "program": program,
+                "code": "\n".join(codes),
+                "turns": turn_dicts[t_off[i] : t_off[i + 1]],
+            }
+        )
+    code_rows = [i for i, r in enumerate(rows) if r["kind"] == "code"]
+    counts = run_tests_batch(
+        [rows[i]["program"] for i in code_rows],
+        [problems[rows[i]["problem_id"]] for i in code_rows],
+        params.test_timeout_s,
+    )
+    for i, (passed, total) in zip(code_rows, counts, strict=True):
+        rows[i]["tests_passed"], rows[i]["tests_total"] = passed, total
+
+    outcome, components = R.combine(rows, params)
+    correct = np.array([_correct(r, c, params) for r, c in zip(rows, components, strict=True)], dtype=bool)
+    penalties = R.format_penalties(
+        tool_call, exec_status, lengths, penalty=params.format_penalty, stack=params.stack_penalties
+    )
+    invalid = (tool_call == "invalid") | (exec_status == "syntax_error")
+    format_error = np.bincount(np.repeat(np.arange(n), lengths), weights=invalid, minlength=n) > 0
+    final = outcome.copy()
+    shaped_rows = np.zeros(n, bool)
+    if params.shaping and n:
+        shaped = R.gtpo_shaping(
+            [r["code"] for r in rows],
+            correct,
+            table["group_id"],
+            alpha=params.shaping_alpha,
+            similarity=params.similarity,
+            similarity_options={"embedding_model": params.embedding_model},
+        )
+        codes_, n_groups = group_codes(table["group_id"], what="group_id")
+        has_success = (np.bincount(codes_, weights=correct, minlength=n_groups) > 0)[codes_]
+        shaped_rows = ~correct & has_success
+        final = np.where(shaped_rows, np.maximum(outcome, shaped), outcome)
+    turn_reward = R.turn_rewards(final, penalties, lengths)
+    reward = np.where(format_error & params.format_gate, 0.0, outcome)
+    fmt_total = np.bincount(np.repeat(np.arange(n), lengths), weights=penalties, minlength=n)
+    for i, c in enumerate(components):
+        c["outcome"], c["format"] = float(outcome[i]), float(fmt_total[i])
+        if shaped_rows[i]:
+            c["shaped"] = float(final[i])
+
+    new = table.set_column(
+        table.schema.get_field_index("turns"),
+        "turns",
+        with_fields(table["turns"], {"turn_reward": turn_reward.astype(np.float32)}),
+    )
+    new = new.set_column(new.schema.get_field_index("correct"), "correct", pa.array(correct, pa.bool_()))
+    new = new.set_column(new.schema.get_field_index("reward"), "reward", pa.array(reward, pa.float32()))
+    new = new.set_column(
+        new.schema.get_field_index("reward_components"),
+        "reward_components",
+        pa.array([list(c.items()) for c in components], TRAJECTORIES.field("reward_components").type),
+    )
+    ref = write_table(new, TRAJECTORIES, out / "trajectories.parquet")
+    metrics = {
+        "reward/mean": float(reward.mean()) if n else 0.0,
+        "reward/std": float(reward.std()) if n else 0.0,
+        "reward/correct_frac": float(correct.mean()) if n else 0.0,
+        "reward/format_error_frac": float(format_error.mean()) if n else 0.0,
+        "reward/shaped_frac": float(shaped_rows.mean()) if n else 0.0,
+        "reward/turn_reward/mean": float(turn_reward.mean()) if n else 0.0,
+        **_component_metrics(components),
+    }
+    notes = [f"score params: {params.model_dump()}"]
+    return StageOutput(stage="score", tables={"trajectories": ref}, metrics=metrics, notes=notes)
+
+
+def _correct(row: dict, components: dict[str, float], params: ScoreParams) -> bool:
+    """Success of a trajectory: all tests pass (code) / the final answer is right (math)."""
+    if row["kind"] == "code":
+        return bool(row.get("tests_total") and row.get("tests_passed") == row["tests_total"])
+    if "math_answer" in components:
+        return components["math_answer"] == 1.0
+    return R.math_correct(row.get("final_answer"), row.get("answer"), rel_tol=params.math_rel_tol)
+
+
+def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: Path) -> StageOutput:
+    trees = read_table(uri, TREES)
+    t_off, nodes = list_parts(trees["nodes"])
+    tree_of = np.repeat(np.arange(trees.num_rows), np.diff(t_off))
+    tree_ids, problem_ids = trees["tree_id"].to_pylist(), trees["problem_id"].to_pylist()
+    passed_col, total_col = field(nodes, "tests_passed"), field(nodes, "tests_total")
+    missing = np.flatnonzero(
+        passed_col.is_null().to_numpy(zero_copy_only=False)
+        | total_col.is_null().to_numpy(zero_copy_only=False)
+    )
+    passed = numbers(passed_col.fill_null(0), np.int64).copy()
+    total = numbers(total_col.fill_null(0), np.int64).copy()
+    if missing.size:
+        node_code = field(nodes, "code").to_pylist()
+        probs = [
+            _problem(problems, problem_ids[tree_of[i]], f"tree {tree_ids[tree_of[i]]!r}") for i in missing
+        ]
+        counts = run_tests_batch([node_code[i] or "" for i in missing], probs, params.test_timeout_s)
+        passed[missing] = [c[0] for c in counts]
+        total[missing] = [c[1] for c in counts]
+    no_tests = total <= 0
+    frac = np.where(no_tests, 0.0, passed / np.maximum(total, 1))
+    reward = NODE_REWARDS[params.code_reward](frac)
+    new_nodes = with_fields(
+        trees["nodes"],
+        {
+            "reward": reward.astype(np.float32),
+            "tests_passed": passed.astype(np.int32),
+            "tests_total": total.astype(np.int32),
+        },
+    )
+    new = trees.set_column(trees.schema.get_field_index("nodes"), "nodes", new_nodes)
+    ref = write_table(new, TREES, out / "trees.parquet")
+    depth = numbers(field(nodes, "depth"), np.int64)
+    metrics = {
+        "reward/mean": float(reward.mean()) if reward.size else 0.0,
+        "reward/std": float(reward.std()) if reward.size else 0.0,
+        f"reward/tests_{params.code_reward}/mean": float(reward.mean()) if reward.size else 0.0,
+        "reward/pass_frac": float((frac == 1.0).mean()) if reward.size else 0.0,
+        "reward/rerun_nodes": float(missing.size),
+    }
+    for d in np.unique(depth):
+        metrics[f"reward/depth_{d}/pass_frac"] = float((frac[depth == d] == 1.0).mean())
+    notes = [f"score params: {params.model_dump()}"]
+    if no_tests.any():
+        notes.append(f"{int(no_tests.sum())} nodes have no tests (tests_total 0): reward 0")
+        log.warning(notes[-1])
+    return StageOutput(stage="score", tables={"trees": ref}, metrics=metrics, notes=notes)
+
+
+NODE_REWARDS = {
+    "fraction": lambda frac: frac,
+    "binary": lambda frac: (frac == 1.0).astype(np.float64),
+}
+RUNNERS = {"trajectories": score_trajectories, "trees": score_trees}
