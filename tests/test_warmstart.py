@@ -1,0 +1,67 @@
+"""Warm start: demonstration tokenisation and masking, the SFT loss, and a short fine-tune on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.params.update import WarmstartParams
+from schemas.tables import PROBLEMS
+from stages import checkpoint as ckpt
+from stages import warmstart
+from stages.synthetic import generate
+from stages.tableio import write_table
+
+
+def _problems(tmp_path, rows, name="problems.parquet") -> str:
+    write_table([dict(r, split="train") for r in rows], PROBLEMS, tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_examples_mask_prompt_and_observations(tiny_model):
+    tok = ckpt.load_tokenizer(tiny_model)
+    arith = generate("tool-arith", count=1, seed=0)[0]
+    func = generate("func-synth", count=1, seed=0)[0]
+    plain_math = dict(arith, demonstration=None)
+    (ids, mask), (fids, fmask) = warmstart.demonstration_examples(tok, [arith, plain_math, func], 4096)[0]
+    trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert "```python" in trained and "\\boxed{" in trained and "```output" not in trained
+    first = mask.index(1)
+    masked_after_prompt = tok.decode([t for t, m in zip(ids[first:], mask[first:], strict=True) if not m])
+    assert masked_after_prompt.startswith("```output")  # the observation is the only masked completion part
+    assert "def " + func["entry_point"] in tok.decode([t for t, m in zip(fids, fmask, strict=True) if m])
+
+
+def test_sft_loss_ignores_masked_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.float32)
+    loss = warmstart.sft_loss(logits, ids, mask, n_tokens=float(mask.sum()))
+    loss.backward()
+    want = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert float(loss) == pytest.approx(float((want * mask[:, 1:]).sum() / 4), abs=1e-6)
+    # logits at position t predict token t+1: a masked target means zero gradient at t
+    assert torch.all(logits.grad[:, :-1][mask[:, 1:] == 0] == 0) and torch.all(logits.grad[:, -1] == 0)
+
+
+def test_warmstart_lowers_the_demonstration_loss(tiny_model, tmp_path):
+    rows = generate("tool-arith", count=6, seed=0) + generate("func-synth", count=2, seed=0)
+    uri = _problems(tmp_path, rows)
+    p = WarmstartParams(enabled=True, steps=6, lr=2e-3, batch_size=4, micro_batch_size=2)
+    out = warmstart.run(p, {"problems": uri, "checkpoint": str(tiny_model)}, tmp_path / "ws")
+    m = out.metrics
+    assert m["actor/sft_examples"] == 8 and m["actor/sft_loss_last"] < m["actor/sft_loss_first"]
+    state = ckpt.load_trainer_state(out.uri("checkpoint"))
+    assert state["step"] == 0 and "optimizer" not in state  # RL starts with a fresh optimizer
+    assert ckpt.load_tokenizer(out.uri("checkpoint")).eos_token == "<|im_end|>"
+
+
+def test_no_demonstrations_fails_clearly_and_writes_nothing(tiny_model, tmp_path):
+    rows = [dict(r, demonstration=None) for r in generate("tool-arith", count=2, seed=0)]
+    uri = _problems(tmp_path, rows)
+    out = tmp_path / "ws"
+    out.mkdir()
+    with pytest.raises(warmstart.NoDemonstrationsError, match="no 'train' problem"):
+        warmstart.run(WarmstartParams(), {"problems": uri, "checkpoint": str(tiny_model)}, out)
+    assert list(out.iterdir()) == []
