@@ -56,8 +56,12 @@ def _defined_names(program: str) -> set[str]:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Import):  # a safe module imported under its own name is the parent's too
+            names.update(
+                a.asname or a.name.split(".")[0] for a in node.names if a.asname or a.name not in SAFE_MODULES
+            )
+        elif isinstance(node, ast.ImportFrom):
+            names.update(a.asname or a.name for a in node.names)
         else:
             names.update(
                 n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
@@ -172,8 +176,8 @@ def plan_tests(program: str, tests: list[str], entry_point: str | None = None) -
             whole_setup.append(source)
             continue
         if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert):
-            calls = {entry_point} if entry_point else {n for n in defined if _is_function(program, n)}
             known = set(SAFE_MODULES) | set(SAFE_BUILTINS)
+            calls = {entry_point} if entry_point else _called_names(tree.body[0]) - (known - defined)
             _plan_assert(tree.body[0], calls, {}, defined, known - defined, items, planned, source)
         else:
             items.append({"kind": "whole", "src": source})
@@ -193,7 +197,11 @@ def _plan_assert(node, call_names, rename, defined, known, items, planned, sourc
     program_names = defined | call_names | set(rename)
     if not extractor.calls and not used & program_names:
         return
-    if not extractor.calls or used - placeholders - _bound_names(expr) - known:
+    bound = _bound_names(expr)
+    call_uses = {
+        n.id for call in extractor.calls for n in ast.walk(ast.parse(call)) if isinstance(n, ast.Name)
+    }
+    if not extractor.calls or used - placeholders - bound - known or call_uses & bound:
         src = ast.unparse(_Renamer(rename).visit(ast.parse(ast.unparse(node))))
         items.append({"kind": "whole", "src": src})
         planned.append(PlannedTest(source=source, split=False, items=[len(items) - 1]))
@@ -211,11 +219,10 @@ def _plan_assert(node, call_names, rename, defined, known, items, planned, sourc
     )
 
 
-def _is_function(program: str, name: str) -> bool:
-    try:
-        return any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.parse(program).body)
-    except SyntaxError:
-        return False
+def _called_names(node: ast.AST) -> set[str]:
+    """Names called in ``node`` (``f(...)``); without an entry point, those the parent does not know are
+    taken to be the program's functions (a missing one fails inside with NameError)."""
+    return {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
 
 
 def _last_function(program: str) -> str | None:
@@ -230,7 +237,7 @@ def _last_function(program: str) -> str | None:
 
 # ---------------------------------------------------------------- records
 DECODERS = {
-    "none": lambda x: None,
+    "none": lambda: None,
     "bool": bool,
     "int": lambda x: int(x, 16),
     "float": float.fromhex,
@@ -249,7 +256,10 @@ def decode(tagged: list):
     """Tagged JSON from inside.encode -> the plain value (raises ValueError on anything malformed)."""
     if not isinstance(tagged, list) or not tagged or tagged[0] not in DECODERS:
         raise ValueError(f"malformed value record {str(tagged)[:80]}")
-    return DECODERS[tagged[0]](*tagged[1:])
+    try:
+        return DECODERS[tagged[0]](*tagged[1:])
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise ValueError(f"malformed value record {str(tagged)[:80]}: {e}") from e
 
 
 def parse_records(raw: bytes, nonce: str, n_items: int) -> tuple[dict | None, dict[int, dict], bool, bool]:
