@@ -12,6 +12,8 @@ iterations through ``stages.engine``); stages that are not built are skipped wit
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -22,6 +24,8 @@ from flows.tasks import _artifact_key, prepare_model, stage_runner
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
 from stages.runstore import RunStore
+
+log = logging.getLogger("turntree.pipeline")
 
 
 def _call(
@@ -71,6 +75,63 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext]:
     return store, ctx
 
 
+StageCall = Callable[[str, PipelineParams, dict[str, str], RunContext, int | None], StageOutput | None]
+
+
+def drive(
+    params: PipelineParams,
+    ctx: RunContext,
+    call: StageCall,
+    checkpoint: str,
+    on_iteration: Callable[[int, dict[str, float]], None] = lambda k, m: None,
+) -> tuple[str, list[dict]]:
+    """The stage sequence, independent of how a stage is called (Prefect task or plain function).
+
+    Returns the final checkpoint and one metrics dict per iteration. An iteration whose samples table is empty
+    (every group tied, nothing to learn) skips the update and keeps the checkpoint.
+    """
+    summary: list[dict[str, Any]] = []
+    data = call("data", params, {}, ctx, None)
+    problems = data.uri("problems") if data else None
+    if params.warmstart.enabled and problems:
+        ws = call("warmstart", params, {"problems": problems, "checkpoint": checkpoint}, ctx, 0)
+        checkpoint = ws.uri("checkpoint") if ws else checkpoint
+    table = "trees" if params.rollout.mode == "tree" else "trajectories"
+    for k in range(1, params.iterations + 1):
+        done: list[StageOutput] = []
+        roll = scored = adv = upd = None
+        if problems:
+            roll = call(
+                "rollout",
+                params,
+                {"problems": problems, "checkpoint": checkpoint, "iteration": str(k)},
+                ctx,
+                k,
+            )
+        if roll:
+            scored = call("score", params, {table: roll.uri(table), "problems": problems}, ctx, k)
+        if scored:
+            adv = call("advantages", params, {table: scored.uri(table)}, ctx, k)
+        if adv and adv.tables["samples"].rows == 0:
+            log.warning("iteration %d: no sample carries signal (all groups tied): update skipped", k)
+        elif adv:
+            upd = call("update", params, {"samples": adv.uri("samples"), "checkpoint": checkpoint}, ctx, k)
+        if upd:
+            checkpoint = upd.uri("checkpoint")
+        done += [o for o in (roll, scored, adv, upd) if o]
+        due = params.evaluate_every and k % params.evaluate_every == 0
+        if due or k == params.iterations:
+            ev_inputs = {"checkpoint": checkpoint}
+            if params.eval.benchmark == "heldout" and problems:
+                ev_inputs["problems"] = problems
+            ev = call("evaluate", params, ev_inputs, ctx, k)
+            done += [ev] if ev else []
+        metrics = {m: v for out in done for m, v in out.metrics.items()}
+        summary.append({"iteration": k, **{m: round(v, 4) for m, v in sorted(metrics.items())}})
+        on_iteration(k, metrics)
+    return checkpoint, summary
+
+
 @flow(name="turntree-pipeline", log_prints=True)
 def pipeline(params: PipelineParams) -> dict[str, Any]:
     """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint."""
@@ -80,47 +141,16 @@ def pipeline(params: PipelineParams) -> dict[str, Any]:
     store, ctx = start_run(params)
     tracker = Tracker(params.run_root)
     logger.info("run %s under %s; MLflow: %s", ctx.run_id, store.base, tracker.run_url(ctx.mlflow_parent))
-    summary: list[dict[str, Any]] = []
+
+    def table_artifact(k: int, metrics: dict[str, float]) -> None:
+        create_table_artifact(
+            key=_artifact_key(ctx.run_id, "iter", k, "metrics"),
+            table=[{"metric": m, "value": round(v, 6)} for m, v in sorted(metrics.items())],
+            description=f"run {ctx.run_id}, iteration {k}",
+        )
+
     try:
-        data = _call("data", params, {}, ctx, None)
-        problems = data.uri("problems") if data else None
-        checkpoint = prepare_model(params.model)
-        if params.warmstart.enabled and problems:
-            ws = _call("warmstart", params, {"problems": problems, "checkpoint": checkpoint}, ctx, 0)
-            checkpoint = ws.uri("checkpoint") if ws else checkpoint
-        table = "trees" if params.rollout.mode == "tree" else "trajectories"
-        for k in range(1, params.iterations + 1):
-            metrics: dict[str, float] = {}
-            roll = problems and _call(
-                "rollout",
-                params,
-                {"problems": problems, "checkpoint": checkpoint, "iteration": str(k)},
-                ctx,
-                k,
-            )
-            scored = roll and _call("score", params, {table: roll.uri(table), "problems": problems}, ctx, k)
-            adv = scored and _call("advantages", params, {table: scored.uri(table)}, ctx, k)
-            upd = adv and _call(
-                "update", params, {"samples": adv.uri("samples"), "checkpoint": checkpoint}, ctx, k
-            )
-            if upd:
-                checkpoint = upd.uri("checkpoint")
-            due = params.evaluate_every and k % params.evaluate_every == 0
-            ev = None
-            if due or k == params.iterations:
-                ev_inputs = {"checkpoint": checkpoint}
-                if params.eval.benchmark == "heldout" and problems:
-                    ev_inputs["problems"] = problems
-                ev = _call("evaluate", params, ev_inputs, ctx, k)
-            for out in (roll, scored, adv, upd, ev):
-                if out:
-                    metrics.update(out.metrics)
-            summary.append({"iteration": k, **{m: round(v, 4) for m, v in sorted(metrics.items())}})
-            create_table_artifact(
-                key=_artifact_key(ctx.run_id, "iter", k, "metrics"),
-                table=[{"metric": m, "value": round(v, 6)} for m, v in sorted(metrics.items())],
-                description=f"run {ctx.run_id}, iteration {k}",
-            )
+        checkpoint, summary = drive(params, ctx, _call, prepare_model(params.model), table_artifact)
     except BaseException:
         store.update(status="failed")
         tracker.end(ctx.mlflow_parent, "FAILED")
