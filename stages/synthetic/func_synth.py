@@ -118,10 +118,10 @@ TEMPLATES: list[Template] = [
         "second_largest",
         2,
         "second_largest(xs)",
-        "returns the second largest distinct value in the list of integers xs, or None if there are fewer "
+        "returns the second largest distinct value in the list of integers xs, or -1 if there are fewer "
         "than two distinct values",
-        "def second_largest(xs):\n    values = sorted(set(xs))\n    return values[-2] if len(values) >= 2 else None\n",
-        "def second_largest(xs):\n    values = sorted(xs)\n    return values[-2] if len(values) >= 2 else None\n",
+        "def second_largest(xs):\n    values = sorted(set(xs))\n    return values[-2] if len(values) >= 2 else -1\n",
+        "def second_largest(xs):\n    values = sorted(xs)\n    return values[-2] if len(values) >= 2 else -1\n",
         lambda r: {},
         lambda r, d, p: [([5, 5, 3],), ([7],)] + [(_ints(r, 3 + d, 0, 9),) for _ in range(d + 2)],
     ),
