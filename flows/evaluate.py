@@ -21,37 +21,48 @@ from schemas.params import EvalParams
 from stages.runstore import RunStore
 
 
-@flow(name="turntree-evaluate", log_prints=True)
-def evaluate_flow(checkpoint: str, params: EvalParams, run_root: str = "runs") -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (a model directory, or 'smollm2' / 'tiny') with ``params``."""
-    from prefect.runtime import flow_run
-
-    model_dir = prepare_model(checkpoint)
+def evaluate_checkpoint(
+    model_dir: str, params: EvalParams, run_root: str, flow_run_id: str = "none"
+) -> dict[str, Any]:
+    """Evaluate a prepared model directory as a run of its own (``eval-<hash>``); reruns reuse the stored result."""
     body = {"checkpoint": model_dir, "params": params.model_dump(mode="json")}
     run_id = "eval-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
     store = RunStore(run_root, run_id)
     manifest = store.create_or_open(body)
     tracker = Tracker(run_root)
-    parent = manifest.get("mlflow_run_id") or tracker.start_parent(
-        run_id, body, {"stage": "evaluate", "algo": "eval", "prefect.flow_run_id": str(flow_run.id or "none")}
-    )
-    store.update(status="running", mlflow_run_id=parent)
-    ctx = RunContext(
-        root=run_root, run_id=run_id, algo="eval", mlflow_parent=parent, flow_run_id=str(flow_run.id)
-    )
-    try:
-        out = run_stage("evaluate", params, {"checkpoint": model_dir}, ctx, None)
-    except BaseException:
-        store.update(status="failed")
-        tracker.end(parent, "FAILED")
-        raise
-    store.update(status="completed")
-    tracker.end(parent, "FINISHED")
-    get_run_logger().info("evaluation %s: %s", run_id, {k: round(v, 4) for k, v in out.metrics.items()})
+    done = store.current_output("evaluate", None) if manifest.get("status") == "completed" else None
+    if done is None:
+        parent = manifest.get("mlflow_run_id") or tracker.start_parent(
+            run_id, body, {"stage": "evaluate", "algo": "eval", "prefect.flow_run_id": flow_run_id}
+        )
+        store.update(status="running", mlflow_run_id=parent)
+        ctx = RunContext(
+            root=run_root, run_id=run_id, algo="eval", mlflow_parent=parent, flow_run_id=flow_run_id
+        )
+        try:
+            done = run_stage("evaluate", params, {"checkpoint": model_dir}, ctx, None)
+        except BaseException:
+            store.update(status="failed")
+            tracker.end(parent, "FAILED")
+            raise
+        store.update(status="completed")
+        tracker.end(parent, "FINISHED")
     return {
         "run_id": run_id,
-        "metrics": out.metrics,
-        "mlflow_run_id": parent,
+        "metrics": done.metrics,
+        "mlflow_run_id": store.load()["mlflow_run_id"],
         "tracking_uri": tracker.uri,
-        "eval_results": out.uri("eval_results") if "eval_results" in out.tables else None,
+        "eval_results": done.uri("eval_results"),
     }
+
+
+@flow(name="turntree-evaluate", log_prints=True)
+def evaluate_flow(checkpoint: str, params: EvalParams, run_root: str = "runs") -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (a model directory, or 'smollm2' / 'tiny') with ``params``."""
+    from prefect.runtime import flow_run
+
+    result = evaluate_checkpoint(prepare_model(checkpoint), params, run_root, str(flow_run.id or "none"))
+    get_run_logger().info(
+        "evaluation %s: %s", result["run_id"], {k: round(v, 4) for k, v in result["metrics"].items()}
+    )
+    return result

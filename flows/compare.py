@@ -1,0 +1,83 @@
+"""Compare several checkpoints or runs (e.g. GRPO vs GTPO vs MURPHY from the same base) on the same problems.
+
+    turntree compare base=smollm2 grpo=<run-id> gtpo=<run-id> murphy=<run-id> --benchmark synthetic:func-synth
+
+Each entry is a run id (its final checkpoint is evaluated and its MLflow training curves are plotted) or a
+checkpoint (a model directory, 'smollm2', 'tiny'). All are evaluated with the same EvalParams (same problems,
+seeds, sampling). Writes report.md and PNGs to ``out``, logs them to an MLflow run tagged ``stage=compare``, and
+publishes the markdown as a Prefect artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.evaluate import evaluate_checkpoint
+from flows.tasks import _artifact_key, prepare_model
+from flows.tracking import Tracker
+from schemas.params import EvalParams
+from stages.runstore import RunStore
+
+
+def _target(run_root: str, target: str) -> tuple[str, str | None]:
+    """(checkpoint spec, MLflow parent run id or None) for a run id or a checkpoint."""
+    try:
+        store = RunStore(run_root, target)
+        exists = store.exists()
+    except ValueError:  # not a valid run id: a path
+        exists = False
+    if not exists:
+        return target, None
+    manifest = store.load()
+    ckpt = manifest.get("final_checkpoint")
+    if not ckpt:
+        raise ValueError(f"run {target!r} has no final checkpoint (status {manifest.get('status')!r})")
+    return ckpt, manifest.get("mlflow_run_id")
+
+
+@flow(name="turntree-compare", log_prints=True)
+def compare_flow(
+    entries: dict[str, str], params: EvalParams, run_root: str = "runs", out: str = "reports/compare"
+) -> dict[str, Any]:
+    from prefect.runtime import flow_run
+
+    from stages.report import compare, metric_histories
+
+    if not entries:
+        raise ValueError("compare needs at least one NAME=CHECKPOINT_OR_RUN_ID")
+    fr = str(flow_run.id or "none")
+    evals, train_runs = {}, {}
+    for name, target in entries.items():
+        ckpt, mlflow_run = _target(run_root, target)
+        evals[name] = evaluate_checkpoint(prepare_model(ckpt), params, run_root, fr)["eval_results"]
+        if mlflow_run:
+            train_runs[name] = mlflow_run
+    tracker = Tracker(run_root)
+    curves = metric_histories(train_runs, tracking_uri=tracker.uri) if train_runs else None
+    result = compare(evals, Path(out), curves, bootstrap=params.bootstrap, seed=params.seed)
+    run = tracker.start_parent(
+        "compare",
+        {"entries": entries, "eval": params.model_dump(mode="json")},
+        {"stage": "compare", "algo": ",".join(entries), "prefect.flow_run_id": fr},
+    )
+    tracker.log_metrics(run, result.metrics, 0)
+    for ref in result.tables.values():
+        tracker.log_artifact(run, ref.uri, "report")
+    tracker.end(run)
+    report = Path(result.uri("report"))
+    create_markdown_artifact(
+        key=_artifact_key("compare", fr[:8]),
+        markdown=report.read_text(),
+        description="turntree comparison (PNGs beside report.md and in MLflow)",
+    )
+    get_run_logger().info("report: %s", report)
+    return {
+        "report": str(report),
+        "files": {k: v.uri for k, v in result.tables.items()},
+        "mlflow_run_id": run,
+        "metrics": result.metrics,
+    }
