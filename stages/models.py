@@ -253,6 +253,7 @@ def _build_smollm2(tmp: Path) -> dict:
         tok.add_bos_token = False
     if not tok.chat_template:
         tok.chat_template = CHATML_TEMPLATE
+    tok.model_max_length = model.config.max_position_embeddings
     im_end = tok.convert_tokens_to_ids(IM_END)
     model.config.eos_token_id = im_end
     model.generation_config.eos_token_id = im_end

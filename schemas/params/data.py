@@ -13,7 +13,9 @@ class DataParams(BaseModel):
     sources: list[str] = Field(
         default_factory=lambda: ["synthetic:tool-arith"],
         min_length=1,
-        description="humaneval | synthetic:tool-arith | synthetic:func-synth | a local JSONL/Parquet path | hf:<name>",
+        description="humaneval | mbpp | gsm8k | gsm8k:test | aime24 | amc23 | svamp | minerva_math | asdiv | "
+        "synthetic:tool-arith | synthetic:func-synth | a local .jsonl/.jsonl.gz/.json/.parquet path | "
+        "hf:<name>[:<split>] | hf:<name>:<config>:<split>",
     )
     format: Literal["auto", "humaneval", "mbpp", "gsm8k", "math", "problems"] = Field(
         "auto", description="Record format of path/hub sources; auto detects it from the fields"
