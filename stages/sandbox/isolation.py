@@ -9,6 +9,7 @@ and waits on the process through a pidfd, never on EOF (a daemonised grandchild 
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import functools
 import json
@@ -253,7 +254,9 @@ def launch(
         if mode == "bwrap":
             cmd, cwd, env = bwrap_command(limits, job_r, res_w), "/", {}
         else:
-            WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+            if not WORK_BASE.exists():
+                WORK_BASE.mkdir(mode=0o711, exist_ok=True)
+                atexit.register(shutil.rmtree, WORK_BASE, ignore_errors=True)
             workdir = tempfile.mkdtemp(dir=WORK_BASE)
             if slot.uid is not None:
                 os.chown(workdir, slot.uid, slot.uid)
