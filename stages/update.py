@@ -24,8 +24,11 @@ What one call does (the loss is ``stages.policy_loss``, ALGORITHMS.md "Policy lo
    the new checkpoint from disk.
 
 Not done: sequence packing (needs varlen attention kernels; length-sorted micro-batches instead).
-Multi-GPU: launch the same entry point under ``torchrun`` / ``accelerate launch`` with FSDP2; this module
-has no home-made distribution layer and runs single-device as written.
+Multi-GPU is not wired yet (no machine here to test it): the stage trains on one device. The intended route,
+with no home-made distribution layer, is the same ``main`` under ``torchrun --nproc-per-node N -m
+stages.update ...`` with FSDP2 (``torch.distributed.fsdp.fully_shard`` on each decoder layer, then the model),
+each rank taking ``minibatches(...)[k][rank::world]`` and the aggregation normalisers all-reduced, and a
+full state dict gathered on rank 0 for the checkpoint (``torch.distributed.checkpoint.state_dict``).
 
 Run on its own: ``python -m stages.update SAMPLES CHECKPOINT OUT [--params JSON]``.
 """
