@@ -32,7 +32,9 @@ from stages.rewards import gtpo_shaping  # noqa: F401  (re-exported: part of thi
 from stages.segments import (
     EPS,
     check_finite,
+    contiguous_runs,
     group_codes,
+    runs_zscore,
     segment_starts,
     segment_zscore,
     set_has_signal,
@@ -52,7 +54,13 @@ def grpo(rewards, group_ids, *, scale_by_std: bool = True, eps: float = EPS) -> 
     share one. Returns A (N,) = (r_i − mean_g r) / (std_g r + ε), std with ddof = 1; a one-member group gets 0.
     """
     r = _float_vector(rewards, "rewards")
-    codes, n_groups = group_codes(group_ids)
+    ids = np.asarray(group_ids) if isinstance(group_ids, list | tuple) else group_ids
+    runs = contiguous_runs(ids)
+    if runs is not None:  # rollout order: one contiguous run per group, no scatter needed
+        _same_length(r, np.empty(runs[-1]), "rewards", "group_ids")
+        check_finite(r, what="rewards")
+        return runs_zscore(r, runs, scale_by_std=scale_by_std, eps=eps)
+    codes, n_groups = group_codes(ids)
     _same_length(r, codes, "rewards", "group_ids")
     check_finite(r, what="rewards")
     return segment_zscore(r, codes, n_groups, scale_by_std=scale_by_std, eps=eps)
@@ -63,16 +71,13 @@ def discounted_returns(values: np.ndarray, lengths: np.ndarray, gamma: float) ->
     """R_ij = r_ij + γ R_i,j+1 within each trajectory, computed backwards one turn position at a time.
 
     values (M,): flat turn rewards, trajectory after trajectory; lengths (N,): turns per trajectory (≥ 1).
-    Returns R (M,). The loop runs over turn positions (at most max T_i), each step vectorised over all turns.
+    Returns R (M,). The loop runs over "turns remaining" d = 1 .. max T_i − 1, each step vectorised: the turns
+    with d turns after them are ends − 1 − d of the trajectories longer than d.
     """
-    offsets = segment_starts(lengths)
-    ends = np.repeat(offsets[1:], lengths)
-    remaining = ends - 1 - np.arange(values.size)  # turns after this one in its trajectory
-    order = np.argsort(remaining.astype(np.int32), kind="stable")
-    bounds = segment_starts(np.bincount(remaining))
     out = values.astype(np.float64, copy=True)
-    for d in range(1, len(bounds) - 1):
-        idx = order[bounds[d] : bounds[d + 1]]
+    last = np.cumsum(lengths) - 1
+    for d in range(1, int(lengths.max(initial=1))):
+        idx = last[lengths > d] - d
         out[idx] += gamma * out[idx + 1]
     return out
 
@@ -174,11 +179,9 @@ def _returns(parents: np.ndarray, r: np.ndarray, mode: str, gamma: float) -> np.
     if mode not in RETURN_MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {sorted(RETURN_MODES)}")
     depth = node_depths(parents)
-    order = np.argsort(depth.astype(np.int32), kind="stable")
-    bounds = segment_starts(np.bincount(depth, minlength=1))
     out = r.astype(np.float64, copy=True)
-    for d in range(len(bounds) - 2, 0, -1):  # deepest children first; roots (d = 0) have no parent
-        children = order[bounds[d] : bounds[d + 1]]
+    for d in range(int(depth.max(initial=0)), 0, -1):  # deepest children first; roots (d = 0) have no parent
+        children = np.flatnonzero(depth == d)
         RETURN_MODES[mode](out, r, parents[children], out[children], gamma)
     return out
 

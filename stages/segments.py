@@ -15,24 +15,40 @@ import pyarrow.compute as pc
 EPS = 1e-6
 
 
+def contiguous_runs(group_ids) -> np.ndarray | None:
+    """(G + 1,) run boundaries when each distinct id of a numpy array occupies one contiguous run (the order
+    rollouts write groups in), else None. Costs one pass of comparisons plus a check on the G run keys."""
+    if not isinstance(group_ids, np.ndarray) or group_ids.ndim != 1 or group_ids.dtype.kind not in "iuUSO":
+        return None
+    ids = group_ids
+    if ids.size == 0:
+        return None
+    starts = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    keys = ids[np.concatenate(([0], starts))]
+    if ids.dtype.kind in "iu":
+        unique = bool(np.all(keys[1:] > keys[:-1])) or np.unique(keys).size == keys.size
+    else:
+        key_set = set(keys.tolist())
+        if None in key_set or "" in key_set:
+            return None  # let group_codes name the bad row
+        unique = len(key_set) == keys.size
+    if not unique:
+        return None
+    return np.concatenate(([0], starts, [ids.size])).astype(np.int64)
+
+
 def group_codes(group_ids, *, what: str = "group_ids") -> tuple[np.ndarray, int]:
     """Dense int64 codes (N,) in order of first appearance, and the number of distinct ids.
 
-    ``group_ids`` (N,): strings or ints, as a list, numpy array or pyarrow array. Integer numpy input whose
-    equal ids sit next to each other (rollout order) takes a sort-free path; anything else is hash-encoded
-    by pyarrow (also sort-free). A null or empty-string id is an error naming its row.
+    ``group_ids`` (N,): strings or ints, as a list, numpy array or pyarrow array. A numpy array whose equal ids
+    sit next to each other (rollout order) takes a sort-free run path; anything else is hash-encoded by
+    pyarrow (also sort-free). A null or empty-string id is an error naming its row.
     """
-    if isinstance(group_ids, np.ndarray) and group_ids.dtype.kind in "iu":
-        ids = group_ids.reshape(-1)
-        if ids.size == 0:
-            return np.zeros(0, np.int64), 0
-        change = ids[1:] != ids[:-1]
-        starts = np.flatnonzero(change) + 1
-        run_keys = ids[np.concatenate(([0], starts))]
-        if np.unique(run_keys).size == run_keys.size:  # every id forms one contiguous run
-            codes = np.zeros(ids.size, np.int64)
-            codes[starts] = 1
-            return np.cumsum(codes, out=codes), int(run_keys.size)
+    if isinstance(group_ids, np.ndarray) and group_ids.size == 0:
+        return np.zeros(0, np.int64), 0
+    runs = contiguous_runs(group_ids)
+    if runs is not None:
+        return np.repeat(np.arange(runs.size - 1), np.diff(runs)), runs.size - 1
     if isinstance(group_ids, pa.ChunkedArray):
         arr = group_ids.combine_chunks()
     elif isinstance(group_ids, pa.Array):
@@ -80,6 +96,10 @@ def segment_zscore(
     v = np.asarray(values, np.float64)
     if v.size == 0:
         return np.zeros(0)
+    step = np.diff(codes)
+    if step.size == 0 or (step.min() >= 0 and step.max() <= 1):  # sets stored as runs in code order
+        bounds = np.concatenate(([0], np.flatnonzero(step) + 1, [v.size]))
+        return runs_zscore(v, bounds, scale_by_std=scale_by_std, eps=eps)
     rep = np.empty(n_sets)
     rep[codes] = v  # some member of each set (the last one written)
     d = v - rep[codes]
@@ -87,10 +107,29 @@ def segment_zscore(
     mean = np.bincount(codes, weights=d, minlength=n_sets) / np.maximum(count, 1.0)
     centred = d - mean[codes]
     if not scale_by_std:
-        return np.where(count[codes] > 1, centred, 0.0)
+        return centred  # a one-member set has d = 0 exactly
     ss = np.bincount(codes, weights=centred * centred, minlength=n_sets)
     std = np.sqrt(ss / np.maximum(count - 1.0, 1.0))
-    return np.where(count[codes] > 1, centred / (std[codes] + eps), 0.0)
+    return centred / (std[codes] + eps)
+
+
+def runs_zscore(
+    values: np.ndarray, bounds: np.ndarray, *, scale_by_std: bool = True, eps: float = EPS
+) -> np.ndarray:
+    """``segment_zscore`` for sets stored as contiguous runs: values (N,), bounds (G + 1,) run boundaries.
+
+    Same arithmetic (shift by the run's first member, ddof = 1, one member -> 0) with reduceat and repeat
+    instead of scatter/gather: the fast path for rollout-ordered groups."""
+    v = np.asarray(values, np.float64)
+    counts = np.diff(bounds)
+    starts = bounds[:-1]
+    d = v - np.repeat(v[starts], counts)
+    mean = np.add.reduceat(d, starts) / counts
+    centred = d - np.repeat(mean, counts)
+    if not scale_by_std:
+        return centred
+    std = np.sqrt(np.add.reduceat(centred * centred, starts) / np.maximum(counts - 1, 1))
+    return centred / np.repeat(std + eps, counts)
 
 
 def set_has_signal(adv: np.ndarray, codes: np.ndarray, n_sets: int) -> np.ndarray:
