@@ -123,6 +123,25 @@ class Engine:
                 out[i] = gens
         return out  # type: ignore[return-value]
 
+    def score(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """Log-probs (raw model) of given completion tokens after given prompts: (P, len(completion_i)).
+        For forcing scripted turns through the real model, and for log-prob agreement checks."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
+            if len(p) + len(c) >= self.max_model_len:
+                raise ValueError(
+                    f"prompt {i} + completion has {len(p) + len(c)} tokens > {self.max_model_len}"
+                )
+        return self._score([list(map(int, p)) for p in prompts], [list(map(int, c)) for c in completions])
+
+    def _score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        raise NotImplementedError
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
@@ -248,6 +267,10 @@ class VLLMEngine(Engine):
             kw["gpu_memory_utilization"] = o.get("gpu_memory_utilization", 0.5)
         else:
             kw["kv_cache_memory_bytes"] = int(float(o.get("kv_cache_gib", 1.0)) * 2**30)
+            # A seeded request whose prefill is split over steps crashes the CPU runner ("CPU Generator does
+            # not use offset", vLLM 0.32): prefill every prompt whole.
+            kw["enable_chunked_prefill"] = False
+            kw["max_num_batched_tokens"] = max(self.max_model_len, 4096)
         t0 = time.perf_counter()
         try:
             llm = LLM(**kw)
@@ -282,30 +305,64 @@ class VLLMEngine(Engine):
         stop_str = c.stop_reason if isinstance(c.stop_reason, str) else None
         return Generation(ids, lps, self.decode(ids), c.finish_reason or "stop", stop_str)
 
+    def _score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        outs = self.llm.generate(
+            [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions, strict=True)],
+            params,
+            use_tqdm=False,
+        )
+        return [
+            [float(o.prompt_logprobs[len(p) + k][t].logprob) for k, t in enumerate(c)]
+            for o, p, c in zip(outs, prompts, completions, strict=True)
+        ]
+
     def _push_weights(self, items: list[tuple[str, Any]], checkpoint: Path | None) -> None:
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
-            self.llm.reset_prefix_cache()
+            self._reload(items)
         except Exception as e:
             log.error("weight reload failed (%s: %s): rebuilding the vLLM engine", type(e).__name__, e)
             self._rebuild(checkpoint or Path(self.loaded_from))
             if checkpoint is None:  # the rebuilt engine serves the old weights: push the new ones once more
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
-                self.llm.reset_prefix_cache()
+                try:
+                    self._reload(items)
+                except Exception as e2:
+                    self._rebuild(Path(self.loaded_from))
+                    raise EngineError(
+                        f"could not load the new weights ({type(e2).__name__}: {e2}); the engine was rebuilt "
+                        f"on {self.loaded_from} and serves those weights"
+                    ) from e2
+
+    def _reload(self, items: list[tuple[str, Any]]) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
+        self.llm.reset_prefix_cache()
 
     def _rebuild(self, model_dir: Path) -> None:
         self._shutdown()
         self.llm = self._build(model_dir)
 
     def _shutdown(self) -> None:
+        """Free this engine. In-process vLLM engines share the process's distributed state, and an engine's
+        shutdown tears it down: when another vLLM engine is alive, only drop this one (finalizer detached)."""
         llm = getattr(self, "llm", None)
         self.llm = None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort: the engine may be half-built
-                pass
-            del llm
+        if llm is None:
+            return
+        others = any(isinstance(e, VLLMEngine) and e is not self and e.llm is not None for e in _ENGINES)
+        client = llm.llm_engine.engine_core
+        try:
+            if others:
+                finalizer = getattr(client, "_finalizer", None)
+                if finalizer is not None:
+                    finalizer.detach()
+            else:
+                client.shutdown()
+        except Exception as e:  # noqa: BLE001 - best effort: the engine may be half-built
+            log.warning("vLLM engine shutdown: %s: %s", type(e).__name__, e)
+        del llm, client
+        gc.unfreeze()  # vLLM freezes start-up objects; let the collector see them again
         gc.collect()
 
     def close(self) -> None:
@@ -321,6 +378,11 @@ def _hf_engine(**kw) -> Engine:
 
 
 BACKENDS = {"vllm": VLLMEngine, "transformers": _hf_engine}
+# Options a backend assumes when not given, so that engines built with and without them compare equal.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "vllm": {"prefix_caching": True, "kv_cache_gib": 1.0},
+    "transformers": {"prefix_caching": True, "batch_size": 16},
+}
 _ENGINES: list[Engine] = []  # most recently used last
 
 
@@ -341,6 +403,7 @@ def make_engine(model_dir: str | os.PathLike, backend: str = "vllm", seed: int =
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
     key = str(Path(model_dir).resolve())
+    options = {**DEFAULT_OPTIONS[backend], **options}
     for e in reversed(_ENGINES):
         if e.backend == backend and e.loaded_from == key and e.seed == seed and e.options == options:
             _touch(e)
@@ -353,7 +416,10 @@ def make_engine(model_dir: str | os.PathLike, backend: str = "vllm", seed: int =
 def engine_for(model_dir: str | os.PathLike, backend: str = "vllm", seed: int = 0, **options) -> Engine:
     """Like make_engine, but when a live engine of this backend serves another checkpoint of the same
     architecture, push ``model_dir``'s weights into it instead of building a new one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
     key = str(Path(model_dir).resolve())
+    options = {**DEFAULT_OPTIONS[backend], **options}
     live = live_engine()
     if live is not None and live.backend == backend and live.loaded_from != key:
         try:

@@ -102,6 +102,17 @@ class TransformersEngine(Engine):
         lps = [float(logp[t, tok]) for t, tok in enumerate(ids)]
         return Generation(ids, lps, self.decode(ids), reason, stop_str)
 
+    def _score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for p, c in zip(prompts, completions, strict=True):
+                ids = torch.tensor([p + c], device=self.device)
+                logp = self.model(ids).logits[0, len(p) - 1 : -1].float().log_softmax(-1)
+                out.append([float(logp[k, t]) for k, t in enumerate(c)])
+        return out
+
     def _push_weights(self, items: list[tuple[str, Any]], checkpoint: Path | None) -> None:
         import torch
 

@@ -40,6 +40,8 @@ FEEDBACK_INSTRUCTION = (
 # Generation stops right after a closed code block (the model then reads the output) or when the model itself
 # opens an output block. Stop strings are kept in the generated ids (include_stop_str_in_output).
 TIR_STOP: list[str] = ["```output", "\n```\n"]
+# A code answer (MURPHY attempt) may stop at the end of its code block: what follows is never graded.
+CODE_STOP: list[str] = ["\n```\n"]
 
 _CODE_LANGS = {"python", "py", "python3", ""}
 _OUTPUT_OPEN = "```output"

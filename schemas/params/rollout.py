@@ -10,15 +10,21 @@ from pydantic import BaseModel, ConfigDict, Field
 class RolloutParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["tir", "tree"] = Field("tir", description="tir: multi-turn tool use (GRPO/GTPO); tree: MURPHY")
+    mode: Literal["tir", "tree"] = Field(
+        "tir", description="tir: multi-turn tool use (GRPO/GTPO); tree: MURPHY"
+    )
     backend: Literal["vllm", "transformers"] = Field("vllm", description="Generation backend")
     group_size: int = Field(4, ge=1, le=64, description="G: samples per problem (roots per tree)")
-    child_group_size: int | None = Field(None, ge=1, le=64, description="G': children per failed node (None: G)")
+    child_group_size: int | None = Field(
+        None, ge=1, le=64, description="G': children per failed node (None: G)"
+    )
     max_turns: int = Field(3, ge=1, le=16, description="Turn limit of a TIR trajectory")
     tree_depth: int = Field(2, ge=1, le=5, description="S: depth limit of a MURPHY tree")
     max_nodes_per_tree: int = Field(64, ge=1, description="Node budget per tree")
     max_nodes_per_batch: int = Field(4096, ge=1, description="Node budget per rollout batch")
-    problems_per_iteration: int = Field(8, ge=1, description="Problems sampled from the train split per iteration")
+    problems_per_iteration: int = Field(
+        8, ge=1, description="Problems sampled from the train split per iteration"
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Max tokens per turn")
@@ -28,3 +34,6 @@ class RolloutParams(BaseModel):
     seed: int = Field(0, ge=0, description="Sampling seed")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV-cache size on CPU (GiB)")
     prefix_caching: bool = Field(True, description="vLLM automatic prefix caching")
+    stop_after_code: bool = Field(
+        True, description="tree mode: end an attempt at the end of its first closed code block (saves tokens)"
+    )
