@@ -160,7 +160,13 @@ def test_canary_file_elsewhere_is_unreadable_and_survives(mode, tmp_path):
     assert canary.read_text() == "secret answer 42"
 
 
+def needs_bwrap() -> None:
+    if iso.detect_mode() != "bwrap":
+        pytest.skip("a private filesystem view needs bwrap (the fallback documents a shared /tmp)")
+
+
 def test_no_writes_outside_throwaway_dirs():
+    needs_bwrap()
     r = run(
         """
         import os
@@ -180,6 +186,7 @@ def test_no_writes_outside_throwaway_dirs():
 
 
 def test_tmp_is_not_shared_between_runs():
+    needs_bwrap()
     first = run("open('/tmp/answer.txt', 'w').write('42'); open('answer.txt', 'w').write('42'); print('ok')")
     second = run("import os; print(os.path.exists('/tmp/answer.txt'), os.path.exists('answer.txt'))")
     assert first.stdout == "ok\n" and second.stdout == "False False\n"
@@ -241,8 +248,7 @@ def test_environment_is_scrubbed(mode, monkeypatch):
 
 
 def test_bwrap_shows_only_own_processes():
-    if iso.detect_mode() != "bwrap":
-        pytest.skip("pid namespaces need bwrap")
+    needs_bwrap()
     r = run("import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
     assert eval(r.stdout) == [1]
 
