@@ -76,9 +76,13 @@ def discounted_returns(values: np.ndarray, lengths: np.ndarray, gamma: float) ->
     """
     out = values.astype(np.float64, copy=True)
     last = np.cumsum(lengths) - 1
-    for d in range(1, int(lengths.max(initial=1))):
-        idx = last[lengths > d] - d
+    active = np.flatnonzero(lengths > 1)  # trajectories longer than d: shrinks, so the total work is O(M)
+    d = 1
+    while active.size:
+        idx = last[active] - d
         out[idx] += gamma * out[idx + 1]
+        d += 1
+        active = active[lengths[active] > d]
     return out
 
 
@@ -112,7 +116,10 @@ def _scope_group(turn_group, n_groups, lengths):
 
 def _scope_turn_position(turn_group, n_groups, lengths):
     width = int(lengths.max()) if lengths.size else 1
-    return turn_group * width + turn_positions(lengths), n_groups * width
+    codes = turn_group * width + turn_positions(lengths)
+    if n_groups * width > 4 * codes.size:  # a few very long trajectories: densify instead of a huge table
+        return group_codes(codes)
+    return codes, n_groups * width
 
 
 def _scope_batch(turn_group, n_groups, lengths):
@@ -225,8 +232,11 @@ def sibling_sets(tree_codes: np.ndarray, parents: np.ndarray, n_trees: int) -> t
     if cross.any():
         row = int(np.flatnonzero(cross)[0])
         raise ValueError(f"node {row}: its parent {int(parents[row])} belongs to another tree")
-    raw = np.where(has_parent, parents, k + tree_codes)
-    return group_codes(raw.astype(np.int64) if raw.size else np.zeros(0, np.int64))
+    raw = np.where(has_parent, parents, k + tree_codes)  # ids in [0, k + n_trees): dense them without hashing
+    present = np.zeros(k + n_trees, bool)
+    present[raw] = True
+    dense = np.cumsum(present) - 1
+    return dense[raw], int(present.sum())
 
 
 def murphy(

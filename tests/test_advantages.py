@@ -277,6 +277,7 @@ def test_mars_dominates_and_propagates(data):
     mers = murphy_returns(parents, r, mode="mean")
     assert np.all(mers >= r - 1e-12)
     adv = murphy(tree_of, parents, r)
-    sets, n = sibling_sets(group_codes(tree_of)[0], parents, 0)
+    tree_codes, n_trees = group_codes(tree_of)
+    sets, n = sibling_sets(tree_codes, parents, n_trees)
     for s in range(n):
         assert abs(adv[sets == s].mean()) < 1e-6
