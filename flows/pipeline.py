@@ -96,6 +96,7 @@ def drive(
     if params.warmstart.enabled and problems:
         ws = call("warmstart", params, {"problems": problems, "checkpoint": checkpoint}, ctx, 0)
         checkpoint = ws.uri("checkpoint") if ws else checkpoint
+    base = checkpoint
     table = "trees" if params.rollout.mode == "tree" else "trajectories"
     for k in range(1, params.iterations + 1):
         done: list[StageOutput] = []
@@ -115,7 +116,10 @@ def drive(
         if adv and adv.tables["samples"].rows == 0:
             log.warning("iteration %d: no sample carries signal (all groups tied): update skipped", k)
         elif adv:
-            upd = call("update", params, {"samples": adv.uri("samples"), "checkpoint": checkpoint}, ctx, k)
+            upd_inputs = {"samples": adv.uri("samples"), "checkpoint": checkpoint}
+            if params.update.kl_beta > 0:
+                upd_inputs["ref_checkpoint"] = base  # KL to the policy RL started from
+            upd = call("update", params, upd_inputs, ctx, k)
         if upd:
             checkpoint = upd.uri("checkpoint")
         done += [o for o in (roll, scored, adv, upd) if o]
