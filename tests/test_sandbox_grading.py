@@ -179,6 +179,75 @@ def test_mbpp_check_blocks_split_into_asserts(shared_data):
         ]
 
 
+# ---------------------------------------------------------------- returned values end to end
+RETURNED = {
+    "None": "None",
+    "nested": "[(1, [2, (3,)]), {'a': {1, 2}, 'b': frozenset({3})}, ((), [], {})]",
+    "floats": "(float('inf'), -float('inf'), 0.1 + 0.2, -0.0, 1e308)",
+    "bytes": "b'\\x00\\xffabc'",
+    "big_int": "2 ** 20000 - 7",
+    "complex": "complex(1.5, -2)",
+    "counter": "__import__('collections').Counter('abracadabra')",
+    "defaultdict": "__import__('collections').defaultdict(list, {'x': [1]})",
+    "ordered": "__import__('collections').OrderedDict([('b', 1), ('a', 2)])",
+    "deque": "__import__('collections').deque([3, 1, 2])",
+}
+EXPECTED = {
+    "None": "None",
+    "nested": "[(1, [2, (3,)]), {'b': frozenset({3}), 'a': {2, 1}}, ((), [], {})]",
+    "floats": "(math.inf, -math.inf, 0.30000000000000004, 0.0, 1e308)",
+    "bytes": "bytes([0, 255, 97, 98, 99])",
+    "big_int": "2 ** 20000 - 7",
+    "complex": "1.5 - 2j",
+    "counter": "{'a': 5, 'b': 2, 'r': 2, 'c': 1, 'd': 1}",
+    "defaultdict": "{'x': [1]}",
+    "ordered": "{'a': 2, 'b': 1}",
+    "deque": "collections.deque([3, 1, 2])",
+}
+
+
+def test_plain_and_collections_values_come_back_and_compare_like_python():
+    names = sorted(RETURNED)
+    program = "import math\n" + "".join(f"def f_{n}(x):\n    return {RETURNED[n]}\n" for n in names)
+    tests = [f"assert f_{n}(1) == {EXPECTED[n]}" for n in names]
+    tests += ["assert f_None(1) is None", "assert math.isnan(f_floats(0)[2] * math.nan)"]
+    tests += ["assert f_deque(1) != [3, 1, 2]", "assert f_ordered(1) != collections.OrderedDict(a=2, b=1)"]
+    report = run_tests(program, tests)
+    assert [r.message for r in report.results if not r.passed] == []
+    assert report.passed == report.total == len(tests) and all(r.split for r in report.results)
+    wrong = run_tests("def f(x):\n    return None\n", ["assert f(1) == 0", "assert f(1) == []"])
+    assert wrong.passed == 0 and wrong.results[0].message == "f(1) returned None"
+    huge = run_tests("def f(x):\n    return 10 ** 5000\n", ["assert f(1) == 0"])
+    assert not huge.tampered and huge.results[0].message == "f(1) returned <int too large to print>"
+
+
+def test_tests_using_program_classes_and_constants_pass():
+    program = """
+        LIMIT = 10
+        class Pair:
+            def __init__(self, a, b):
+                self.a, self.b = a, b
+            def __eq__(self, other):
+                return (self.a, self.b) == (other.a, other.b)
+        def longest(pairs):
+            return len([p for p in pairs if p.b - p.a < LIMIT])
+        def swap(p):
+            return Pair(p.b, p.a)
+    """
+    check = (
+        "def check(candidate):\n"
+        "    assert candidate([Pair(5, 24), Pair(15, 25), Pair(1, 2)]) == 1\n"
+        "    assert swap(Pair(1, 2)) == Pair(2, 1)\n"
+        "    assert candidate([Pair(0, 1)]) < LIMIT\n"
+    )
+    report = run_tests(textwrap.dedent(program), [check], entry_point="longest")
+    assert report.passed == report.total == 3, report.results
+    assert [r.split for r in report.results] == [True, False, False]  # program names outside calls: whole
+    asserts = ["assert longest([Pair(0, 50)]) == 0", "assert swap(Pair(1, 2)) == Pair(2, 1)"]
+    report = run_tests(textwrap.dedent(program), asserts)
+    assert report.passed == report.total == 2, report.results
+
+
 # ---------------------------------------------------------------- planning
 def test_plan_splits_what_the_parent_can_evaluate_and_runs_the_rest_whole():
     program = "import math\nHELPER = 3\ndef f(x): return x\nclass Box: pass\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import collections
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -67,6 +68,14 @@ def _defined_names(program: str) -> set[str]:
                 n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
             )
     return names
+
+
+def _defined_classes(program: str) -> set[str]:
+    """Top-level classes the program defines (their instances cannot come back as plain values)."""
+    try:
+        return {n.name for n in ast.parse(program).body if isinstance(n, ast.ClassDef)}
+    except SyntaxError:
+        return set()
 
 
 def _bound_names(expr: ast.AST) -> set[str]:
@@ -139,7 +148,7 @@ def plan_tests(program: str, tests: list[str], entry_point: str | None = None) -
     string holding a HumanEval-style ``def check(candidate)`` block, whose ``candidate`` is ``entry_point``
     (default: the program's last top-level function).
     """
-    defined = _defined_names(program)
+    defined, classes = _defined_names(program), _defined_classes(program)
     items: list[dict] = []
     planned: list[PlannedTest] = []
     setup_nodes: list[ast.stmt] = []
@@ -178,6 +187,7 @@ def plan_tests(program: str, tests: list[str], entry_point: str | None = None) -
         if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert):
             known = set(SAFE_MODULES) | set(SAFE_BUILTINS)
             calls = {entry_point} if entry_point else _called_names(tree.body[0]) - (known - defined)
+            calls -= classes  # ``Pair(2, 1)`` builds a program object, not a plain value: the test runs whole
             _plan_assert(tree.body[0], calls, {}, defined, known - defined, items, planned, source)
         else:
             items.append({"kind": "whole", "src": source})
@@ -249,6 +259,10 @@ DECODERS = {
     "set": lambda x: {decode(v) for v in x},
     "frozenset": lambda x: frozenset(decode(v) for v in x),
     "dict": lambda x: {decode(k): decode(v) for k, v in x},
+    "Counter": lambda x: collections.Counter({decode(k): decode(v) for k, v in x}),
+    "OrderedDict": lambda x: collections.OrderedDict((decode(k), decode(v)) for k, v in x),
+    "defaultdict": lambda x: collections.defaultdict(None, {decode(k): decode(v) for k, v in x}),
+    "deque": lambda x: collections.deque(decode(v) for v in x),
 }
 
 
@@ -290,5 +304,8 @@ def parse_records(raw: bytes, nonce: str, n_items: int) -> tuple[dict | None, di
 
 
 def short_repr(value) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int (or a container of one) past Python's 4300-digit str conversion limit
+        text = f"<{type(value).__name__} too large to print>"
     return text if len(text) <= VALUE_REPR_CHARS else text[: VALUE_REPR_CHARS - 3] + "..."

@@ -14,12 +14,22 @@ process leaves with ``os._exit`` (atexit handlers never run). The trusted parent
 Standard library only: this runs under the sandbox's system interpreter.
 """
 
+import collections
 import json
 import os
 import resource
 import sys
 
 _write, _dumps, _exit = os.write, json.dumps, os._exit
+# collections types the parent rebuilds from plain data (exact type checks against these saved references;
+# items are read through the C-level dict/deque methods, which a program cannot override)
+_MAPPINGS = (
+    (dict, "dict"),
+    (collections.Counter, "Counter"),
+    (collections.OrderedDict, "OrderedDict"),
+    (collections.defaultdict, "defaultdict"),
+)
+_deque, _od_items, _dict_items = collections.deque, collections.OrderedDict.items, dict.items
 MAX_RECORD = 4 << 20
 
 
@@ -48,8 +58,12 @@ def encode(v, depth=0):
         return ["bytes", v.hex()]
     if t is list or t is tuple or t is set or t is frozenset:
         return [t.__name__, [encode(x, depth + 1) for x in v]]
-    if t is dict:
-        return ["dict", [[encode(k, depth + 1), encode(x, depth + 1)] for k, x in dict.items(v)]]
+    for cls, tag in _MAPPINGS:  # identity, not ``t in {...}``: a metaclass could fake equality with a type
+        if t is cls:
+            items = _od_items(v) if tag == "OrderedDict" else _dict_items(v)
+            return [tag, [[encode(k, depth + 1), encode(x, depth + 1)] for k, x in items]]
+    if t is _deque:
+        return ["deque", [encode(x, depth + 1) for x in v]]
     raise Unsupported(f"returned a value of type {t.__name__:.80}, not a plain built-in value")
 
 
