@@ -53,6 +53,10 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext]:
     run_id = p.run_id or default_run_id(p)
     store = RunStore(p.run_root, run_id)
     manifest = store.create_or_open(p.model_dump(mode="json", exclude={"run_id"}))
+    if (
+        store.clean_scratch()
+    ):  # a killed attempt of this run left unfinished stage outputs: never read, dropped
+        get_run_logger().info("removed unfinished stage outputs of an earlier, killed attempt")
     ctx = RunContext(root=p.run_root, run_id=run_id, algo=p.algorithm, flow_run_id=str(flow_run.id or "none"))
     tracker = Tracker(p.run_root)
     parent = manifest.get("mlflow_run_id")

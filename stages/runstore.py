@@ -141,6 +141,15 @@ class RunStore:
         self.save(manifest)
         return manifest
 
+    def clean_scratch(self) -> int:
+        """Remove scratch dirs a killed process left behind (call only when no other process writes this run)."""
+        if self.remote:
+            return 0
+        stale = [p for p in Path(self.base).rglob(".tmp-*") if p.is_dir()]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(stale)
+
     def update(self, **fields: Any) -> dict[str, Any]:
         manifest = self.load()
         manifest.update(fields)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from schemas.params.data import DataParams
 from schemas.params.evaluate import EvalParams
@@ -35,7 +35,18 @@ class PipelineParams(BaseModel):
     score: ScoreParams = Field(default_factory=ScoreParams)
     advantages: AdvantageParams = Field(default_factory=AdvantageParams)
     update: UpdateParams = Field(default_factory=UpdateParams)
-    eval: EvalParams = Field(default_factory=EvalParams)
+    eval: EvalParams = Field(
+        default_factory=lambda: EvalParams(benchmark="heldout"),
+        description="Evaluation after iterations; default: the eval split of this run's own problems",
+    )
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_defaults_to_heldout(cls, v: Any) -> Any:
+        """Inside a pipeline, an evaluation config without a benchmark evaluates the run's held-out problems."""
+        if isinstance(v, dict) and "benchmark" not in v:
+            return {**v, "benchmark": "heldout"}
+        return v
 
     @model_validator(mode="after")
     def _algorithm_implies_modes(self) -> PipelineParams:

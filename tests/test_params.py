@@ -1,0 +1,46 @@
+"""The composed pipeline parameters: algorithm-implied modes, defaults in one place, a renderable form."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.params import PipelineParams
+
+
+def test_algorithm_sets_rollout_mode_and_estimator():
+    assert (
+        PipelineParams(algorithm="murphy").rollout.mode,
+        PipelineParams(algorithm="murphy").advantages.estimator,
+    ) == ("tree", "murphy")
+    assert PipelineParams(algorithm="gtpo").advantages.estimator == "gtpo"
+    assert PipelineParams(algorithm="grpo").advantages.estimator == "grpo"
+    dr = PipelineParams.model_validate({"algorithm": "grpo", "advantages": {"estimator": "dr_grpo"}})
+    assert dr.advantages.estimator == "dr_grpo" and dr.rollout.mode == "tir"
+    with pytest.raises(ValidationError, match="needs algorithm 'murphy'"):
+        PipelineParams.model_validate({"algorithm": "gtpo", "advantages": {"estimator": "murphy"}})
+
+
+def test_pipeline_evaluates_its_own_heldout_problems_unless_told_otherwise():
+    assert PipelineParams().eval.benchmark == "heldout"
+    assert PipelineParams.model_validate({"eval": {"max_problems": 3}}).eval.benchmark == "heldout"
+    assert PipelineParams.model_validate({"eval": {"benchmark": "gsm8k"}}).eval.benchmark == "gsm8k"
+
+
+def test_unknown_keys_and_out_of_bounds_values_are_refused():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        PipelineParams.model_validate({"rollout": {"group_sz": 3}})
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        PipelineParams.model_validate({"iterations": 0})
+
+
+def test_json_schema_documents_every_field():
+    """Prefect renders the flow's parameter form from this schema: every leaf field has a description."""
+    schema = PipelineParams.model_json_schema()
+    missing = []
+    for name, model in schema["$defs"].items():
+        for field, spec in model.get("properties", {}).items():
+            if "description" not in spec:
+                missing.append(f"{name}.{field}")
+    assert not missing, f"fields without a description: {missing}"
+    assert schema["properties"]["algorithm"]["enum"] == ["grpo", "gtpo", "murphy"]
