@@ -15,13 +15,15 @@ import time
 
 import pytest
 
-from stages.sandbox import default_pool, execute
+from stages.sandbox import SandboxPool, default_pool, execute, execute_many
 from stages.sandbox import isolation as iso
 
 
 def survivors() -> list[int]:
     """Processes owned by any sandbox uid this process holds (must be none between runs)."""
-    return [pid for uid in default_pool().uids() for pid in iso.processes_of_uid(uid)]
+    resident = default_pool().resident_pids()  # each slot's long-lived bwrap + zygote (zygote.py)
+    assert len(resident) <= 2 * len(default_pool().uids())
+    return [pid for uid in default_pool().uids() for pid in iso.processes_of_uid(uid) if pid not in resident]
 
 
 def run(code: str, **kw):
@@ -264,3 +266,44 @@ def test_missing_namespaces_fall_back_loudly(monkeypatch, caplog):
         assert execute("print(1)").isolation == "fallback"
     finally:
         iso.detect_mode.cache_clear()
+
+
+def test_no_state_survives_between_runs_of_one_worker_slot():
+    """Same slot, same zygote: files, /dev/shm, module state, environment, children and kill(-1) of run 1
+    leave nothing for run 2 (each run is a fresh fork in fresh namespaces)."""
+    needs_bwrap()
+    pool = SandboxPool(1)
+    try:
+        first = execute_many(
+            [
+                """
+import json, os, sys, subprocess
+json.leaked = 42
+sys.modules["leak"] = json
+os.environ["LEAK"] = "1"
+for path in ("/tmp/a", "/work/a", "/dev/shm/a"):
+    open(path, "w").write("x")
+subprocess.Popen(["sleep", "60"], start_new_session=True)
+print("ok", flush=True)
+os.kill(-1, 9)
+"""
+            ],
+            pool=pool,
+        )[0]
+        second = execute_many(
+            [
+                """
+import json, os, sys
+print(hasattr(json, "leaked"), "leak" in sys.modules, "LEAK" in os.environ,
+      [os.path.exists(p) for p in ("/tmp/a", "/work/a", "/dev/shm/a")],
+      sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+"""
+            ],
+            pool=pool,
+        )[0]
+        assert first.stdout == "ok\n" and first.error is None
+        assert second.stdout == "False False False [False, False, False] [1]\n", second
+        uid = pool.uids()[0]
+        assert set(iso.processes_of_uid(uid)) <= pool.resident_pids()
+    finally:
+        pool.close()

@@ -119,8 +119,15 @@ def flush_stdio():
 
 
 def main():
+    if sys.argv[1] == "zygote":
+        serve(int(sys.argv[2]))
+        _exit(0)
     job_fd, result_fd = int(sys.argv[1]), int(sys.argv[2])
-    job = read_job(job_fd)
+    run_job(read_job(job_fd), result_fd)
+
+
+def run_job(job, result_fd):
+    """Run one job in this process; returns only when an ``exec`` job's program ends normally."""
     nonce = job.pop("nonce")
     for name, soft_hard in job["rlimits"].items():
         resource.setrlimit(getattr(resource, name), tuple(soft_hard))
@@ -182,6 +189,176 @@ def main():
     emit({"k": "end"})
     flush_stdio()
     _exit(0)
+
+
+# ---------------------------------------------------------------- zygote (one per worker slot)
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x20000, 0x08000000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 0x40000
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 4, 24, 38, 47
+
+
+def serve(ctl_fd):
+    """Pid 1 of the slot's bubblewrap: per job, fork a child in fresh mount/pid/ipc namespaces, enforce the
+    wall clock, kill everything left, check that nothing but this process remains, report one status line.
+
+    Protocol on the control socket: in, a 16-byte header ``<payload length> <has stdin>`` carrying the fds
+    [stdout, stderr, result, (stdin)] as SCM_RIGHTS, then the JSON job; ``k`` later asks for a kill. Out, one
+    JSON line per job: ``{"rc": int | null, "timed_out": bool, "clean": bool}``. EOF: kill and leave.
+    """
+    import ctypes
+    import select
+    import signal
+    import socket
+    import time
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # nothing of ours can be ptraced or read through /proc
+    sock = socket.socket(fileno=ctl_fd)
+    while True:
+        head, fds = b"", []
+        while len(head) < 16:
+            data, got, _, _ = socket.recv_fds(sock, 16 - len(head), 8)
+            if not data:
+                return
+            head, fds = head + data, fds + got
+        size, has_stdin = (int(x) for x in head.split())
+        payload = bytearray()
+        while len(payload) < size:
+            chunk = sock.recv(min(1 << 20, size - len(payload)))
+            if not chunk:
+                return
+            payload += chunk
+        job = json.loads(payload)
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            _job_child(libc, job, fds, has_stdin, ctl_fd)
+        for fd in fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        deadline, timed_out, rc, quit_ = start + job["timeout_s"], False, None, False
+        while rc is None:
+            ready, _, _ = select.select([pidfd, sock], [], [], max(0.0, deadline - time.monotonic()))
+            if sock in ready:
+                quit_ = not sock.recv(1)
+                _kill_all(signal)
+            elif pidfd not in ready:
+                timed_out = True
+                _kill_all(signal)
+            if pidfd in ready or sock in ready or timed_out:
+                rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        os.close(pidfd)
+        clean = _sweep(signal)
+        sock.sendall(
+            (
+                _dumps({"rc": rc if rc >= 0 else 128 - rc, "timed_out": timed_out, "clean": clean}) + "\n"
+            ).encode()
+        )
+        if quit_ or not clean:
+            return
+
+
+def _kill_all(signal):
+    try:
+        os.kill(-1, signal.SIGKILL)  # every process of this pid namespace (and below) but pid 1, ourselves
+    except ProcessLookupError:
+        pass
+
+
+def _sweep(signal):
+    """Kill and reap every process of this namespace but ourselves; True when none is left (<= 1 s)."""
+    for _ in range(1000):
+        _kill_all(signal)
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if [p for p in os.listdir("/proc") if p.isdigit()] == ["1"]:
+            return True
+        import time
+
+        time.sleep(0.001)
+    return False
+
+
+def _job_child(libc, job, fds, has_stdin, ctl_fd):
+    """Fresh namespaces for one job; the grandchild is pid 1 of the new pid namespace and runs the job."""
+    try:
+        check = _checker(libc)
+        check(libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC), "unshare")
+        check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+        size = f"size={job['tmpfs_mb']}m,mode=0700".encode()
+        for where in (b"/tmp", b"/work", b"/dev/shm"):
+            check(libc.mount(b"tmpfs", where, b"tmpfs", MS_NOSUID | MS_NODEV, size), f"tmpfs on {where}")
+        grandchild = os.fork()
+        if grandchild == 0:
+            check(libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "proc")
+            os.chdir("/work")
+            stdin = fds[3] if has_stdin else os.open(os.devnull, os.O_RDONLY)
+            for target, fd in ((0, stdin), (1, fds[0]), (2, fds[1]), (3, fds[2])):
+                os.dup2(fd, target)
+            os.closerange(4, 1 << 16)
+            os.setsid()
+            _drop_privileges(libc, check)
+            try:
+                run_job(job, 3)
+                code = 0
+            except SystemExit as e:  # as the interpreter does: None -> 0, int -> status, else print it, 1
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            _finish_exec(code & 0xFF)
+        for fd in fds:
+            os.close(fd)
+        os.close(ctl_fd)
+        status = os.waitpid(grandchild, 0)[1]
+        code = os.waitstatus_to_exitcode(status)
+        _exit(code if code >= 0 else 128 - code)
+    except BaseException as e:
+        try:
+            os.write(2, f"sandbox zygote child: {describe(e)}\n".encode())
+        finally:
+            _exit(125)
+
+
+def _checker(libc):
+    import ctypes
+
+    def check(ret, what):
+        if ret != 0:
+            raise OSError(ctypes.get_errno(), f"{what} failed")
+
+    return check
+
+
+def _drop_privileges(libc, check):
+    """No capabilities left (bounding, ambient, effective/permitted/inheritable), no way to regain any."""
+    import ctypes
+
+    for cap in range(64):
+        libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    libc.prctl(PR_CAP_AMBIENT, 4, 0, 0, 0)  # PR_CAP_AMBIENT_CLEAR_ALL
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    check(libc.capset(header, data), "capset")
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # the job's own processes may inspect each other, as before
+
+
+def _finish_exec(code):
+    """What the interpreter does at exit (thread join, atexit, flush), then leave: never back to the zygote."""
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        import atexit
+
+        atexit._run_exitfuncs()
+    except BaseException:
+        pass
+    flush_stdio()
+    _exit(code)
 
 
 if __name__ == "__main__":  # ``python -c`` runs this as __main__; tests import encode()

@@ -37,6 +37,7 @@ WORK_BASE = Path(tempfile.gettempdir()) / f"turntree-sandbox-{os.getpid()}"  # f
 SYSTEM_INTERPRETERS = ("/usr/bin/python3", "/usr/local/bin/python3")
 SYSTEM_BWRAP = ("/usr/bin/bwrap", "/usr/local/bin/bwrap")
 ISOLATION_MODES = ("bwrap", "fallback")
+ZYGOTE_ENABLED = os.environ.get("TURNTREE_SANDBOX_ZYGOTE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class UidSlot:
     def __init__(self) -> None:
         self.uid: int | None = None
         self._fd: int | None = None
+        self._zygote = None
         if os.geteuid() != 0:
             log.warning(
                 "sandbox: not running as root, so runs keep the caller's uid (RLIMIT_NPROC is shared)"
@@ -104,7 +106,22 @@ class UidSlot:
             return
         raise RuntimeError(f"sandbox: all {MAX_SLOTS} uid slots under {LOCK_DIR} are locked")
 
+    @property
+    def zygote(self):
+        """The slot's long-lived sandbox (see zygote.py), created on first use."""
+        if self._zygote is None:
+            from stages.sandbox.zygote import Zygote
+
+            self._zygote = Zygote(self.uid)
+        return self._zygote
+
+    def resident_pids(self) -> set[int]:
+        """Processes of this slot's uid that may live between runs: its zygote's bwrap and zygote."""
+        return self._zygote.resident_pids() if self._zygote is not None else set()
+
     def release(self) -> None:
+        if self._zygote is not None:
+            self._zygote.stop()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -194,17 +211,24 @@ def _interpreter_mounts(python: str) -> list[str]:
     return args
 
 
-def bwrap_command(limits: Limits, job_fd: int, result_fd: int) -> list[str]:
+def bwrap_command(
+    limits: Limits, job_fd: int, result_fd: int, *, runner_args: list[str] | None = None, caps: bool = False
+) -> list[str]:
+    """The bubblewrap command line of one run (``runner_args`` default: the job and result fds). ``caps``:
+    keep CAP_SYS_ADMIN and CAP_SETPCAP inside the sandbox's own user namespace (the zygote needs them to give
+    each job fresh namespaces; it drops them all in the job process)."""
     python, tmpfs = interpreter(), str(limits.tmpfs_mb << 20)
+    runner_args = runner_args or [str(job_fd), str(result_fd)]
+    cap_args = ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"] if caps else []
     return [
         bwrap_binary(),
-        "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1", "--clearenv",
+        "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1", "--clearenv", *cap_args,
         "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work", "--setenv", "LANG", "C.UTF-8",
         *_interpreter_mounts(python),
         "--proc", "/proc", "--dev", "/dev",
         "--size", tmpfs, "--tmpfs", "/tmp", "--size", tmpfs, "--tmpfs", "/work", "--chdir", "/work",
         "--remount-ro", "/",
-        "--", python, "-I", "-S", "-c", RUNNER_SOURCE, str(job_fd), str(result_fd),
+        "--", python, "-I", "-S", "-c", RUNNER_SOURCE, *runner_args,
     ]  # fmt: skip
 
 
@@ -224,7 +248,11 @@ def detect_mode() -> str:
         slot = UidSlot()
         try:
             probe = launch(
-                {"mode": "exec", "code": "print('ok')"}, limits=Limits(timeout_s=10), slot=slot, mode="bwrap"
+                {"mode": "exec", "code": "print('ok')"},
+                limits=Limits(timeout_s=10),
+                slot=slot,
+                mode="bwrap",
+                zygote=False,
             )
         finally:
             slot.release()
@@ -237,14 +265,26 @@ def detect_mode() -> str:
 
 # ---------------------------------------------------------------- launch
 def launch(
-    job: dict, *, limits: Limits, slot: UidSlot, stdin: bytes | None = None, mode: str | None = None
+    job: dict,
+    *,
+    limits: Limits,
+    slot: UidSlot,
+    stdin: bytes | None = None,
+    mode: str | None = None,
+    zygote: bool = True,
 ) -> RawRun:
-    """Run one job (see inside.py) under ``limits``; never raises for anything the program does."""
+    """Run one job (see inside.py) under ``limits``; never raises for anything the program does. In bwrap
+    mode it goes through the slot's zygote (zygote.py) unless ``zygote=False`` or
+    ``TURNTREE_SANDBOX_ZYGOTE=0``: then one bubblewrap and interpreter start per run."""
     mode = mode or detect_mode()
     nonce = job.get("nonce", "")
     payload = {**job, "nonce": nonce, "rlimits": limits.rlimits(), "deny_network": mode == "fallback"}
     payload.setdefault("filename", "main.py")
     payload.setdefault("setup", "")
+    if mode == "bwrap" and zygote and ZYGOTE_ENABLED:
+        return slot.zygote.run(payload, stdin or None, limits)
+    if slot._zygote is not None:
+        slot._zygote.stop()  # a per-run launch sweeps the uid afterwards: stop the zygote cleanly first
     job_r, job_w = os.pipe()
     res_r, res_w = os.pipe()
     workdir = None

@@ -56,6 +56,11 @@ class SandboxPool:
         """The sandbox uids this pool holds (for leak checks: no process may own one between runs)."""
         return [s.uid for s in self._slots if s.uid is not None]
 
+    def resident_pids(self) -> set[int]:
+        """Host pids of the slots' zygotes (bwrap + zygote): the only sandbox-uid processes allowed between
+        runs. Leak checks: ``processes_of_uid(uid) - resident_pids()`` must be empty."""
+        return set().union(*(s.resident_pids() for s in self._slots))
+
     def submit_execute(self, code: str, **kwargs) -> Future[ExecutionResult]:
         """Non-blocking ``execute``: returns a Future that always resolves to an ExecutionResult."""
         return self._executor.submit(self._execute, code, kwargs)
