@@ -171,12 +171,6 @@ def test_mbpp_canonical_matches_harness_sample(tmp_path, tokenizer, shared_data)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="sandbox gap (stages.sandbox, not this stage): it refuses Counter/defaultdict return values as "
-    "'not a plain built-in value', so MBPP/40, 88, 653, 902 fail with us and pass in the harness; remove this "
-    "marker when the sandbox grades dict subclasses of the standard library as dicts",
-)
 def test_mbpp_canonical_matches_harness_all(tmp_path, tokenizer, shared_data):
     ours = _mbpp_agreement(tmp_path, tokenizer, mbpp_records(shared_data))
     assert len(ours) == 974
