@@ -197,3 +197,33 @@ def test_murphy_pipeline_writes_trees_and_samples(harness, tiny_model, tmp_path)
     assert all(n["ret"] is not None for n in nodes)
     samples = read_table(store.current_output("advantages", 1).uri("samples"), tables.SAMPLES)
     assert samples.num_rows > 0 and set(samples["algo"].to_pylist()) == {"murphy"}
+
+
+def test_evaluate_flow_and_comparison_report(gtpo_run, tiny_model, tmp_path):
+    import mlflow
+
+    from flows.compare import compare_flow
+    from flows.evaluate import evaluate_flow
+    from schemas.params import EvalParams
+
+    params, result = gtpo_run
+    ev = EvalParams(
+        benchmark="synthetic:func-synth", max_problems=2, iterations=2, max_new_tokens=8, bootstrap=10
+    )
+    first = evaluate_flow(str(tiny_model), ev, params.run_root)
+    assert "eval/synthetic-func-synth/pass_at_1_iter2" in first["metrics"]
+    assert read_table(first["eval_results"], tables.EVAL_RESULTS).num_rows >= 2
+    again = evaluate_flow(str(tiny_model), ev, params.run_root)  # stored result reused, not recomputed
+    assert again["run_id"] == first["run_id"] and again["eval_results"] == first["eval_results"]
+    mlflow.set_tracking_uri(first["tracking_uri"])
+    run = mlflow.get_run(first["mlflow_run_id"])
+    assert run.data.tags["stage"] == "evaluate" and run.info.status == "FINISHED"
+
+    out = compare_flow(
+        {"base": str(tiny_model), "gtpo": result["run_id"]}, ev, params.run_root, str(tmp_path / "rep")
+    )
+    report = Path(out["report"]).read_text()
+    assert "| base" in report and "| gtpo" in report
+    for name in ("pass_vs_iteration", "reward_curves"):
+        png = Path(out["files"][name])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
