@@ -48,13 +48,13 @@ import torch
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
 from stages import checkpoint as ckpt
+from stages import update_distributed as ddist
 from stages.policy_loss import policy_loss, token_entropy, token_logprobs
 from stages.training_samples import (  # noqa: F401 - re-exported for callers of the update stage
     Sample,
     SamplesError,
     collate,
     load_samples,
-    micro_batches,
     minibatches,
     order_seed,
 )
@@ -108,19 +108,29 @@ class PeakMemory:
             self.peak_mb = max(self.peak_mb, self._rss_mb())
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the total L2 norm of the gradients (FSDP2's sharded DTensor gradients included); the norm before."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 # --- the trainer -------------------------------------------------------------------------------------------------------
 class Trainer:
     """Policy + optimizer + scheduler + counters; ``update(samples)`` is one call of the update stage's work.
 
     Calling ``update`` k times in one process equals k stage runs that each load the previous checkpoint
-    (the resume-fidelity test checks this).
+    (the resume-fidelity test checks this). ``world``: this process's rank in a torchrun world (default: one
+    process); ``self.model`` is the HF (or peft) model, ``self.train_model`` what training runs through (the DDP
+    wrapper, or the FSDP2-sharded model itself).
     """
 
-    def __init__(self, checkpoint_dir: str | Path, params: UpdateParams):
+    def __init__(self, checkpoint_dir: str | Path, params: UpdateParams, world: ddist.World | None = None):
         from stages import lora
 
         self.params, self.source = params, ckpt.check_checkpoint(checkpoint_dir)
-        self.device, self.amp_dtype = resolve_device(params.device, params.dtype)
+        self.world = world or ddist.World()
+        device, self.amp_dtype = resolve_device(params.device, params.dtype)
+        self.device = self.world.device(device)
         state = ckpt.load_trainer_state(self.source)
         self.step = int(state["step"]) if state else 0
         self.update_idx = int(state.get("update_idx", 0)) if state else 0
@@ -138,6 +148,9 @@ class Trainer:
         if params.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = int(self.model.config.pad_token_id or 0) if hasattr(self.model, "config") else 0
+        if self.lora_base and self.world.distributed and self.world.kind == "fsdp2":
+            raise ValueError("LoRA with distributed='fsdp2' is not supported: use distributed='ddp'")
+        self.train_model = ddist.wrap(self.model, self.world, self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=params.lr, betas=params.adam_betas, weight_decay=params.weight_decay
@@ -156,7 +169,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         """Optimizer moments, scheduler position and RNG from a checkpoint; lr / weight decay from params."""
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            ddist.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.world)
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise ckpt.CheckpointError(
@@ -180,7 +193,7 @@ class Trainer:
             "rng": ckpt.capture_rng(),
         }
         if self.params.save_optimizer_state:
-            state["optimizer"] = self.optimizer.state_dict()
+            state["optimizer"] = ddist.optimizer_state(self.model, self.optimizer, self.world)
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
@@ -196,18 +209,22 @@ class Trainer:
 
     @torch.no_grad()
     def logprobs(self, model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
-        """(L,) log-probs of each sample under ``model`` (eval mode, no grad), in the order given."""
+        """(L,) log-probs of each sample under ``model`` (eval mode, no grad), in the order given.
+
+        Distributed: each rank scores its share of the length-sorted samples (padding passes keep FSDP2's
+        collectives in step) and the results are gathered to every rank."""
         was_training = model.training
         model.eval()
         out: dict[int, torch.Tensor] = {}
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
-        for j in range(0, len(order), self.params.micro_batch_size):
-            idx = order[j : j + self.params.micro_batch_size]
-            b = collate([samples[i] for i in idx], self.device, self.pad_id)
+        size = self.params.micro_batch_size
+        for idx in ddist.rank_micro_batches(order, size, self.world, key=lambda i: len(samples[i])):
+            b = collate([samples[i] for i in idx or order[:1]], self.device, self.pad_id)
             lp = token_logprobs(self.forward(model, b), b["input_ids"]).float().cpu()
-            for k, i in enumerate(idx):
+            for k, i in enumerate(idx or []):
                 out[i] = lp[k, : len(samples[i])]
         model.train(was_training)
+        out = ddist.all_gather_dict(out, self.world)
         return [out[i] for i in range(len(samples))]
 
     def update(self, samples: list[Sample], ref_model: torch.nn.Module | None = None) -> dict[str, float]:
@@ -265,41 +282,28 @@ class Trainer:
         return metrics
 
     def _optimizer_step(self, mb: list[Sample], with_ref: bool) -> dict[str, float]:
-        """Gradient accumulation over the length-sorted micro-batches of one minibatch, then one AdamW step."""
-        p = self.params
+        """Gradient accumulation over the length-sorted micro-batches of one minibatch, then one AdamW step.
+
+        Distributed: this rank's micro-batches of its share of ``mb``; the normalisers are the whole ``mb``'s,
+        the loss is × world size (DDP / FSDP2 average gradients over ranks), statistics are summed over ranks.
+        """
+        p, w = self.params, self.world
         n_tokens = float(sum(s.mask.sum() for s in mb))
         acc = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        acc.update({"tis_weight": 0.0} if p.tis_cap is not None else {})
+        acc.update({"kl_ref": 0.0} if with_ref else {})
         self.optimizer.zero_grad(set_to_none=True)
-        for micro in micro_batches(mb, p.micro_batch_size):
-            b = collate(micro, self.device, self.pad_id)
-            logits = self.forward(self.model, b)
-            logp = token_logprobs(logits, b["input_ids"])
-            loss, st = policy_loss(
-                logp,
-                b["old_logp"],
-                b["advantages"],
-                b["mask"],
-                loss=p.policy_loss,
-                agg=p.loss_agg,
-                eps_low=p.clip_eps_low,
-                eps_high=p.clip_eps_high,
-                kl_beta=p.kl_beta,
-                kl_estimator=p.kl_estimator,
-                ref_logp=b.get("ref_logp") if with_ref else None,
-                rollout_logp=b["rollout_logp"],
-                tis_cap=p.tis_cap,
-                n_tokens=n_tokens,
-                n_seqs=float(len(mb)),
-                norm_tokens=float(p.loss_norm_tokens),
-            )
-            acc["entropy"] += float((token_entropy(logits.detach()) * b["mask"]).sum())
-            del logits
-            loss.backward()
-            acc["loss"] += float(loss.detach())
-            for k, v in st.items():
-                acc[k] = acc.get(k, 0.0) + v
+        micros = ddist.rank_micro_batches(mb, p.micro_batch_size, w)
+        for j, micro in enumerate(micros):
+            b = collate(micro or mb[:1], self.device, self.pad_id)
+            with ddist.grad_sync(self.train_model, w, sync=j == len(micros) - 1):
+                if micro is None:  # padding pass: same collectives as the other ranks, zero gradient
+                    (self.forward(self.train_model, b).float().sum() * 0.0).backward()
+                else:
+                    self._micro_step(b, n_tokens, float(len(mb)), with_ref, acc)
+        acc = ddist.all_reduce_sums(acc, w, self.device)
         params = [q for q in self.model.parameters() if q.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, p.max_grad_norm))
+        grad_norm = clip_grad_norm(params, p.max_grad_norm)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step}: the update diverged")
         self.optimizer.step()
@@ -309,39 +313,86 @@ class Trainer:
         acc["clip_frac"] = acc["clipped"] / max(acc["tokens"], 1.0)
         return acc
 
+    def _micro_step(
+        self,
+        b: dict[str, torch.Tensor],
+        n_tokens: float,
+        n_seqs: float,
+        with_ref: bool,
+        acc: dict[str, float],
+    ) -> None:
+        """Loss and backward of one collated micro-batch; its token-summed statistics are added to ``acc``."""
+        p = self.params
+        logits = self.forward(self.train_model, b)
+        logp = token_logprobs(logits, b["input_ids"])
+        loss, st = policy_loss(
+            logp,
+            b["old_logp"],
+            b["advantages"],
+            b["mask"],
+            loss=p.policy_loss,
+            agg=p.loss_agg,
+            eps_low=p.clip_eps_low,
+            eps_high=p.clip_eps_high,
+            kl_beta=p.kl_beta,
+            kl_estimator=p.kl_estimator,
+            ref_logp=b.get("ref_logp") if with_ref else None,
+            rollout_logp=b["rollout_logp"],
+            tis_cap=p.tis_cap,
+            n_tokens=n_tokens,
+            n_seqs=n_seqs,
+            norm_tokens=float(p.loss_norm_tokens),
+        )
+        acc["entropy"] += float((token_entropy(logits.detach()) * b["mask"]).sum())
+        del logits
+        (loss * self.world.size).backward()
+        acc["loss"] += float(loss.detach())
+        for k, v in st.items():
+            acc[k] = acc.get(k, 0.0) + v
+
     @staticmethod
     def _logprob_gap(samples: list[Sample]) -> dict[str, float]:
         """|rollout − recomputed π_old log-prob| over trained tokens: mean and max."""
         gaps = torch.cat([(s.rollout_logp - s.old_logp).abs()[s.mask > 0] for s in samples])
         return {"actor/logprob_gap_mean": float(gaps.mean()), "actor/logprob_gap_max": float(gaps.max())}
 
-    def policy_for_rollout(self) -> torch.nn.Module:
-        """The plain transformers model the rollout engine should run (LoRA: a merged copy)."""
+    def policy_for_rollout(self) -> torch.nn.Module | None:
+        """The plain transformers model the rollout engine should run (LoRA: a merged copy; FSDP2: a gathered
+        full copy, on rank 0 only, None elsewhere — collective: every rank calls it)."""
         from stages import lora
 
+        if self.world.distributed and self.world.kind == "fsdp2":
+            return ddist.full_model(self.model, self.world)
+        if not self.world.main:
+            return None
         return lora.merged_copy(self.model) if self.lora_base else self.model
 
-    def save(self, final: str | Path) -> tuple[Any, torch.nn.Module]:
-        """Write the checkpoint; returns (TableRef, the plain model that was saved)."""
-        plain = self.policy_for_rollout()
-        ref = ckpt.save_checkpoint(
-            final,
-            plain,
-            tokenizer_from=self.source,
-            trainer_state=self.trainer_state(),
-            adapter=self.model if self.lora_base else None,
-        )
-        return ref, plain
+    def save(self, final: str | Path) -> tuple[Any, torch.nn.Module | None]:
+        """Write the checkpoint (rank 0; every rank gets its TableRef); returns (TableRef, the plain model that
+        was saved, None on ranks > 0)."""
+        plain, state = self.policy_for_rollout(), self.trainer_state()  # both collective under FSDP2
+        ref = None
+        if self.world.main:
+            ref = ckpt.save_checkpoint(
+                final,
+                plain,
+                tokenizer_from=self.source,
+                trainer_state=state,
+                adapter=self.model if self.lora_base else None,
+            )
+        return ddist.broadcast(ref, self.world), plain
 
 
 # --- weight sync ---------------------------------------------------------------------------------------------------
-def sync_live_engine(model: torch.nn.Module, checkpoint_dir: Path) -> tuple[float | None, str]:
-    """Push ``model``'s weights into the process's live rollout engine; (seconds or None, note).
+def sync_live_engine(weights: torch.nn.Module | Path, checkpoint_dir: Path) -> tuple[float | None, str]:
+    """Push new weights into the process's live rollout engine; (seconds or None, note).
 
-    The engine module is only consulted when it is already imported (no engine can be live otherwise, and
-    importing it would import vLLM). The weights go in only when the engine's model has the same
-    architecture as the new checkpoint (``stages.engine.same_architecture``); they are labelled with
-    ``checkpoint_dir`` so the next rollout on that checkpoint reuses the engine instead of reloading.
+    ``weights``: the trained model (in-memory push) or a checkpoint directory the engine loads (after a
+    multi-process update, whose model lived in the torchrun subprocess). The engine module is only consulted
+    when it is already imported (no engine can be live otherwise, and importing it would import vLLM). The
+    weights go in only when the engine's model has the same architecture as the new checkpoint
+    (``stages.engine.same_architecture``); they are labelled with ``checkpoint_dir`` so the next rollout on
+    that checkpoint reuses the engine instead of reloading.
     """
     engine_mod = sys.modules.get("stages.engine")
     live = getattr(engine_mod, "live_engine", None)
@@ -355,33 +406,51 @@ def sync_live_engine(model: torch.nn.Module, checkpoint_dir: Path) -> tuple[floa
     if not same:
         return None, f"live engine serves {engine.model_dir}, another architecture: not synced"
     t0 = time.perf_counter()
-    engine.update_weights(model.state_dict(), source=str(checkpoint_dir))
+    if isinstance(weights, torch.nn.Module):
+        engine.update_weights(weights.state_dict(), source=str(checkpoint_dir))
+    else:
+        engine.update_weights(str(weights), source=str(checkpoint_dir))
     return time.perf_counter() - t0, "pushed the new weights into the live rollout engine"
 
 
 # --- stage entry point -------------------------------------------------------------------------------------------------
 def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
-    """One policy update: samples + checkpoint -> new checkpoint (see module docstring)."""
+    """One policy update: samples + checkpoint -> new checkpoint (see module docstring).
+
+    ``params.nproc > 1`` (outside a torchrun world): the update runs under torchrun in a subprocess
+    (``stages.update_distributed.launch``); the live engine, if any, then loads the new checkpoint from disk.
+    """
     for key in ("samples", "checkpoint"):
         if key not in inputs:
             raise KeyError(f"update stage needs input {key!r}; got {sorted(inputs)}")
+    if params.kl_beta > 0 and not inputs.get("ref_checkpoint"):
+        raise KeyError("kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)")
     t0 = time.perf_counter()
+    if params.nproc > 1 and not ddist.in_torchrun():
+        result = ddist.launch(params, inputs, Path(out))
+        ckpt_dir = Path(result.uri("checkpoint"))
+        sync_s, note = sync_live_engine(ckpt_dir, ckpt_dir)
+        if sync_s is not None:
+            result.metrics["timing/weight_sync"] = sync_s
+        result.metrics["timing/update_stage"] = time.perf_counter() - t0
+        result.notes.insert(0, note)
+        return result
     samples = load_samples(inputs["samples"])  # before anything heavy: bad input fails fast, writes nothing
-    trainer = Trainer(inputs["checkpoint"], params)
-    ref_model = None
-    if params.kl_beta > 0:
-        if not inputs.get("ref_checkpoint"):
-            raise KeyError(
-                "kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)"
-            )
-        ref_model = ckpt.load_model(inputs["ref_checkpoint"], device=trainer.device).eval()
-        ref_model.requires_grad_(False)
-    metrics = trainer.update(samples, ref_model)
-    del ref_model
-    t1 = time.perf_counter()
-    ref, plain = trainer.save(Path(out) / "checkpoint")
-    metrics["timing/save_checkpoint"] = time.perf_counter() - t1
-    sync_s, note = sync_live_engine(plain, Path(ref.uri))
+    device, _ = resolve_device(params.device, params.dtype)
+    with ddist.world(params, device) as world:
+        trainer = Trainer(inputs["checkpoint"], params, world)
+        ref_model = None
+        if params.kl_beta > 0:
+            ref_model = ckpt.load_model(inputs["ref_checkpoint"], device=trainer.device).eval()
+            ref_model.requires_grad_(False)
+        metrics = trainer.update(samples, ref_model)
+        del ref_model
+        t1 = time.perf_counter()
+        ref, plain = trainer.save(Path(out) / "checkpoint")
+        metrics["timing/save_checkpoint"] = time.perf_counter() - t1
+    sync_s, note = None, "torchrun rank: the launching process syncs the live engine"
+    if not world.distributed:
+        sync_s, note = sync_live_engine(plain, Path(ref.uri))
     if sync_s is not None:
         metrics["timing/weight_sync"] = sync_s
     metrics["timing/update_stage"] = time.perf_counter() - t0
@@ -389,13 +458,17 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
         note,
         f"{len(samples)} samples, {params.ppo_epochs} epoch(s), global step {trainer.step}, "
         f"device {trainer.device}, {'bf16 autocast' if trainer.amp_dtype else 'fp32'}"
-        + (f", LoRA r={params.lora_rank}" if params.lora_rank else ""),
+        + (f", LoRA r={params.lora_rank}" if params.lora_rank else "")
+        + (f", {world.size} processes ({world.kind})" if world.distributed else ""),
     ]
     return StageOutput(stage=STAGE, tables={"checkpoint": ref}, metrics=metrics, notes=notes)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI; also what each torchrun rank runs. ``--result FILE``: rank 0 writes the StageOutput JSON there and
+    a failing rank writes its error next to it (``stages.update_distributed.write_error``)."""
     import argparse
+    import os
 
     ap = argparse.ArgumentParser(description="turntree update stage")
     ap.add_argument("samples")
@@ -403,11 +476,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--ref-checkpoint")
     ap.add_argument("--params", default="{}", help="UpdateParams as JSON")
+    ap.add_argument("--result", type=Path, help="write the StageOutput JSON here (rank 0)")
     a = ap.parse_args(argv)
     inputs = {"samples": a.samples, "checkpoint": a.checkpoint}
     if a.ref_checkpoint:
         inputs["ref_checkpoint"] = a.ref_checkpoint
-    print(run(UpdateParams.model_validate_json(a.params), inputs, a.out).model_dump_json(indent=2))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        result = run(UpdateParams.model_validate_json(a.params), inputs, a.out)
+    except BaseException as e:
+        if a.result is not None:
+            ddist.write_error(a.result, rank, e)
+        raise
+    if rank == 0:
+        text = result.model_dump_json(indent=2)
+        if a.result is not None:
+            tmp = a.result.with_name(a.result.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, a.result)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -63,11 +63,27 @@ class UpdateParams(BaseModel):
     seed: int = Field(
         0, ge=0, description="Seed of the minibatch order (order = f(seed, update index, epoch))"
     )
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes (one GPU each on CUDA): > 1 runs the update under torchrun --nproc-per-node",
+    )
+    distributed: Literal["ddp", "fsdp2"] = Field(
+        "ddp",
+        description="How nproc > 1 processes share the model: DDP replicas, or FSDP2 (fully_shard) shards",
+    )
 
     @model_validator(mode="after")
     def _micro_fits_minibatch(self) -> UpdateParams:
         if self.micro_batch_size > self.minibatch_size:
             self.micro_batch_size = self.minibatch_size
+        return self
+
+    @model_validator(mode="after")
+    def _lora_not_sharded(self) -> UpdateParams:
+        if self.lora_rank and self.nproc > 1 and self.distributed == "fsdp2":
+            raise ValueError("LoRA with distributed='fsdp2' is not supported: use distributed='ddp'")
         return self
 
 
