@@ -433,6 +433,18 @@ def engine_for(model_dir: str | os.PathLike, backend: str = "vllm", seed: int = 
     return make_engine(model_dir, backend=backend, seed=seed, **options)
 
 
+def relabel(old_prefix: str | os.PathLike, new_prefix: str | os.PathLike) -> int:
+    """Engines whose weights came from under ``old_prefix`` now name ``new_prefix`` instead (the run store moves a
+    finished stage's scratch dir into place after the update pushed its weights). Returns how many changed."""
+    old, new = str(Path(old_prefix).resolve()), str(Path(new_prefix).resolve())
+    n = 0
+    for e in _ENGINES:
+        if e.loaded_from == old or e.loaded_from.startswith(old + os.sep):
+            e.loaded_from = new + e.loaded_from[len(old) :]
+            n += 1
+    return n
+
+
 def live_engine() -> Engine | None:
     """The most recently used engine of this process, or None."""
     return _ENGINES[-1] if _ENGINES else None

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -198,6 +199,9 @@ class RunStore:
         else:
             os.replace(scratch, final)
         prefix = str(scratch)
+        engines = sys.modules.get("stages.engine")  # only when imported: no engine can be live otherwise
+        if engines is not None and not self.remote:
+            engines.relabel(scratch, final)  # weights pushed from the scratch checkpoint now live at `final`
         tables = {}
         for name, ref in output.tables.items():
             uri = ref.uri

@@ -90,6 +90,12 @@ def test_pipeline_writes_every_stage(gtpo_run):
     assert samples.num_rows == 4
     ckpt = Path(out["update"].uri("checkpoint"))
     assert (ckpt / "config.json").is_file() and result["checkpoint"] == str(ckpt)
+    # the update pushed its weights into the live rollout engine, which now names the committed checkpoint
+    # (not the stage's scratch dir), so evaluation reused it without reloading
+    from stages.engine import live_engine
+
+    assert "timing/weight_sync" in out["update"].metrics
+    assert live_engine().loaded_from == str(ckpt.resolve())
     evals = read_table(out["evaluate"].uri("eval_results"), tables.EVAL_RESULTS)
     assert evals.num_rows >= 2
     assert any(k.startswith("eval/") for k in out["evaluate"].metrics)
