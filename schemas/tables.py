@@ -77,7 +77,8 @@ TRAJECTORIES = _with_meta(
         pa.field("prompt_token_ids", TOKENS, nullable=False),  # the initial prompt (chat template applied)
         pa.field("turns", pa.list_(TURN), nullable=False),
         pa.field("final_answer", pa.string()),  # extracted \boxed{} answer or final program
-        pa.field("stop_reason", pa.string(), nullable=False),  # "answer"|"max_turns"|"context_limit"|"error"
+        # "answer" | "max_turns" | "max_tokens" (turn cut by its token limit) | "context_limit" | "error"
+        pa.field("stop_reason", pa.string(), nullable=False),
         pa.field("correct", pa.bool_()),  # filled by score
         pa.field("reward", pa.float32()),  # outcome reward r_i, filled by score
         pa.field("reward_components", pa.map_(pa.string(), pa.float32())),  # name -> value, filled by score
