@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``proc`` exits or ``timeout`` passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -79,8 +80,8 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
     uri = tracking_uri(root)
     procs = [start_prefect_server(prefect_port), start_mlflow_ui(uri, mlflow_port)]
     try:
-        ok_p = _wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], 90)
-        ok_m = _wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", procs[1], 90)
+        ok_p = wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], 90)
+        ok_m = wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", procs[1], 90)
         if not (ok_p and ok_m):
             print(
                 f"turntree: error: could not start {'Prefect' if not ok_p else 'MLflow'} "

@@ -8,14 +8,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flows.runner import RunContext, run_stage
-from flows.serve import start_prefect_server, stop
+from flows.serve import start_prefect_server, stop, wait_healthy
 from schemas.params import DataParams
 from stages.runstore import RunStore
 
@@ -27,18 +25,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _healthy(url: str, proc, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.5)
-    return False
 
 
 @pytest.mark.slow
@@ -57,15 +43,9 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     log = open(tmp_path / "server.log", "w")
-    old = dict(os.environ)
-    os.environ.update(env)  # start_prefect_server inherits the environment
+    server = start_prefect_server(port, log, env)
     try:
-        server = start_prefect_server(port, log)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    try:
-        assert _healthy(f"http://127.0.0.1:{port}/api/health", server, 120), (
+        assert wait_healthy(f"http://127.0.0.1:{port}/api/health", server, 120), (
             tmp_path / "server.log"
         ).read_text()[-2000:]
         dep = subprocess.run(
