@@ -32,7 +32,8 @@ def load_lora_policy(
     source: Path, state: dict[str, Any] | None, params, device
 ) -> tuple[torch.nn.Module, str]:
     """(peft model with a trainable adapter, base directory). Continues ``source``'s adapter when it has one,
-    else puts a fresh adapter (B = 0: the policy starts equal to ``source``) on top of ``source``."""
+    else puts a fresh adapter (B = 0: the policy starts equal to ``source``; A drawn from ``params.seed``) on
+    top of ``source``."""
     peft = _peft()
     base_dir = state.get("lora_base") if state else None
     if base_dir:
@@ -48,7 +49,7 @@ def load_lora_policy(
         model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     else:
         base_dir = str(Path(source).absolute())
-        base = ckpt.load_model(source, device=device)
+        base = ckpt.load_model(source, device="cpu")
         cfg = peft.LoraConfig(
             r=params.lora_rank,
             lora_alpha=params.lora_alpha,
@@ -56,7 +57,11 @@ def load_lora_policy(
             target_modules=list(params.lora_target_modules),
             task_type="CAUSAL_LM",
         )
-        model = peft.get_peft_model(base, cfg)
+        # The fresh adapter's random A matrices are a function of params.seed, not of whatever drew from
+        # the process's RNG before (a torchrun rank and the launching process must start alike).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            model = peft.get_peft_model(base, cfg)
     return model.to(device).train(), str(base_dir)
 
 

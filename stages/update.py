@@ -23,14 +23,21 @@ What one call does (the loss is ``stages.policy_loss``, ALGORITHMS.md "Policy lo
    When no engine is live (a single-stage rerun, or a fresh process) nothing is pushed: the next rollout loads
    the new checkpoint from disk.
 
-Not done: sequence packing (needs varlen attention kernels; length-sorted micro-batches instead).
-Multi-GPU is not wired yet (no machine here to test it): the stage trains on one device. The intended route,
-with no home-made distribution layer, is the same ``main`` under ``torchrun --nproc-per-node N -m
-stages.update ...`` with FSDP2 (``torch.distributed.fsdp.fully_shard`` on each decoder layer, then the model),
-each rank taking ``minibatches(...)[k][rank::world]`` and the aggregation normalisers all-reduced, and a
-full state dict gathered on rank 0 for the checkpoint (``torch.distributed.checkpoint.state_dict``).
+Multi-process (``nproc`` > 1, ``stages.update_distributed``): ``run`` launches ``torchrun --standalone
+--nproc-per-node N -m stages.update ...`` as a subprocess; every rank runs this same ``run`` and ``Trainer``
+with its model under DDP or FSDP2 (``distributed``), takes its share of each global minibatch (the same
+minibatches as one process) with the global minibatch's normalisers, and rank 0 writes the full checkpoint.
+The parent then returns rank 0's StageOutput and loads the new checkpoint into its live engine. On CPU/gloo,
+2 processes give the 1-process parameters to ~1e-6 with DDP, FSDP2 and LoRA+DDP (tests/test_update_distributed.py).
+Supported: DDP (CPU and CUDA, LoRA too), FSDP2 (CPU and CUDA, full fine-tune; its optimizer state is stored
+in the plain one-process form, so checkpoints move between process counts). Not supported or not tested:
+LoRA under FSDP2 (refused), multi-node (``--standalone`` only), a sharded reference model (each rank holds a
+full copy when kl_beta > 0), FSDP2 mixed-precision policies (bf16 is autocast over fp32 shards); the CUDA
+paths (nccl, one GPU per rank) have not run on a GPU here. Not done: sequence packing (needs varlen attention
+kernels; length-sorted micro-batches instead).
 
-Run on its own: ``python -m stages.update SAMPLES CHECKPOINT OUT [--params JSON]``.
+Run on its own: ``python -m stages.update SAMPLES CHECKPOINT OUT [--params JSON]`` (``{"nproc": 2}``: two
+processes), or under your own launcher: ``torchrun --nproc-per-node 2 -m stages.update ...``.
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@ process on the same samples, with DDP and with FSDP2; a failing rank gives a cle
 
 from __future__ import annotations
 
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
+from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
 from stages import checkpoint as ckpt
@@ -17,6 +22,7 @@ from tests.test_update import sample_rows
 # 7 samples, minibatches of 4 then 3: rank shares of 2/2 and 2/1 — the 3-sample minibatch gives rank 1 one
 # sample and so one padding pass; 2 epochs, 4 optimizer steps. Prompt/completion lengths differ per sample,
 # so a per-rank token mean (instead of the global minibatch's) would give a different update.
+LORA = {"lora_rank": 4}  # with lr 1e-3 as above: a fresh adapter drawn from seed on every process
 PARAMS = {
     "lr": 1e-3,
     "minibatch_size": 4,
@@ -36,13 +42,33 @@ def samples(tiny_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def single(tiny_model, samples, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    return update.run(UpdateParams(**PARAMS), {"samples": samples, "checkpoint": str(tiny_model)}, out)
+def single(tiny_model, samples, tmp_path_factory) -> dict[str, tuple[str, StageOutput]]:
+    """One-process updates: from the base model (no trainer state), and from that update's checkpoint
+    (optimizer moments, scheduler and update index to resume). {kind: (start checkpoint, output)}."""
+    first = update.run(
+        UpdateParams(**PARAMS),
+        {"samples": samples, "checkpoint": str(tiny_model)},
+        tmp_path_factory.mktemp("s1"),
+    )
+    resumed = update.run(
+        UpdateParams(**PARAMS),
+        {"samples": samples, "checkpoint": first.uri("checkpoint")},
+        tmp_path_factory.mktemp("s2"),
+    )
+    lora = update.run(
+        UpdateParams(**PARAMS, **LORA),
+        {"samples": samples, "checkpoint": str(tiny_model)},
+        tmp_path_factory.mktemp("s3"),
+    )
+    return {
+        "ddp": (str(tiny_model), first),
+        "fsdp2": (first.uri("checkpoint"), resumed),
+        "ddp-lora": (str(tiny_model), lora),
+    }
 
 
-def _assert_same_update(single, multi, tiny_model):
-    base = ckpt.load_model(tiny_model).state_dict()
+def _assert_same_update(single, multi, start):
+    base = ckpt.load_model(start).state_dict()
     one = ckpt.load_model(single.uri("checkpoint")).state_dict()
     two = ckpt.load_model(multi.uri("checkpoint")).state_dict()
     moved = max(float((one[k] - base[k]).abs().max()) for k in base)
@@ -51,16 +77,34 @@ def _assert_same_update(single, multi, tiny_model):
         assert torch.allclose(one[k], two[k], atol=2e-5, rtol=0), (k, float((one[k] - two[k]).abs().max()))
     for k in ("actor/loss", "actor/approx_kl", "actor/entropy", "actor/grad_norm", "actor/trained_tokens"):
         assert multi.metrics[k] == pytest.approx(single.metrics[k], rel=1e-4, abs=1e-6), k
-    assert multi.metrics["actor/global_step"] == single.metrics["actor/global_step"] == 4
+    assert multi.metrics["actor/global_step"] == single.metrics["actor/global_step"]
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
-def test_two_processes_give_the_one_process_update(kind, tiny_model, samples, single, tmp_path):
-    p = UpdateParams(**PARAMS, nproc=2, distributed=kind)
-    multi = update.run(p, {"samples": samples, "checkpoint": str(tiny_model)}, tmp_path)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", pytest.param("ddp-lora", marks=pytest.mark.slow)])
+def test_two_processes_give_the_one_process_update(kind, samples, single, tmp_path, monkeypatch):
+    """DDP from the base model; FSDP2 resuming a one-process checkpoint (its optimizer state is loaded
+    into the sharded optimizer); LoRA under DDP. Afterwards the parent pushes the new checkpoint into its
+    live engine."""
+    start, single = single[kind]
+    pushed = {}
+
+    class FakeEngine:
+        model_dir = Path(start)
+
+        def update_weights(self, weights, source=None):
+            pushed.update(weights=weights, source=source)
+            return 0.0
+
+    fake = types.SimpleNamespace(live_engine=lambda: FakeEngine(), same_architecture=lambda a, b: True)
+    monkeypatch.setitem(sys.modules, "stages.engine", fake)
+    extra = LORA if kind.endswith("lora") else {}
+    p = UpdateParams(**PARAMS, **extra, nproc=2, distributed=kind.removesuffix("-lora"))
+    multi = update.run(p, {"samples": samples, "checkpoint": start}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
-    assert any("2 processes" in n for n in multi.notes), multi.notes
-    _assert_same_update(single, multi, tiny_model)
+    assert any(f"2 processes ({p.distributed})" in n for n in multi.notes), multi.notes
+    _assert_same_update(single, multi, start)
+    assert pushed == {"weights": multi.uri("checkpoint"), "source": multi.uri("checkpoint")}
+    assert "timing/weight_sync" in multi.metrics
     # the stored optimizer state is the plain one-process form: the moments match too
     so = ckpt.load_trainer_state(single.uri("checkpoint"))["optimizer"]
     sm = ckpt.load_trainer_state(multi.uri("checkpoint"))["optimizer"]
