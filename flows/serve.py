@@ -31,12 +31,13 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def start_prefect_server(port: int, log_file=None) -> subprocess.Popen:
+def start_prefect_server(port: int, log_file=None, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log_file or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
     )
 
 

@@ -93,3 +93,61 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         stop(server)
         log.close()
     assert server.poll() is not None
+
+
+@pytest.mark.slow
+def test_serve_starts_both_uis_and_stops_them(tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    from flows.tracking import Tracker
+
+    root = tmp_path / "runs"
+    Tracker(str(root)).start_parent("visible-run", {"a": 1}, {"stage": "pipeline"})
+    pp, mp = _free_port(), _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "turntree"),
+            "serve",
+            "--root",
+            str(root),
+            "--prefect-port",
+            str(pp),
+            "--mlflow-port",
+            str(mp),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not any("Ctrl-C" in x for x in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp}" in out, out
+        with urllib.request.urlopen(f"http://127.0.0.1:{pp}/api/health", timeout=10) as r:
+            assert r.status == 200
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{mp}/api/2.0/mlflow/runs/search",
+            data=b'{"experiment_ids": ["1"]}',
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert b"visible-run" in r.read()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    time.sleep(1)
+    for port in (pp, mp):  # both servers are gone: their ports are free again
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
