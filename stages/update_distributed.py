@@ -279,14 +279,20 @@ def launch(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutp
 
 
 def _rank_error(result: Path, log: Path, nproc: int, rc: int) -> BaseException:
-    """The first rank's own error, re-created in the parent; else a DistributedUpdateError with the log tail."""
-    for rank in range(nproc):
-        f = error_file(result, rank)
-        if f.is_file():
-            err = json.loads(f.read_text())
-            cls = RANK_ERRORS.get(err["type"])
-            if cls is not None:
-                return cls(f"{err['message']} (rank {rank} of {nproc})")
-            return DistributedUpdateError(f"rank {rank} of {nproc} failed: {err['type']}: {err['message']}")
+    """The failing rank's own error, re-created in the parent (a rank that torchrun stopped because a peer
+    failed reports less than the peer: the stage's own error types come first); else a DistributedUpdateError
+    with the tail of torchrun's log."""
+    errors = [
+        (rank, json.loads(error_file(result, rank).read_text()))
+        for rank in range(nproc)
+        if error_file(result, rank).is_file()
+    ]
+    errors.sort(key=lambda e: (e[1]["type"] not in RANK_ERRORS, e[0]))
+    if errors:
+        rank, err = errors[0]
+        cls = RANK_ERRORS.get(err["type"])
+        if cls is not None:
+            return cls(f"{err['message']} (rank {rank} of {nproc})")
+        return DistributedUpdateError(f"rank {rank} of {nproc} failed: {err['type']}: {err['message']}")
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
     return DistributedUpdateError(f"torchrun update with {nproc} processes exited with {rc}:\n{tail}")

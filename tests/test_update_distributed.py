@@ -138,3 +138,33 @@ def test_rank_micro_batches_share_and_pad():
 def test_lora_with_fsdp2_is_refused():
     with pytest.raises(ValueError, match="fsdp2"):
         UpdateParams(lora_rank=4, nproc=2, distributed="fsdp2")
+
+
+def test_rank_error_prefers_the_stage_error_and_falls_back_to_the_log(tmp_path):
+    result, log = tmp_path / "stage_output.json", tmp_path / "torchrun.log"
+    log.write_text("... Traceback: something deep\n")
+    err = ddist._rank_error(result, log, 2, 1)
+    assert (
+        isinstance(err, ddist.DistributedUpdateError) and "exited with 1" in str(err) and "deep" in str(err)
+    )
+    ddist.write_error(result, 0, RuntimeError("stopped by torchrun"))
+    ddist.write_error(result, 1, ckpt.CheckpointError("checkpoint /x has no config.json"))
+    err = ddist._rank_error(result, log, 2, 1)
+    assert (
+        isinstance(err, ckpt.CheckpointError) and str(err) == "checkpoint /x has no config.json (rank 1 of 2)"
+    )
+    ddist.error_file(result, 1).unlink()
+    err = ddist._rank_error(result, log, 2, 1)
+    assert isinstance(err, ddist.DistributedUpdateError) and "rank 0 of 2 failed: RuntimeError" in str(err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_two_gpus_give_the_one_gpu_update(kind, tiny_model, samples, tmp_path):
+    """nccl, one GPU per rank, fp32 (so the comparison can be tight)."""
+    p = {**PARAMS, "device": "cuda", "dtype": "float32"}
+    inputs = {"samples": samples, "checkpoint": str(tiny_model)}
+    one = update.run(UpdateParams(**p), inputs, tmp_path / "one")
+    two = update.run(UpdateParams(**p, nproc=2, distributed=kind), inputs, tmp_path / "two")
+    _assert_same_update(one, two, str(tiny_model))
