@@ -19,7 +19,7 @@ uv_args=(--override overrides.txt)
 for idx in $(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/null || true); do
   uv_args+=(--extra-index-url "$idx")
 done
-extras=${TURNTREE_EXTRAS:-cpu,dev}
+extras=${TURNTREE_EXTRAS:-cpu,lora,dev}
 # --compile-bytecode: imports of torch/transformers/vLLM cost tens of seconds per process when .pyc files
 # cannot be written (PYTHONDONTWRITEBYTECODE is set on some machines); compile them once here.
 .venv/bin/uv pip install "${uv_args[@]}" --index-strategy unsafe-best-match --compile-bytecode -e ".[${extras}]"
