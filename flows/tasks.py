@@ -17,6 +17,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from flows.runner import RunContext, params_model, run_stage
 from schemas.outputs import StageOutput
 from stages import progress
+from stages.runstore import RunStore
 
 STAGE_CACHE = (INPUTS + TASK_SOURCE) - "ctx"
 IO_BOUND = {"data"}  # stages worth retrying: they read files and may hit a flaky filesystem
@@ -59,6 +60,10 @@ def stage_task(
 ) -> StageOutput:
     logger = get_run_logger()
     model = params_model(stage).model_validate(params)
+    done = RunStore(root, run_id).find_completed(stage, iteration, inputs, model.model_dump(mode="json"))
+    if done is not None:  # committed by an attempt that died before Prefect recorded the task's result
+        logger.info("%s: reusing the committed output of an earlier attempt", stage)
+        return done
     hook = _ProgressArtifact(stage, _artifact_key(run_id, "iter", iteration, stage, "progress"))
     progress.add_hook(hook)
     try:

@@ -222,6 +222,28 @@ class RunStore:
         self.save(manifest)
         return output
 
+    def find_completed(
+        self, stage: str, iteration: int | None, inputs: dict[str, Any], params: dict[str, Any]
+    ) -> StageOutput | None:
+        """The newest committed version of this stage made from exactly these inputs and parameters whose
+        outputs still exist, or None. Lets a resumed run skip a stage that finished just before a crash, even
+        when the orchestrator had not recorded its result yet."""
+        if not self.exists():
+            return None
+        entry = self.load()["stages"].get(stage_key(stage, iteration), {})
+        versions = entry.get("versions", {})
+        for version in sorted(versions, key=lambda v: int(v[1:]), reverse=True):
+            record = versions[version]
+            if record["inputs"] != inputs or record["params"] != params:
+                continue
+            out = StageOutput.model_validate(record["output"])
+            if all(
+                self.fs.get_file_info(resolve(r.uri)[1]).type != pafs.FileType.NotFound
+                for r in out.tables.values()
+            ):
+                return out
+        return None
+
     def current_output(self, stage: str, iteration: int | None) -> StageOutput | None:
         entry = self.load()["stages"].get(stage_key(stage, iteration))
         if not entry or "current" not in entry:

@@ -96,3 +96,18 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "r5" / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest of run 'r5' is corrupt"):
         store.load()
+
+
+def test_find_completed_matches_inputs_and_params_and_needs_the_files(tmp_path):
+    store = RunStore(str(tmp_path), "r6")
+    store.create_or_open({})
+    v1 = _fake_stage(store, 1, "a")
+    _fake_stage(store, 1, "b")
+    assert store.find_completed("data", 1, {}, {"p": "a"}).uri("problems") == v1.uri("problems")
+    assert store.find_completed("data", 1, {}, {"p": "c"}) is None
+    assert store.find_completed("data", 1, {"x": "y"}, {"p": "a"}) is None
+    assert store.find_completed("data", 2, {}, {"p": "a"}) is None
+    import os
+
+    os.remove(v1.uri("problems"))
+    assert store.find_completed("data", 1, {}, {"p": "a"}) is None
