@@ -137,9 +137,12 @@ def test_serve_starts_both_uis_and_stops_them(tmp_path):
         assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp}" in out, out
         with urllib.request.urlopen(f"http://127.0.0.1:{pp}/api/health", timeout=10) as r:
             assert r.status == 200
+        exp_url = f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/get-by-name?experiment_name=turntree"
+        with urllib.request.urlopen(exp_url, timeout=10) as r:
+            exp_id = json.loads(r.read())["experiment"]["experiment_id"]
         req = urllib.request.Request(
             f"http://127.0.0.1:{mp}/api/2.0/mlflow/runs/search",
-            data=b'{"experiment_ids": ["1"]}',
+            data=json.dumps({"experiment_ids": [exp_id]}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as r:
