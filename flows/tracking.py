@@ -44,11 +44,11 @@ class Tracker:
     """Thin wrapper over MlflowClient bound to one tracking URI and experiment."""
 
     def __init__(self, run_root: str):
-        import mlflow
         from mlflow import MlflowClient
 
         self.uri = tracking_uri(run_root)
-        mlflow.set_tracking_uri(self.uri)
+        # no mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which would then override the next run
+        # root's store in this process (and in every child process)
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         if exp is None:

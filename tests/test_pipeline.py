@@ -101,12 +101,20 @@ def test_pipeline_writes_every_stage(gtpo_run):
     assert any(k.startswith("eval/") for k in out["evaluate"].metrics)
 
 
+def _runs(uri: str, filter_string: str = "") -> list:
+    """Every run of the turntree experiment in the store at ``uri`` (no global tracking URI is set)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("turntree")
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
 def test_mlflow_parent_and_child_runs(gtpo_run):
     import mlflow
 
     params, result = gtpo_run
-    mlflow.set_tracking_uri(result["tracking_uri"])
-    runs = mlflow.search_runs(experiment_names=["turntree"], output_format="list")
+    runs = _runs(result["tracking_uri"])
     parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["algo"] == "gtpo" and parent.data.tags["git_sha"]
@@ -139,7 +147,6 @@ def test_rerun_with_same_params_skips_completed_stages(gtpo_run):
 
 
 def test_single_stage_rerun_leaves_other_outputs_byte_identical(gtpo_run):
-    import mlflow
 
     from flows.stage import stage_flow
 
@@ -152,10 +159,7 @@ def test_single_stage_rerun_leaves_other_outputs_byte_identical(gtpo_run):
     assert {k: v for k, v in after.items() if not k.startswith("iter-1/score/v2/")} == before
     record = RunStore(params.run_root, result["run_id"]).stage_record("score", 1)
     assert record["params"]["shaping_alpha"] == 0.25
-    mlflow.set_tracking_uri(result["tracking_uri"])
-    runs = mlflow.search_runs(
-        experiment_names=["turntree"], output_format="list", filter_string="tags.stage = 'score'"
-    )
+    runs = _runs(result["tracking_uri"], "tags.stage = 'score'")
     assert sum(r.data.tags.get("mlflow.parentRunId") == result["mlflow_run_id"] for r in runs) == 2
 
 
@@ -221,8 +225,7 @@ def test_evaluate_flow_and_comparison_report(gtpo_run, tiny_model, tmp_path):
     assert read_table(first["eval_results"], tables.EVAL_RESULTS).num_rows >= 2
     again = evaluate_flow(str(tiny_model), ev, params.run_root)  # stored result reused, not recomputed
     assert again["run_id"] == first["run_id"] and again["eval_results"] == first["eval_results"]
-    mlflow.set_tracking_uri(first["tracking_uri"])
-    run = mlflow.get_run(first["mlflow_run_id"])
+    run = mlflow.MlflowClient(first["tracking_uri"]).get_run(first["mlflow_run_id"])
     assert run.data.tags["stage"] == "evaluate" and run.info.status == "FINISHED"
 
     out = compare_flow(

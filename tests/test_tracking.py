@@ -1,0 +1,39 @@
+"""MLflow tracking helpers: each run root keeps its own store, and nothing leaks into the environment."""
+
+from __future__ import annotations
+
+import os
+
+from mlflow import MlflowClient
+
+from flows.tracking import Tracker, flatten
+
+
+def test_two_run_roots_in_one_process_keep_their_own_stores(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a, b = Tracker(str(tmp_path / "a")), Tracker(str(tmp_path / "b"))
+    assert a.uri != b.uri and "MLFLOW_TRACKING_URI" not in os.environ
+    ra = a.start_parent("run-a", {"x": 1}, {"stage": "pipeline"})
+    rb = b.start_parent("run-b", {"x": 2}, {"stage": "pipeline"})
+    names = {}
+    for t in (a, b):
+        client = MlflowClient(t.uri)
+        exp = client.get_experiment_by_name("turntree")
+        names[t.uri] = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
+    assert names == {a.uri: {"run-a"}, b.uri: {"run-b"}}
+    assert MlflowClient(a.uri).get_run(ra).data.params == {"x": "1"}
+    assert MlflowClient(b.uri).get_run(rb).data.params == {"x": "2"}
+
+
+def test_user_tracking_uri_wins(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert Tracker(str(tmp_path / "runs")).uri == uri
+
+
+def test_flatten_nested_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {
+        "a.b": "1",
+        "a.c.d": "[1, 2]",
+        "e": "None",
+    }
