@@ -139,18 +139,17 @@ def _print_where(flow_run_id, result: dict | None) -> None:
 
 def cmd_stage(a: argparse.Namespace) -> int:
     set_env_defaults(a.root)
-    from flows.runner import STAGES
+    from flows.runner import FIXED_ITERATION, STAGES
 
     if a.name not in STAGES:
         raise UserError(f"unknown stage {a.name!r}; stages: {', '.join(STAGES)}")
     from stages.runstore import RunStore
 
-    store = RunStore(a.root, a.run)
-    store.load()  # clear error for a missing run
+    iteration = FIXED_ITERATION[a.name] if a.name in FIXED_ITERATION else a.iter
+    RunStore(a.root, a.run).stage_record(a.name, iteration)  # one-line error for a missing run or stage
     overrides = parse_sets(a.set)
     from flows.stage import stage_flow
 
-    iteration = a.iter if a.name not in ("data",) else None
     state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
     if not state.is_completed():
         print(f"turntree: stage rerun failed: {state.message}", file=sys.stderr)
@@ -406,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         from stages.runstore import RunNotFound
 
         if isinstance(e, RunNotFound | FileNotFoundError | KeyError | ValueError):
-            print(f"turntree: error: {str(e).strip(chr(39))}", file=sys.stderr)
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError str() adds quotes
+            print(f"turntree: error: {msg}", file=sys.stderr)
             return 2
         raise
 

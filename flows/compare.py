@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.evaluate import evaluate_checkpoint
-from flows.tasks import _artifact_key, prepare_model
+from flows.tasks import artifact_key, prepare_model
 from flows.tracking import Tracker
 from schemas.params import EvalParams
 from stages.runstore import RunStore
@@ -70,7 +70,7 @@ def compare_flow(
     tracker.end(run)
     report = Path(result.uri("report"))
     create_markdown_artifact(
-        key=_artifact_key("compare", fr[:8]),
+        key=artifact_key("compare", fr[:8]),
         markdown=report.read_text(),
         description="turntree comparison (PNGs beside report.md and in MLflow)",
     )

@@ -19,8 +19,17 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runner import RunContext, StageNotBuilt, default_run_id, fingerprint, params_field, stage_available
-from flows.tasks import _artifact_key, prepare_model, stage_runner
+from flows.runner import (
+    FIXED_ITERATION,
+    RunContext,
+    StageNotBuilt,
+    default_run_id,
+    fingerprint,
+    params_field,
+    stage_available,
+)
+from flows.tasks import artifact_key, prepare_model, stage_runner
+from flows.tracking import Tracker
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
 from stages.runstore import RunStore
@@ -44,11 +53,9 @@ def _call(
         return None
 
 
-def start_run(p: PipelineParams) -> tuple[RunStore, RunContext]:
+def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
     """Create or reopen the run's storage and MLflow parent run."""
     from prefect.runtime import flow_run
-
-    from flows.tracking import Tracker
 
     run_id = p.run_id or default_run_id(p)
     store = RunStore(p.run_root, run_id)
@@ -76,7 +83,7 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext]:
     store.update(
         status="running", mlflow_run_id=parent, tracking_uri=tracker.uri, prefect_flow_run_id=ctx.flow_run_id
     )
-    return store, ctx
+    return store, ctx, tracker
 
 
 StageCall = Callable[[str, PipelineParams, dict[str, str], RunContext, int | None], StageOutput | None]
@@ -95,10 +102,16 @@ def drive(
     (every group tied, nothing to learn) skips the update and keeps the checkpoint.
     """
     summary: list[dict[str, Any]] = []
-    data = call("data", params, {}, ctx, None)
+    data = call("data", params, {}, ctx, FIXED_ITERATION["data"])
     problems = data.uri("problems") if data else None
     if params.warmstart.enabled and problems:
-        ws = call("warmstart", params, {"problems": problems, "checkpoint": checkpoint}, ctx, 0)
+        ws = call(
+            "warmstart",
+            params,
+            {"problems": problems, "checkpoint": checkpoint},
+            ctx,
+            FIXED_ITERATION["warmstart"],
+        )
         checkpoint = ws.uri("checkpoint") if ws else checkpoint
     base = checkpoint
     table = "trees" if params.rollout.mode == "tree" else "trajectories"
@@ -143,16 +156,13 @@ def drive(
 @flow(name="turntree-pipeline", log_prints=True)
 def pipeline(params: PipelineParams) -> dict[str, Any]:
     """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint."""
-    from flows.tracking import Tracker
-
     logger = get_run_logger()
-    store, ctx = start_run(params)
-    tracker = Tracker(params.run_root)
+    store, ctx, tracker = start_run(params)
     logger.info("run %s under %s; MLflow: %s", ctx.run_id, store.base, tracker.run_url(ctx.mlflow_parent))
 
     def table_artifact(k: int, metrics: dict[str, float]) -> None:
         create_table_artifact(
-            key=_artifact_key(ctx.run_id, "iter", k, "metrics"),
+            key=artifact_key(ctx.run_id, "iter", k, "metrics"),
             table=[{"metric": m, "value": round(v, 6)} for m, v in sorted(metrics.items())],
             description=f"run {ctx.run_id}, iteration {k}",
         )
@@ -167,7 +177,7 @@ def pipeline(params: PipelineParams) -> dict[str, Any]:
     tracker.log_dict(ctx.mlflow_parent, store.load(), "manifest.json")
     tracker.end(ctx.mlflow_parent, "FINISHED")
     create_markdown_artifact(
-        key=_artifact_key(ctx.run_id, "summary"),
+        key=artifact_key(ctx.run_id, "summary"),
         markdown=_summary_md(ctx, store, tracker, summary),
         description=f"turntree run {ctx.run_id}",
     )

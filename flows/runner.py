@@ -28,6 +28,8 @@ log = logging.getLogger("turntree.runner")
 
 PARAMS_FIELD = {"evaluate": "eval"}
 STAGES = ("data", "warmstart", "rollout", "score", "advantages", "update", "evaluate")
+# stages that run once per run, at a fixed place in the layout (the others run once per iteration 1..N)
+FIXED_ITERATION: dict[str, int | None] = {"data": None, "warmstart": 0}
 
 
 class StageNotBuilt(RuntimeError):

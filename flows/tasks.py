@@ -41,7 +41,7 @@ class _ProgressArtifact:
             update_progress_artifact(self.id, progress=pct, description=f"{stage}: {message}")
 
 
-def _artifact_key(*parts: object) -> str:
+def artifact_key(*parts: object) -> str:
     import re
 
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:100]
@@ -64,7 +64,7 @@ def stage_task(
     if done is not None:  # committed by an attempt that died before Prefect recorded the task's result
         logger.info("%s: reusing the committed output of an earlier attempt", stage)
         return done
-    hook = _ProgressArtifact(stage, _artifact_key(run_id, "iter", iteration, stage, "progress"))
+    hook = _ProgressArtifact(stage, artifact_key(run_id, "iter", iteration, stage, "progress"))
     progress.add_hook(hook)
     try:
         out = run_stage(stage, model, inputs, ctx, iteration)

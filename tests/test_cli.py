@@ -76,3 +76,18 @@ def test_runs_lists_nothing_then_something(tmp_path, capsys):
     assert main(["runs", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "gtpo-abc" in out and "created" in out
+
+
+def test_stage_rerun_looks_where_the_pipeline_stores_each_stage(tmp_path, capsys):
+    """data has no iteration, warm start is iteration 0, the rest are per iteration (--iter)."""
+    from stages.runstore import RunStore
+
+    RunStore(str(tmp_path), "r").create_or_open({})
+    for argv, key in (
+        (["stage", "warmstart", "--run", "r"], "iter-0/warmstart"),
+        (["stage", "data", "--run", "r", "--iter", "3"], "'data'"),
+        (["stage", "score", "--run", "r", "--iter", "2"], "iter-2/score"),
+    ):
+        assert main([*argv, "--root", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"has no stage {key}" in err or f"has no stage '{key}'" in err, err
