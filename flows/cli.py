@@ -143,7 +143,7 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
     if a.name not in STAGES:
         raise UserError(f"unknown stage {a.name!r}; stages: {', '.join(STAGES)}")
-    from stages.runstore import RunStore
+    from flows.runstore import RunStore
 
     iteration = FIXED_ITERATION[a.name] if a.name in FIXED_ITERATION else a.iter
     RunStore(a.root, a.run).stage_record(a.name, iteration)  # one-line error for a missing run or stage
@@ -203,7 +203,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_runs(a: argparse.Namespace) -> int:
     import time
 
-    from stages.runstore import list_runs
+    from flows.runstore import list_runs
 
     runs = list_runs(a.root)
     if not runs:
@@ -256,7 +256,7 @@ def cmd_data_prepare(a: argparse.Namespace) -> int:
 def cmd_model_prepare(a: argparse.Namespace) -> int:
     import time
 
-    from stages.models import prepare
+    from runtime.models import prepare
 
     t = time.perf_counter()
     try:
@@ -268,14 +268,14 @@ def cmd_model_prepare(a: argparse.Namespace) -> int:
 
 
 def _progress_bar():
-    """A rich progress bar fed by ``stages.progress`` reports, when stdout is a terminal."""
+    """A rich progress bar fed by ``runtime.progress`` reports, when stdout is a terminal."""
     import contextlib
 
     if not sys.stderr.isatty():
         return contextlib.nullcontext()
     from rich.progress import Progress
 
-    from stages import progress as prog
+    from runtime import progress as prog
 
     @contextlib.contextmanager
     def cm():
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print("turntree: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # known user-facing failures: missing runs/checkpoints, bad tables
-        from stages.runstore import RunNotFound
+        from flows.runstore import RunNotFound
 
         if isinstance(e, RunNotFound | FileNotFoundError | KeyError | ValueError):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError str() adds quotes

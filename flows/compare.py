@@ -20,7 +20,7 @@ from flows.evaluate import evaluate_checkpoint
 from flows.tasks import artifact_key, prepare_model
 from flows.tracking import Tracker
 from schemas.params import EvalParams
-from stages.runstore import RunStore
+from flows.runstore import RunStore
 
 
 def _target(run_root: str, target: str) -> tuple[str, str | None]:
@@ -45,7 +45,7 @@ def compare_flow(
 ) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
-    from stages.report import compare, metric_histories
+    from stages.compare import compare, metric_histories
 
     if not entries:
         raise ValueError("compare needs at least one NAME=CHECKPOINT_OR_RUN_ID")

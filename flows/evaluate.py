@@ -18,7 +18,7 @@ from flows.runner import RunContext, run_stage
 from flows.tasks import prepare_model
 from flows.tracking import Tracker
 from schemas.params import EvalParams
-from stages.runstore import RunStore
+from flows.runstore import RunStore
 
 
 def evaluate_checkpoint(

@@ -7,7 +7,7 @@ Run locally (no server needed; Prefect starts a temporary one):
 Deploy (schedule from the Prefect UI): `turntree deploy` registers infra/prefect.yaml's deployments.
 
 Simplifications: everything runs in one process (vLLM engine and trainer colocated, the engine reused across
-iterations through ``stages.engine``); stages that are not built are skipped with a log line.
+iterations through ``runtime.engines``); stages that are not built are skipped with a log line.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from flows.tasks import artifact_key, prepare_model, stage_runner
 from flows.tracking import Tracker
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
-from stages.runstore import RunStore
+from flows.runstore import RunStore
 
 log = logging.getLogger("turntree.pipeline")
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
-from stages.runstore import RunStore, git_sha
+from flows.runstore import RunStore, git_sha
 
 log = logging.getLogger("turntree.runner")
 

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.runner import RunContext, params_model, run_stage
-from stages.runstore import RunStore
+from flows.runstore import RunStore
 
 
 def rerun(
@@ -48,7 +48,7 @@ def rerun(
 
 
 def _key(stage: str, iteration: int | None) -> str:
-    from stages.runstore import stage_key
+    from flows.runstore import stage_key
 
     return stage_key(stage, iteration)
 

@@ -16,15 +16,15 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.runner import RunContext, params_model, run_stage
 from schemas.outputs import StageOutput
-from stages import progress
-from stages.runstore import RunStore
+from runtime import progress
+from flows.runstore import RunStore
 
 STAGE_CACHE = (INPUTS + TASK_SOURCE) - "ctx"
 IO_BOUND = {"data"}  # stages worth retrying: they read files and may hit a flaky filesystem
 
 
 class _ProgressArtifact:
-    """Mirror ``stages.progress`` reports of one stage into a Prefect progress artifact (at most 1 update/s)."""
+    """Mirror ``runtime.progress`` reports of one stage into a Prefect progress artifact (at most 1 update/s)."""
 
     def __init__(self, stage: str, key: str):
         self.stage, self.key, self.id, self.last = stage, key, None, 0.0
@@ -83,6 +83,6 @@ def stage_runner(stage: str):
 
 @task(retries=2, retry_delay_seconds=5, task_run_name="prepare-model[{spec}]")
 def prepare_model(spec: str) -> str:
-    from stages.models import resolve_model
+    from runtime.models import resolve_model
 
     return str(resolve_model(spec))

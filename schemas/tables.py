@@ -1,7 +1,7 @@
 """Arrow schemas of every table turntree stores, as constants with ``schema_version`` metadata.
 
 Each schema carries ``b"schema_version"`` and ``b"table"`` in its metadata. Writers validate against these
-(``stages.tableio.write_table``) and readers refuse an unknown version (``stages.tableio.read_table``).
+(``runtime.tableio.write_table``) and readers refuse an unknown version (``runtime.tableio.read_table``).
 Bump a table's version when a change is not backwards compatible, and list readable versions in
 ``READABLE_VERSIONS``.
 

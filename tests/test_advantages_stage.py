@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from schemas.params.rewards import AdvantageParams, ScoreParams
 from schemas.tables import PROBLEMS, SAMPLES, TRAJECTORIES, TREES
-from stages import advantages, score
-from stages.tableio import read_table, write_table
+from maths import advantages, score
+from runtime.tableio import read_table, write_table
 from tests.scored_tables import node, problem, trajectory, tree, turn
 
 S2 = 1 / math.sqrt(2)

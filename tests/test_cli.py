@@ -70,7 +70,7 @@ def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
 def test_runs_lists_nothing_then_something(tmp_path, capsys):
     assert main(["runs", "--root", str(tmp_path)]) == 0
     assert "no runs" in capsys.readouterr().out
-    from stages.runstore import RunStore
+    from flows.runstore import RunStore
 
     RunStore(str(tmp_path), "gtpo-abc").create_or_open({"algorithm": "gtpo"})
     assert main(["runs", "--root", str(tmp_path)]) == 0
@@ -80,7 +80,7 @@ def test_runs_lists_nothing_then_something(tmp_path, capsys):
 
 def test_stage_rerun_looks_where_the_pipeline_stores_each_stage(tmp_path, capsys):
     """data has no iteration, warm start is iteration 0, the rest are per iteration (--iter)."""
-    from stages.runstore import RunStore
+    from flows.runstore import RunStore
 
     RunStore(str(tmp_path), "r").create_or_open({})
     for argv, key in (

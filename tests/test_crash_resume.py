@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from schemas import tables
-from stages.runstore import list_runs
-from stages.tableio import read_table
+from flows.runstore import list_runs
+from runtime.tableio import read_table
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

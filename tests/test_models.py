@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import models
-from stages.models import MARKER, ModelPrepError, prepare, resolve_model
+from runtime import models
+from runtime.models import MARKER, ModelPrepError, prepare, resolve_model
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -60,7 +60,7 @@ def test_tiny_model_generates_in_transformers(tiny_model):
 
 
 def test_tiny_model_generates_in_vllm(tiny_model, tiny_engine):
-    from stages.engine import SamplingSpec
+    from runtime.engines import SamplingSpec
 
     tok = tiny_engine.tokenizer
     prompt = _chat_ids(tok)
@@ -131,7 +131,7 @@ def test_smollm2_answers_in_transformers_and_vllm(smollm2_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.engine import SamplingSpec, make_engine
+    from runtime.engines import SamplingSpec, make_engine
 
     tok = AutoTokenizer.from_pretrained(smollm2_model)
     ids = _chat_ids(tok)

@@ -10,8 +10,8 @@ import pytest
 
 from schemas import tables
 from schemas.params import PipelineParams
-from stages.runstore import RunStore
-from stages.tableio import read_table
+from flows.runstore import RunStore
+from runtime.tableio import read_table
 
 STAGES = ("rollout", "score", "advantages", "update", "evaluate")
 
@@ -92,7 +92,7 @@ def test_pipeline_writes_every_stage(gtpo_run):
     assert (ckpt / "config.json").is_file() and result["checkpoint"] == str(ckpt)
     # the update pushed its weights into the live rollout engine, which now names the committed checkpoint
     # (not the stage's scratch dir), so evaluation reused it without reloading
-    from stages.engine import live_engine
+    from runtime.engines import live_engine
 
     assert "timing/weight_sync" in out["update"].metrics
     assert live_engine().loaded_from == str(ckpt.resolve())
@@ -164,7 +164,7 @@ def test_single_stage_rerun_leaves_other_outputs_byte_identical(gtpo_run):
 
 
 def test_failed_stage_then_resume_without_redoing(harness, tiny_model, tmp_path, monkeypatch):
-    import stages.advantages as adv_module
+    import maths.advantages as adv_module
     from flows.pipeline import pipeline
 
     params = tiny_params(tiny_model, tmp_path, eval={"max_problems": 1})

@@ -15,7 +15,7 @@ import pytest
 from flows.runner import RunContext, run_stage
 from flows.serve import start_prefect_server, stop, wait_healthy
 from schemas.params import DataParams
-from stages.runstore import RunStore
+from flows.runstore import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

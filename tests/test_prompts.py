@@ -1,4 +1,4 @@
-"""stages.prompts: prompt ids, parsing, observations, feedback prompts, demonstrations (tiny tokenizer)."""
+"""maths.prompts: prompt ids, parsing, observations, feedback prompts, demonstrations (tiny tokenizer)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stages import prompts
+from maths import prompts
 
 MATH = {"problem_id": "m1", "kind": "math", "prompt": "What is 17 * 23?", "answer": "391"}
 CODE = {

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from schemas.tables import EVAL_RESULTS
-from stages.report import compare, markdown_table, method_summaries
-from stages.tableio import write_table
+from stages.compare import compare, markdown_table, method_summaries
+from runtime.tableio import write_table
 
 
 def _eval_table(path, solve_prob_by_attempt, problems=12, samples=2, seed=0):
@@ -86,7 +86,7 @@ def test_compare_without_curves_and_cells(tables, tmp_path):
 def test_metric_histories_from_mlflow(tmp_path):
     from mlflow import MlflowClient
 
-    from stages.report import metric_histories
+    from stages.compare import metric_histories
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)

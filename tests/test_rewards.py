@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.params.rewards import ScoreParams
-from stages.advantages import gtpo_shaping
-from stages.rewards import REWARDS, combine, format_penalties, get_reward, math_correct, turn_rewards
-from stages.similarity import SIMILARITIES, code_tokens, get_similarity, similarity
+from maths.advantages import gtpo_shaping
+from maths.rewards import REWARDS, combine, format_penalties, get_reward, math_correct, turn_rewards
+from maths.similarity import SIMILARITIES, code_tokens, get_similarity, similarity
 
 
 @pytest.mark.parametrize(

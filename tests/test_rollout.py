@@ -16,12 +16,12 @@ import pytest
 
 from schemas.params.rollout import RolloutParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
-from stages import prompts
-from stages.engine import Generation, SamplingSpec
+from maths import prompts
+from runtime.engines import Generation, SamplingSpec
 from stages.rollout import run, select_problems, usable_problems
 from stages.rollout.tir import notebook_program, tir_trajectories
 from stages.rollout.tree import refinement_trees
-from stages.tableio import read_table, write_table
+from runtime.tableio import read_table, write_table
 
 
 class ScriptedEngine:
@@ -95,7 +95,7 @@ def test_tir_transcript_decodes_exactly_and_records_turns(tir_rows, tiny_engine)
 
 
 def test_tir_loss_mask_zero_exactly_on_prompt_and_observations(tir_rows, tiny_engine):
-    from stages.sample_builder import trajectory_samples
+    from maths.samples import trajectory_samples
 
     _, rows = tir_rows
     table = pa.Table.from_pylist(rows, schema=TRAJECTORIES)
@@ -145,7 +145,7 @@ def test_tir_context_overflow_is_recorded_not_raised(tiny_engine):
 
 
 def test_notebook_program_replays_cells_silently(tmp_path):
-    from stages.sandbox import execute
+    from runtime.sandbox import execute
 
     prog = notebook_program(["a = 2\nprint('hidden')", "raise ValueError('old')"], "b = a * 21\nb")
     res = execute(prog)

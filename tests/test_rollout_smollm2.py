@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages import prompts
-from stages.engine import SamplingSpec, make_engine
+from maths import prompts
+from runtime.engines import SamplingSpec, make_engine
 from stages.rollout.tir import tir_trajectories
 from tests.test_rollout import ScriptedEngine
 

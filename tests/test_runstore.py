@@ -8,8 +8,8 @@ import pytest
 
 from schemas import tables
 from schemas.outputs import StageOutput
-from stages.runstore import RunNotFound, RunStore, list_runs
-from stages.tableio import read_table, write_table
+from flows.runstore import RunNotFound, RunStore, list_runs
+from runtime.tableio import read_table, write_table
 
 ROW = {
     "problem_id": "p1",

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.sandbox import feedback_text, run_tests
-from stages.sandbox.grading import decode, plan_tests
-from stages.sandbox.inside import encode
-from stages.sandbox.records import ExecutionResult, TestReport, TestResult
+from runtime.sandbox import feedback_text, run_tests
+from runtime.sandbox.grading import decode, plan_tests
+from runtime.sandbox.inside import encode
+from runtime.sandbox.records import ExecutionResult, TestReport, TestResult
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 4) == 3", "assert add(10, 5) == 15"]
 GOOD = "def add(a, b):\n    return a + b\n"
@@ -311,7 +311,7 @@ def test_plain_values_round_trip_exactly_through_the_channel(value):
 
 
 def test_subclasses_of_plain_types_are_refused():
-    from stages.sandbox.inside import Unsupported
+    from runtime.sandbox.inside import Unsupported
 
     class MyInt(int):
         pass

@@ -1,4 +1,4 @@
-"""Attacks on the sandbox's isolation, one per property listed in stages/sandbox/__init__.py (issue 4).
+"""Attacks on the sandbox's isolation, one per property listed in runtime/sandbox/__init__.py (issue 4).
 
 Each test runs real hostile programs through the real sandbox, in the default mode (bubblewrap where user
 namespaces work) and, for the properties the fallback promises, in the forced fallback mode too.
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from stages.sandbox import SandboxPool, default_pool, execute, execute_many
-from stages.sandbox import isolation as iso
+from runtime.sandbox import SandboxPool, default_pool, execute, execute_many
+from runtime.sandbox import isolation as iso
 
 
 def survivors() -> list[int]:
@@ -260,7 +260,7 @@ def test_missing_namespaces_fall_back_loudly(monkeypatch, caplog):
     monkeypatch.setattr(iso, "bwrap_binary", lambda: None)
     iso.detect_mode.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="stages.sandbox.isolation"):
+        with caplog.at_level(logging.WARNING, logger="runtime.sandbox.isolation"):
             assert iso.detect_mode() == "fallback"
         assert "FALLBACK" in caplog.text
         assert execute("print(1)").isolation == "fallback"

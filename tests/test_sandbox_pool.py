@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from stages.sandbox import SandboxPool, default_pool, execute_many, run_tests_many
-from stages.sandbox import execution as execution_module
-from stages.sandbox import isolation as iso
+from runtime.sandbox import SandboxPool, default_pool, execute_many, run_tests_many
+from runtime.sandbox import execution as execution_module
+from runtime.sandbox import isolation as iso
 
 
 def leftovers() -> tuple[list[int], list[str]]:

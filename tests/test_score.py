@@ -8,8 +8,8 @@ import pytest
 from schemas.params.rewards import ScoreParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
 from stages import score
-from stages.similarity import similarity
-from stages.tableio import read_table, write_table
+from maths.similarity import similarity
+from runtime.tableio import read_table, write_table
 from tests.scored_tables import node, problem, trajectory, tree, turn
 
 ADD_TESTS = [
@@ -82,7 +82,7 @@ def test_math_trajectories(tmp_path):
 
 
 def test_code_trajectories_run_the_final_program_in_the_sandbox(tmp_path):
-    import stages.sandbox  # noqa: F401  (the real sandbox: an ImportError fails here, nothing is mocked)
+    import runtime.sandbox  # noqa: F401  (the real sandbox: an ImportError fails here, nothing is mocked)
 
     right = "def add(a, b):\n    return a + b\n"
     half = "def add(a, b):\n    return a + b if a > 0 else 5\n"  # passes add(1, 2) and add(2, 2) only
@@ -109,7 +109,7 @@ def test_code_trajectories_run_the_final_program_in_the_sandbox(tmp_path):
 
 
 def test_trees_use_stored_counts_and_rerun_missing_ones(tmp_path):
-    import stages.sandbox  # noqa: F401  (re-running missing counts needs the real sandbox)
+    import runtime.sandbox  # noqa: F401  (re-running missing counts needs the real sandbox)
 
     nodes = [
         node(0, -1, passed=1, total=4),

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from stages.prompts import demonstration_transcript, extract_boxed, extract_code
-from stages.synthetic import FAMILIES, func_synth, generate, tool_arith
+from maths.prompts import demonstration_transcript, extract_boxed, extract_code
+from stages.data.synthetic import FAMILIES, func_synth, generate, tool_arith
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -47,7 +47,7 @@ def test_difficulty_knob_scales_the_tasks():
 
 @pytest.mark.parametrize("difficulty", [1, 3, 5])
 def test_func_synth_references_pass_and_buggy_attempts_fail_with_feedback(difficulty):
-    from stages.sandbox import feedback_text, run_tests_many
+    from runtime.sandbox import feedback_text, run_tests_many
 
     rows = generate("func-synth", count=24, seed=difficulty, difficulty=difficulty)
     tests = [r["tests"] for r in rows]
@@ -72,7 +72,7 @@ def test_func_synth_rows_are_self_consistent():
 
 @pytest.mark.parametrize("difficulty", [1, 4])
 def test_tool_arith_references_and_transcripts_match_execution(difficulty):
-    from stages.sandbox import execute_many
+    from runtime.sandbox import execute_many
 
     rows = generate("tool-arith", count=24, seed=difficulty, difficulty=difficulty)
     results = execute_many([r["reference_solution"] for r in rows])

@@ -1,4 +1,4 @@
-"""stages.tableio: schema round-trips (hypothesis, all tables), crash safety of the atomic writer, validation
+"""runtime.tableio: schema round-trips (hypothesis, all tables), crash safety of the atomic writer, validation
 errors, and refusal of unknown schema versions."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.tables import ALL, PROBLEMS, TRAJECTORIES, TREES
-from stages.tableio import SchemaError, read_table, write_table
+from runtime.tableio import SchemaError, read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ _STALLING_WRITER = textwrap.dedent(
     import io, sys, time
     from pathlib import Path
     import pyarrow.parquet as pq
-    import stages.tableio as tio
+    import runtime.tableio as tio
     from schemas.tables import TRAJECTORIES
 
     real_write = pq.write_table

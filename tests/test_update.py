@@ -13,10 +13,10 @@ import torch
 
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES, TRAJECTORIES
-from stages import checkpoint as ckpt
+from runtime import checkpoint as ckpt
 from stages import update
-from stages.policy_loss import token_logprobs
-from stages.tableio import write_table
+from maths.policy_loss import token_logprobs
+from runtime.tableio import write_table
 
 
 def sample_rows(model_dir: Path, n: int = 6, seed: int = 0, adv=None) -> list[dict]:
@@ -177,7 +177,7 @@ def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, mo
             (Path(a) / "config.json").is_file() and (Path(b) / "config.json").is_file()
         ),
     )
-    monkeypatch.setitem(sys.modules, "stages.engine", fake)
+    monkeypatch.setitem(sys.modules, "runtime.engines", fake)
     out = update.run(UpdateParams(**FAST), {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path)
     assert pushed["source"] == out.uri("checkpoint") and "timing/weight_sync" in out.metrics
     saved = ckpt.load_model(out.uri("checkpoint")).state_dict()

@@ -14,10 +14,10 @@ import torch
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from stages import checkpoint as ckpt
+from runtime import checkpoint as ckpt
 from stages import update
-from stages import update_distributed as ddist
-from stages.tableio import write_table
+from stages.update import distributed as ddist
+from runtime.tableio import write_table
 from tests.test_update import sample_rows
 
 # 7 samples, minibatches of 4 then 3: rank shares of 2/2 and 2/1 — the 3-sample minibatch gives rank 1 one
@@ -101,7 +101,7 @@ def test_two_processes_give_the_one_process_update(kind, samples, single, tmp_pa
             return 0.0
 
     fake = types.SimpleNamespace(live_engine=lambda: FakeEngine(), same_architecture=lambda a, b: True)
-    monkeypatch.setitem(sys.modules, "stages.engine", fake)
+    monkeypatch.setitem(sys.modules, "runtime.engines", fake)
     extra = LORA if kind.endswith("lora") else {}
     p = UpdateParams(**PARAMS, **extra, nproc=2, distributed=kind.removesuffix("-lora"))
     multi = update.run(p, {"samples": samples, "checkpoint": start}, tmp_path)

@@ -9,9 +9,9 @@ import torch
 
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from stages import checkpoint as ckpt
+from runtime import checkpoint as ckpt
 from stages import update
-from stages.tableio import write_table
+from runtime.tableio import write_table
 
 
 @pytest.mark.gpu

@@ -7,10 +7,10 @@ import torch
 
 from schemas.params.update import WarmstartParams
 from schemas.tables import PROBLEMS
-from stages import checkpoint as ckpt
+from runtime import checkpoint as ckpt
 from stages import warmstart
-from stages.synthetic import generate
-from stages.tableio import write_table
+from stages.data.synthetic import generate
+from runtime.tableio import write_table
 
 
 def _problems(tmp_path, rows, name="problems.parquet") -> str:

@@ -19,7 +19,7 @@ class ScoreParams(BaseModel):
     reward_weights: dict[str, float] | None = Field(
         None,
         description="Outcome reward r_i = Σ weight · component over registered reward functions that apply to "
-        "a row (stages.rewards.REWARDS); None: the code component picked by code_reward, and math_answer, weight 1",
+        "a row (maths.rewards.REWARDS); None: the code component picked by code_reward, and math_answer, weight 1",
     )
     math_rel_tol: float = Field(
         1e-6, ge=0.0, le=0.1, description="Relative tolerance of numeric answer equality"

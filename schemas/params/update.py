@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Names registered in stages.policy_loss (a test checks the two stay equal).
+# Names registered in maths.policy_loss (a test checks the two stay equal).
 LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 PolicyLossName = Literal["ppo-clip"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -24,7 +24,7 @@ class UpdateParams(BaseModel):
     ppo_epochs: int = Field(1, ge=1, le=16, description="Passes over the samples per update")
     minibatch_size: int = Field(8, ge=1, description="Sequences per optimizer step")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass (gradient accumulation)")
-    policy_loss: PolicyLossName = Field("ppo-clip", description="Policy loss (stages.policy_loss registry)")
+    policy_loss: PolicyLossName = Field("ppo-clip", description="Policy loss (maths.policy_loss registry)")
     clip_eps_low: float = Field(0.2, ge=0.0, le=1.0, description="ε_low")
     clip_eps_high: float = Field(0.2, ge=0.0, le=1.0, description="ε_high (0.28 = DAPO clip-higher)")
     kl_beta: float = Field(

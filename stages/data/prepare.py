@@ -21,7 +21,7 @@ from schemas.params.data import DataParams
 from schemas.tables import PROBLEMS
 from stages.data.formats import FORMATS
 from stages.data.sources import DataError, Loaded, load_source
-from stages.tableio import SchemaError, write_table
+from runtime.tableio import SchemaError, write_table
 
 MAX_LISTED = 5  # malformed records named in an error message
 

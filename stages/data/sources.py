@@ -7,7 +7,7 @@ could not normalise. Source kinds, tried in this order:
   HumanEval-format MBPP file), ``gsm8k`` / ``gsm8k:test``, ``aime24``, ``amc23``, ``svamp``, ``minerva_math``,
   ``asdiv``. Files other than HumanEval live under the shared data directory: ``$TURNTREE_SHARED_DATA``, else
   ``../shared/data`` beside the repository (or beside the working directory).
-- ``synthetic:<family>``: a generator of ``stages.synthetic`` (``tool-arith``, ``func-synth``).
+- ``synthetic:<family>``: a generator of ``stages.data.synthetic`` (``tool-arith``, ``func-synth``).
 - ``hf:<name>[:<split>]`` or ``hf:<name>:<config>:<split>``: a ``datasets`` hub set (needs internet).
 - a path to ``.jsonl``, ``.jsonl.gz``, ``.json`` or ``.parquet``.
 """
@@ -114,7 +114,7 @@ def read_records(path: Path) -> tuple[list[tuple[int, object]], bool]:
             meta = pq.read_schema(path).metadata or {}
             if meta.get(b"table") == b"problems":
                 from schemas.tables import PROBLEMS
-                from stages.tableio import read_table
+                from runtime.tableio import read_table
 
                 return list(enumerate(read_table(path, PROBLEMS).to_pylist())), True
             return list(enumerate(pq.read_table(path).to_pylist())), False
@@ -222,7 +222,7 @@ def load_hub(spec: str, fmt: str) -> Loaded:
 
 
 def load_synthetic(spec: str, count: int, seed: int, difficulty: int) -> Loaded:
-    from stages.synthetic import FAMILIES, generate
+    from stages.data.synthetic import FAMILIES, generate
 
     family = spec.split(":", 1)[1]
     if family not in FAMILIES:

@@ -6,9 +6,9 @@
 Steps: read the problems table, take ``problems_per_iteration`` train problems chosen reproducibly from
 (seed, iteration), drop the ones this mode cannot use (empty prompt, unknown kind, tree mode without tests:
 each named in a note, never a crash), get an engine (the process's live one when it serves this checkpoint or
-one of the same architecture — weights pushed in place — else a new one, ``stages.engine.engine_for``), roll
+one of the same architecture — weights pushed in place — else a new one, ``runtime.engines.engine_for``), roll
 out (``tir.tir_trajectories`` / ``tree.refinement_trees``), write ``trajectories.parquet`` / ``trees.parquet``
-through ``stages.tableio`` with reward fields left null.
+through ``runtime.tableio`` with reward fields left null.
 
 Metrics: rollout/tokens, rollout/tokens_per_s (generated tokens per second of generate calls),
 rollout/sandbox_s, rollout/turns_mean, rollout/tool_valid_rate (TIR: valid tool calls / tool calls; tree:
@@ -27,8 +27,8 @@ import numpy as np
 from schemas.outputs import StageOutput
 from schemas.params.rollout import RolloutParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
-from stages import prompts
-from stages.engine import SamplingSpec
+from maths import prompts
+from runtime.engines import SamplingSpec
 from stages.rollout.tir import TirStats, tir_trajectories
 from stages.rollout.tree import TreeStats, refinement_trees
 
@@ -71,8 +71,8 @@ def usable_problems(problems: list[dict], mode: str) -> tuple[list[dict], list[s
 
 
 def _engine(params: RolloutParams, checkpoint: str):
-    from stages.engine import engine_for
-    from stages.models import resolve_model
+    from runtime.engines import engine_for
+    from runtime.models import resolve_model
 
     options = {"prefix_caching": params.prefix_caching}
     if params.backend == "vllm":
@@ -93,7 +93,7 @@ def _spec(params: RolloutParams, stop: list[str], iteration: int) -> SamplingSpe
 
 def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput:
     """Roll out one iteration's problems with the checkpoint; see the module docstring."""
-    from stages.tableio import read_table, write_table
+    from runtime.tableio import read_table, write_table
 
     for key in ("problems", "checkpoint"):
         if key not in inputs:

@@ -15,7 +15,7 @@ when the context is full ("context_limit") or a turn is cut by the per-turn ``ma
 Per turn: tool_call "none" | "valid" (the block parsed) | "invalid" (no closed block, or a syntax error);
 exec_status "none" | "ok" | "error" | "timeout" | "memory" | "syntax_error" | "no_code" | "sandbox_error".
 
-Layout of a trajectory as one training sequence (what ``stages.sample_builder`` rebuilds):
+Layout of a trajectory as one training sequence (what ``maths.samples`` rebuilds):
 ``prompt_token_ids + Σ_turns (completion_token_ids [mask 1] + observation_token_ids [mask 0])``.
 """
 
@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import prompts
-from stages.engine import SamplingSpec
+from maths import prompts
+from runtime.engines import SamplingSpec
 
 NO_CODE_MESSAGE = "Error: no complete ```python code block found; write code between ```python and ```."
 
@@ -139,7 +139,7 @@ def run_turns(
     stats: TirStats,
 ) -> None:
     """Advance every trajectory to its end, one batched generate call and one sandbox batch per turn."""
-    from stages.sandbox import execute_many
+    from runtime.sandbox import execute_many
 
     tok = engine.tokenizer
     stop = list(spec.stop) or list(prompts.TIR_STOP)
@@ -237,7 +237,7 @@ def tir_trajectories(
 ) -> list[dict]:
     """Rows of ``schemas.tables.TRAJECTORIES`` (reward fields None): ``group_size`` trajectories per problem.
 
-    ``engine``: anything with ``.tokenizer`` and ``.generate(prompts, specs)`` (stages.engine.Engine).
+    ``engine``: anything with ``.tokenizer`` and ``.generate(prompts, specs)`` (runtime.engines.Engine).
     ``spec``: sampling settings of every turn (``spec.n`` is ignored: ``group_size`` samples are drawn;
     ``spec.stop`` defaults to ``prompts.TIR_STOP``). ``group_id`` = ``group_prefix + problem_id``,
     ``trajectory_id`` = ``group_id/sample_idx``. Problems whose prompt cannot be built (empty prompt,

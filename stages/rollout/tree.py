@@ -2,7 +2,7 @@
 
 Depth 1: the task prompt, sampled G times (one request with n = G, so the prompt is prefilled once). Every
 node's program (its last code block) runs against the problem's tests in the sandbox pool; the node keeps
-``tests_passed``, ``tests_total`` and ``exec_result`` (``stages.sandbox.feedback_text``). A failed node at
+``tests_passed``, ``tests_total`` and ``exec_result`` (``runtime.sandbox.feedback_text``). A failed node at
 depth d < S gets G' children whose prompt is ``prompts.feedback_prompt_ids`` = task prompt + the node's
 completion ids + a feedback turn; passed nodes are leaves. All nodes of one depth across all trees are one
 ``engine.generate`` call and one ``run_tests_many`` batch. Children share their parent's prompt prefix, which
@@ -11,7 +11,7 @@ vLLM's prefix cache serves without recomputing.
 Budgets: ``max_nodes_per_tree`` and ``max_nodes_per_batch``; a failed node whose children would exceed either
 gets none, its tree is marked ``truncated``, and one log line (and stage note) says so.
 
-Node sample layout (what ``stages.sample_builder`` rebuilds): ``prompt_token_ids`` [mask 0] +
+Node sample layout (what ``maths.samples`` rebuilds): ``prompt_token_ids`` [mask 0] +
 ``completion_token_ids`` [mask 1].
 """
 
@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages import prompts
-from stages.engine import SamplingSpec
+from maths import prompts
+from runtime.engines import SamplingSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _node(tree: Tree, parent_id: int, depth: int, prompt_ids: list[int], gen) ->
 
 def _grade(nodes: list[tuple[Tree, dict]], timeout_s: float, max_chars: int, stats: TreeStats) -> None:
     """Run every node's program against its problem's tests (one sandbox batch); fill the test fields."""
-    from stages.sandbox import feedback_text, run_tests_many
+    from runtime.sandbox import feedback_text, run_tests_many
 
     t0 = time.perf_counter()
     reports = run_tests_many(

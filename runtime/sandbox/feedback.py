@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.sandbox.records import ExecutionResult, TestReport
+from runtime.sandbox.records import ExecutionResult, TestReport
 
 MAX_FAILURES_SHOWN = 5
 STREAM_HEAD, STREAM_TAIL = 300, 200

@@ -1,4 +1,4 @@
-"""The transformers ``generate`` backend of ``stages.engine`` (machines where vLLM cannot run).
+"""The transformers ``generate`` backend of ``runtime.engines`` (machines where vLLM cannot run).
 
 Same interface and semantics as the vLLM backend: each prompt is expanded ``n`` times, batched with left
 padding (``batch_size`` sequences per ``generate`` call, option), sampled with temperature / top-p (greedy at
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.engine import Engine, Generation, SamplingSpec
+from runtime.engines import Engine, Generation, SamplingSpec
 
 
 class TransformersEngine(Engine):

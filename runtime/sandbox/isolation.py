@@ -110,7 +110,7 @@ class UidSlot:
     def zygote(self):
         """The slot's long-lived sandbox (see zygote.py), created on first use."""
         if self._zygote is None:
-            from stages.sandbox.zygote import Zygote
+            from runtime.sandbox.zygote import Zygote
 
             self._zygote = Zygote(self.uid)
         return self._zygote

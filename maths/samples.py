@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stages.segments import segment_starts, turn_positions
+from maths.segments import segment_starts, turn_positions
 
 
 def list_parts(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:

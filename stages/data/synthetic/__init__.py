@@ -2,9 +2,9 @@
 
     generate("tool-arith", count=64, seed=0, difficulty=1) -> list[dict]
 
-- ``tool-arith`` (``stages.synthetic.tool_arith``): multi-step integer arithmetic to be computed with Python,
+- ``tool-arith`` (``stages.data.synthetic.tool_arith``): multi-step integer arithmetic to be computed with Python,
   answered as ``\\boxed{N}`` (the GTPO setting). Carries a reference program and a tool-using demonstration.
-- ``func-synth`` (``stages.synthetic.func_synth``): "write ``def name(...)`` that …" with hidden assert tests
+- ``func-synth`` (``stages.data.synthetic.func_synth``): "write ``def name(...)`` that …" with hidden assert tests
   (the MURPHY setting). Carries a reference solution and, in ``meta.buggy_solution``, a plausible wrong first
   attempt that fails some tests, so test feedback has something to repair.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from stages.synthetic import func_synth, tool_arith
+from stages.data.synthetic import func_synth, tool_arith
 
 # family -> make(rng, difficulty, index, seed) -> PROBLEMS row without split
 FAMILIES: dict[str, Callable[[random.Random, int, int, int], dict]] = {

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from schemas.outputs import TableRef
-from stages.tableio import sha256_file
+from runtime.tableio import sha256_file
 
 TRAINER_STATE = "trainer_state.pt"
 LORA_DIR = "lora"

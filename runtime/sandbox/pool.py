@@ -14,9 +14,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
-from stages.sandbox.execution import execute_on, run_tests_on
-from stages.sandbox.isolation import UidSlot
-from stages.sandbox.records import ExecutionResult, TestReport, TestResult
+from runtime.sandbox.execution import execute_on, run_tests_on
+from runtime.sandbox.isolation import UidSlot
+from runtime.sandbox.records import ExecutionResult, TestReport, TestResult
 
 
 def default_workers() -> int:

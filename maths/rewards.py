@@ -25,8 +25,8 @@ from fractions import Fraction
 import numpy as np
 
 from schemas.params.rewards import ScoreParams
-from stages.segments import group_codes, turn_positions
-from stages.similarity import get_similarity
+from maths.segments import group_codes, turn_positions
+from maths.similarity import get_similarity
 
 RewardFn = Callable[[Sequence[Mapping], ScoreParams], list[float | None]]
 REWARDS: dict[str, RewardFn] = {}

@@ -3,7 +3,7 @@
     run(params: UpdateParams, {"samples": uri, "checkpoint": dir, "ref_checkpoint": dir (when kl_beta > 0)}, out)
         -> StageOutput(tables={"checkpoint": <out>/checkpoint}, metrics=actor/*, timing/*)
 
-What one call does (the loss is ``stages.policy_loss``, ALGORITHMS.md "Policy loss"):
+What one call does (the loss is ``maths.policy_loss``, ALGORITHMS.md "Policy loss"):
 1. Reads and checks ``samples`` (schemas.tables.SAMPLES): non-empty, equal per-row lengths, finite advantages
    and log-probs, a 0/1 loss mask with at least one trained token. Bad input: ``SamplesError``, nothing written.
 2. Loads the policy (fp32 master weights) and, when ``trainer_state.pt`` is present, its optimizer, scheduler,
@@ -19,11 +19,11 @@ What one call does (the loss is ``stages.policy_loss``, ALGORITHMS.md "Policy lo
    master weights, optional gradient checkpointing. LoRA (``lora_rank``) via peft: the checkpoint holds the
    merged model (what rollout and evaluation load) and the adapter in ``lora/`` on top of ``lora_base``.
 6. Writes ``<out>/checkpoint`` atomically, then pushes the weights into the process's live rollout engine
-   (``stages.engine.live_engine()``) when there is one of the same architecture (``timing/weight_sync``).
+   (``runtime.engines.live_engine()``) when there is one of the same architecture (``timing/weight_sync``).
    When no engine is live (a single-stage rerun, or a fresh process) nothing is pushed: the next rollout loads
    the new checkpoint from disk.
 
-Multi-process (``nproc`` > 1, ``stages.update_distributed``): ``run`` launches ``torchrun --standalone
+Multi-process (``nproc`` > 1, ``stages.update.distributed``): ``run`` launches ``torchrun --standalone
 --nproc-per-node N -m stages.update ...`` as a subprocess; every rank runs this same ``run`` and ``Trainer``
 with its model under DDP or FSDP2 (``distributed``), takes its share of each global minibatch (the same
 minibatches as one process) with the global minibatch's normalisers, and rank 0 writes the full checkpoint.
@@ -54,10 +54,10 @@ import torch
 
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
-from stages import checkpoint as ckpt
-from stages import update_distributed as ddist
-from stages.policy_loss import policy_loss, token_entropy, token_logprobs
-from stages.training_samples import (  # noqa: F401 - re-exported for callers of the update stage
+from runtime import checkpoint as ckpt
+from stages.update import distributed as ddist
+from maths.policy_loss import policy_loss, token_entropy, token_logprobs
+from stages.update.samples import (  # noqa: F401 - re-exported for callers of the update stage
     Sample,
     SamplesError,
     collate,
@@ -132,7 +132,7 @@ class Trainer:
     """
 
     def __init__(self, checkpoint_dir: str | Path, params: UpdateParams, world: ddist.World | None = None):
-        from stages import lora
+        from runtime import lora
 
         self.params, self.source = params, ckpt.check_checkpoint(checkpoint_dir)
         self.world = world or ddist.World()
@@ -366,7 +366,7 @@ class Trainer:
     def policy_for_rollout(self) -> torch.nn.Module | None:
         """The plain transformers model the rollout engine should run (LoRA: a merged copy; FSDP2: a gathered
         full copy, on rank 0 only, None elsewhere — collective: every rank calls it)."""
-        from stages import lora
+        from runtime import lora
 
         if self.world.distributed and self.world.kind == "fsdp2":
             return ddist.full_model(self.model, self.world)
@@ -398,10 +398,10 @@ def sync_live_engine(weights: torch.nn.Module | Path, checkpoint_dir: Path) -> t
     multi-process update, whose model lived in the torchrun subprocess). The engine module is only consulted
     when it is already imported (no engine can be live otherwise, and importing it would import vLLM). The
     weights go in only when the engine's model has the same architecture as the new checkpoint
-    (``stages.engine.same_architecture``); they are labelled with ``checkpoint_dir`` so the next rollout on
+    (``runtime.engines.same_architecture``); they are labelled with ``checkpoint_dir`` so the next rollout on
     that checkpoint reuses the engine instead of reloading.
     """
-    engine_mod = sys.modules.get("stages.engine")
+    engine_mod = sys.modules.get("runtime.engines")
     live = getattr(engine_mod, "live_engine", None)
     engine = live() if live is not None else None
     if engine is None:
@@ -425,7 +425,7 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     """One policy update: samples + checkpoint -> new checkpoint (see module docstring).
 
     ``params.nproc > 1`` (outside a torchrun world): the update runs under torchrun in a subprocess
-    (``stages.update_distributed.launch``); the live engine, if any, then loads the new checkpoint from disk.
+    (``stages.update.distributed.launch``); the live engine, if any, then loads the new checkpoint from disk.
     """
     for key in ("samples", "checkpoint"):
         if key not in inputs:
@@ -473,7 +473,7 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI; also what each torchrun rank runs. ``--result FILE``: rank 0 writes the StageOutput JSON there and
-    a failing rank writes its error next to it (``stages.update_distributed.write_error``)."""
+    a failing rank writes its error next to it (``stages.update.distributed.write_error``)."""
     import argparse
     import os
 

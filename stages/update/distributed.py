@@ -19,7 +19,7 @@ one process, all of it here:
 - ``all_reduce_sums`` / ``all_gather_dict``: step statistics are summed over ranks; π_old / π_ref log-probs
   are computed on each rank's share of the samples and gathered to every rank.
 - ``full_model`` / ``optimizer_state``: the checkpoint holds a full (unsharded) state dict, written by rank 0
-  only (atomically, ``stages.checkpoint.save_checkpoint``); FSDP2 gathers it with
+  only (atomically, ``runtime.checkpoint.save_checkpoint``); FSDP2 gathers it with
   ``torch.distributed.checkpoint.state_dict``. Optimizer state is stored in plain ``optimizer.state_dict()``
   form (integer parameter ids), so checkpoints move freely between 1 process, DDP and FSDP2.
 
@@ -47,8 +47,8 @@ import torch.distributed as dist
 
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
-from stages.checkpoint import CheckpointError
-from stages.training_samples import SamplesError
+from runtime.checkpoint import CheckpointError
+from stages.update.samples import SamplesError
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,424 @@
+"""Advantages stage: credit assignment for GRPO, Dr.GRPO, GTPO and MURPHY (../shared/ALGORITHMS.md).
+
+Array-level functions (plain lists or numpy arrays in, numpy out; other stages and outside checks call them):
+
+    grpo(rewards, group_ids, *, scale_by_std=True) -> adv (N,)
+    gtpo(turn_rewards, group_ids, *, gamma=0.9, norm_scope="group") -> [adv_i (T_i,)] per trajectory
+    murphy_returns(parent_ids, rewards, *, mode="max", gamma=1.0) -> returns (K,)
+    murphy(tree_ids, parent_ids, rewards, *, mode="max", gamma=1.0) -> adv (K,)
+    gtpo_shaping(codes, success, group_ids, *, alpha=0.5, similarity="lexical") -> shaped final rewards (N,)
+
+All are vectorised: segment reductions over dense group codes (``maths.segments``), discounted returns by
+turn position, tree returns level by level by depth; no Python loop over trajectories, turns or nodes.
+
+The stage ``run(params, inputs, out)`` turns scored rows into training samples (``schemas.tables.SAMPLES``)
+through the estimator registry (``ESTIMATORS``; add one with ``@register_estimator``). Table plumbing lives in
+``maths.samples``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from schemas.outputs import StageOutput
+from schemas.params.rewards import AdvantageParams
+from maths.rewards import gtpo_shaping  # noqa: F401  (re-exported: part of this module's array API)
+from maths.segments import (
+    EPS,
+    check_finite,
+    contiguous_runs,
+    group_codes,
+    runs_zscore,
+    segment_starts,
+    segment_zscore,
+    set_has_signal,
+    turn_positions,
+)
+
+log = logging.getLogger(__name__)
+
+NormScope = Literal["group", "turn_position", "batch"]
+
+
+# --- GRPO / Dr.GRPO -----------------------------------------------------------------------------------------
+def grpo(rewards, group_ids, *, scale_by_std: bool = True, eps: float = EPS) -> np.ndarray:
+    """GRPO group z-score (DeepSeekMath, arXiv 2402.03300); ``scale_by_std=False`` is Dr.GRPO (arXiv 2503.20783).
+
+    rewards (N,): outcome reward r_i per trajectory; group_ids (N,): str or int, G trajectories of a prompt
+    share one. Returns A (N,) = (r_i − mean_g r) / (std_g r + ε), std with ddof = 1; a one-member group gets 0.
+    """
+    r = _float_vector(rewards, "rewards")
+    ids = np.asarray(group_ids) if isinstance(group_ids, list | tuple) else group_ids
+    runs = contiguous_runs(ids)
+    if runs is not None:  # rollout order: one contiguous run per group, no scatter needed
+        _same_length(r, np.empty(runs[-1]), "rewards", "group_ids")
+        check_finite(r, what="rewards")
+        return runs_zscore(r, runs, scale_by_std=scale_by_std, eps=eps)
+    codes, n_groups = group_codes(ids)
+    _same_length(r, codes, "rewards", "group_ids")
+    check_finite(r, what="rewards")
+    return segment_zscore(r, codes, n_groups, scale_by_std=scale_by_std, eps=eps)
+
+
+# --- GTPO ---------------------------------------------------------------------------------------------------
+def discounted_returns(values: np.ndarray, lengths: np.ndarray, gamma: float) -> np.ndarray:
+    """R_ij = r_ij + γ R_i,j+1 within each trajectory, computed backwards one turn position at a time.
+
+    values (M,): flat turn rewards, trajectory after trajectory; lengths (N,): turns per trajectory (≥ 1).
+    Returns R (M,). The loop runs over "turns remaining" d = 1 .. max T_i − 1, each step vectorised: the turns
+    with d turns after them are ends − 1 − d of the trajectories longer than d.
+    """
+    out = values.astype(np.float64, copy=True)
+    last = np.cumsum(lengths) - 1
+    active = np.flatnonzero(lengths > 1)  # trajectories longer than d: shrinks, so the total work is O(M)
+    d = 1
+    while active.size:
+        idx = last[active] - d
+        out[idx] += gamma * out[idx + 1]
+        d += 1
+        active = active[lengths[active] > d]
+    return out
+
+
+def gtpo_flat(
+    values: np.ndarray,
+    lengths: np.ndarray,
+    codes: np.ndarray,
+    n_groups: int,
+    *,
+    gamma: float = 0.9,
+    norm_scope: NormScope = "group",
+    eps: float = EPS,
+) -> np.ndarray:
+    """GTPO advantages on flat arrays: values (M,) turn rewards, lengths (N,), codes (N,) dense group codes.
+
+    Returns A (M,) = (R_ij − mean_S R) / (std_S R + ε) with S chosen by ``norm_scope``.
+    """
+    if norm_scope not in NORM_SCOPES:
+        raise ValueError(f"unknown norm_scope {norm_scope!r}; valid: {sorted(NORM_SCOPES)}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    returns = discounted_returns(values, lengths, gamma)
+    turn_group = np.repeat(codes, lengths)
+    set_codes, n_sets = NORM_SCOPES[norm_scope](turn_group, n_groups, lengths)
+    return segment_zscore(returns, set_codes, n_sets, eps=eps)
+
+
+def _scope_group(turn_group, n_groups, lengths):
+    return turn_group, n_groups
+
+
+def _scope_turn_position(turn_group, n_groups, lengths):
+    width = int(lengths.max()) if lengths.size else 1
+    codes = turn_group * width + turn_positions(lengths)
+    if n_groups * width > 4 * codes.size:  # a few very long trajectories: densify instead of a huge table
+        return group_codes(codes)
+    return codes, n_groups * width
+
+
+def _scope_batch(turn_group, n_groups, lengths):
+    return np.zeros_like(turn_group), 1
+
+
+NORM_SCOPES: dict[str, Callable] = {
+    "group": _scope_group,
+    "turn_position": _scope_turn_position,
+    "batch": _scope_batch,
+}
+
+
+def gtpo(turn_rewards, group_ids, *, gamma: float = 0.9, norm_scope: NormScope = "group", eps: float = EPS):
+    """GTPO turn-level advantages (arXiv 2511.14846).
+
+    turn_rewards: N sequences, r_i (T_i,) per trajectory; group_ids (N,). Returns a list of N float64 arrays,
+    A_i (T_i,): discounted returns R_ij = Σ_{k≥j} γ^(k−j) r_ik z-scored over the set S given by ``norm_scope``:
+    "group" (all turns of the group), "turn_position" (turns at the same position in the group), "batch".
+    """
+    seqs = [np.asarray(t, np.float64).reshape(-1) for t in turn_rewards]
+    lengths = np.fromiter((s.size for s in seqs), np.int64, count=len(seqs))
+    codes, n_groups = group_codes(group_ids)
+    _same_length(lengths, codes, "turn_rewards", "group_ids")
+    if (lengths == 0).any():
+        row = int(np.flatnonzero(lengths == 0)[0])
+        raise ValueError(f"turn_rewards[{row}] is empty: a trajectory needs at least one turn")
+    flat = np.concatenate(seqs) if seqs else np.zeros(0)
+    bad = ~np.isfinite(flat)
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(segment_starts(lengths), pos, side="right") - 1)
+        raise ValueError(
+            f"turn_rewards[{row}] has a non-finite reward {flat[pos]}: rewards must be finite numbers"
+        )
+    adv = gtpo_flat(flat, lengths, codes, n_groups, gamma=gamma, norm_scope=norm_scope, eps=eps)
+    return np.split(adv, segment_starts(lengths)[1:-1])
+
+
+# --- MURPHY -------------------------------------------------------------------------------------------------
+def node_depths(parent_ids: np.ndarray) -> np.ndarray:
+    """(K,) depth of each node (0 at a root), resolved level by level; a missing parent or a cycle is an error
+    naming the row. parent_ids (K,): position of the parent or −1."""
+    p = parent_ids
+    n = p.size
+    bad = (p < -1) | (p >= n)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"node {row}: parent {int(p[row])} is missing (valid parents: -1 or 0..{n - 1})")
+    depth = np.where(p < 0, 0, -1)
+    safe_parent = np.where(p < 0, 0, p)
+    unknown = np.flatnonzero(depth < 0)
+    while unknown.size:
+        ready = depth[safe_parent[unknown]] >= 0
+        if not ready.any():
+            raise ValueError(f"node {int(unknown.min())}: its ancestors form a cycle (no path to a root)")
+        newly = unknown[ready]
+        depth[newly] = depth[safe_parent[newly]] + 1
+        unknown = unknown[~ready]
+    return depth
+
+
+def _returns(parents: np.ndarray, r: np.ndarray, mode: str, gamma: float) -> np.ndarray:
+    if mode not in RETURN_MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {sorted(RETURN_MODES)}")
+    depth = node_depths(parents)
+    out = r.astype(np.float64, copy=True)
+    for d in range(int(depth.max(initial=0)), 0, -1):  # deepest children first; roots (d = 0) have no parent
+        children = np.flatnonzero(depth == d)
+        RETURN_MODES[mode](out, r, parents[children], out[children], gamma)
+    return out
+
+
+def _max_step(out, r, parent, child_ret, gamma):
+    """MaRS: R(n) = max(r(n), γ · max_c R(c)) (the spec's MaRS is γ = 1)."""
+    np.maximum.at(out, parent, gamma * child_ret)
+
+
+def _mean_step(out, r, parent, child_ret, gamma):
+    """MeRS: R(n) = r(n) + γ · mean_c R(c)."""
+    total = np.zeros_like(out)
+    count = np.zeros_like(out)
+    np.add.at(total, parent, child_ret)
+    np.add.at(count, parent, 1.0)
+    out[parent] = r[parent] + gamma * total[parent] / count[parent]
+
+
+RETURN_MODES: dict[str, Callable] = {"max": _max_step, "mean": _mean_step}
+
+
+def murphy_returns(parent_ids, rewards, *, mode: str = "max", gamma: float = 1.0) -> np.ndarray:
+    """MURPHY tree returns (arXiv 2511.07833): MaRS (``mode="max"``) or MeRS (``"mean"``), leaves up.
+
+    parent_ids (K,): position of each node's parent, −1 at a root; rewards (K,): r(n). Returns R (K,).
+    """
+    parents = _int_vector(parent_ids, "parent_ids")
+    r = _float_vector(rewards, "rewards")
+    _same_length(r, parents, "rewards", "parent_ids")
+    check_finite(r, what="rewards")
+    return _returns(parents, r, mode, gamma)
+
+
+def sibling_sets(tree_codes: np.ndarray, parents: np.ndarray, n_trees: int) -> tuple[np.ndarray, int]:
+    """Dense sibling-set codes (K,): children of one parent share a set; the roots of one tree share one.
+
+    A parent in another tree than its child is an error naming the row."""
+    k = parents.size
+    has_parent = parents >= 0
+    cross = has_parent & (tree_codes[np.where(has_parent, parents, 0)] != tree_codes)
+    if cross.any():
+        row = int(np.flatnonzero(cross)[0])
+        raise ValueError(f"node {row}: its parent {int(parents[row])} belongs to another tree")
+    raw = np.where(has_parent, parents, k + tree_codes)  # ids in [0, k + n_trees): dense them without hashing
+    present = np.zeros(k + n_trees, bool)
+    present[raw] = True
+    dense = np.cumsum(present) - 1
+    return dense[raw], int(present.sum())
+
+
+def murphy(
+    tree_ids, parent_ids, rewards, *, mode: str = "max", gamma: float = 1.0, eps: float = EPS
+) -> np.ndarray:
+    """MURPHY per-node advantages: A(n) = (R(n) − mean_sib R) / (std_sib R + ε), siblings = same tree and parent.
+
+    tree_ids (K,); parent_ids (K,): global positions (across trees) or −1; rewards (K,). Returns A (K,).
+    """
+    parents = _int_vector(parent_ids, "parent_ids")
+    tree_codes, n_trees = group_codes(tree_ids, what="tree_ids")
+    _same_length(parents, tree_codes, "parent_ids", "tree_ids")
+    returns = murphy_returns(parents, rewards, mode=mode, gamma=gamma)
+    sets, n_sets = sibling_sets(tree_codes, parents, n_trees)
+    return segment_zscore(returns, sets, n_sets, eps=eps)
+
+
+# --- small helpers ------------------------------------------------------------------------------------------
+def _float_vector(x, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: expected numbers ({e})") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{what}: expected a flat sequence, got shape {arr.shape}")
+    return arr
+
+
+def _int_vector(x, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{what}: expected a flat sequence, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{what}: expected integer positions, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _same_length(a: np.ndarray, b: np.ndarray, an: str, bn: str) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{an} has {a.shape[0]} rows but {bn} has {b.shape[0]}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{an} is empty: no groups to normalise over")
+
+
+# --- pruning (MURPHY InterP / IntraP) -----------------------------------------------------------------------
+def prune(
+    ret: np.ndarray,
+    adv: np.ndarray,
+    sets: np.ndarray,
+    n_sets: int,
+    *,
+    inter_keep: int | None = None,
+    intra_keep: int | None = None,
+    keep_zero_signal: bool = False,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Which nodes to leave out of training (K,) bool, and how many each rule removed.
+
+    Zero signal: a sibling set whose returns all tie (all advantages 0) is dropped unless ``keep_zero_signal``.
+    InterP (our definition, the papers give none): of the remaining sets keep the ``inter_keep`` with the
+    highest return std (ties: earlier set first). IntraP: inside a set keep ``intra_keep`` nodes, the lowest
+    ⌈k/2⌉ and highest ⌊k/2⌋ returns, so the spread survives. Advantages stay those of the full sibling set.
+    """
+    size = np.bincount(sets, minlength=n_sets)
+    dropped = np.zeros(n_sets, bool) if keep_zero_signal else ~set_has_signal(adv, sets, n_sets)
+    counts = {"zero_signal": int(size[dropped].sum()), "inter": 0, "intra": 0}
+    if inter_keep is not None:
+        std = np.sqrt(
+            np.maximum(
+                np.bincount(
+                    sets, weights=segment_zscore(ret, sets, n_sets, scale_by_std=False) ** 2, minlength=n_sets
+                )
+                / np.maximum(size - 1, 1),
+                0.0,
+            )
+        )
+        alive = np.flatnonzero(~dropped & (size > 0))
+        ranked = alive[np.lexsort((alive, -std[alive]))]
+        cut = ranked[inter_keep:]
+        counts["inter"] = int(size[cut].sum())
+        dropped[cut] = True
+    pruned = dropped[sets]
+    if intra_keep is not None:
+        order = np.lexsort((ret, sets))
+        rank = np.empty(sets.size, np.int64)
+        rank[order] = np.arange(sets.size) - segment_starts(size)[sets[order]]
+        low, high = (intra_keep + 1) // 2, intra_keep // 2
+        cut = ~pruned & (rank >= low) & (rank < size[sets] - high)
+        counts["intra"] = int(cut.sum())
+        pruned |= cut
+    return pruned, counts
+
+
+# --- estimator registry -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: ``fn(batch, params)`` on the flat batch of the table it reads.
+
+    table "trajectories": fn(TrajectoryBatch, params) -> per-turn advantages (M,);
+    table "trees": fn(NodeBatch, params) -> (returns (K,), advantages (K,)).
+    ``unit`` is what the adv/* metrics average over.
+    """
+
+    name: str
+    table: Literal["trajectories", "trees"]
+    unit: Literal["trajectory", "turn", "node"]
+    fn: Callable
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, *, table: str, unit: str) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable) -> Callable:
+        ESTIMATORS[name] = Estimator(name, table, unit, fn)  # type: ignore[arg-type]
+        return fn
+
+    return deco
+
+
+def get_estimator(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; valid: {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+@dataclass
+class TrajectoryBatch:
+    """Flat view of scored trajectories. rewards (N,) r_i; lengths (N,) T_i; codes (N,) dense group codes;
+    turn_rewards (M,) r_ij flat, trajectory after trajectory (None when the table has none)."""
+
+    rewards: np.ndarray
+    lengths: np.ndarray
+    codes: np.ndarray
+    n_groups: int
+    turn_rewards: np.ndarray | None
+
+
+@dataclass
+class NodeBatch:
+    """Flat view of scored tree nodes. parents (K,) global positions or −1; rewards (K,) r(n); sets (K,) dense
+    sibling-set codes."""
+
+    parents: np.ndarray
+    rewards: np.ndarray
+    sets: np.ndarray
+    n_sets: int
+
+
+@register_estimator("grpo", table="trajectories", unit="trajectory")
+def _grpo_estimator(b: TrajectoryBatch, p: AdvantageParams) -> np.ndarray:
+    return np.repeat(segment_zscore(b.rewards, b.codes, b.n_groups, eps=p.eps), b.lengths)
+
+
+@register_estimator("dr_grpo", table="trajectories", unit="trajectory")
+def _dr_grpo_estimator(b: TrajectoryBatch, p: AdvantageParams) -> np.ndarray:
+    return np.repeat(segment_zscore(b.rewards, b.codes, b.n_groups, scale_by_std=False), b.lengths)
+
+
+@register_estimator("gtpo", table="trajectories", unit="turn")
+def _gtpo_estimator(b: TrajectoryBatch, p: AdvantageParams) -> np.ndarray:
+    if b.turn_rewards is None:
+        raise ValueError("gtpo needs turn_reward on every turn: run the score stage first")
+    return gtpo_flat(
+        b.turn_rewards, b.lengths, b.codes, b.n_groups, gamma=p.gamma, norm_scope=p.norm_scope, eps=p.eps
+    )
+
+
+@register_estimator("murphy", table="trees", unit="node")
+def _murphy_estimator(b: NodeBatch, p: AdvantageParams) -> tuple[np.ndarray, np.ndarray]:
+    ret = _returns(b.parents, b.rewards, p.murphy_mode, p.murphy_gamma)
+    return ret, segment_zscore(ret, b.sets, b.n_sets, eps=p.eps)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+def run(params: AdvantageParams, inputs: dict[str, str], out: Path) -> StageOutput:
+    """Scored trajectories (grpo, dr_grpo, gtpo) or trees (murphy) -> samples.parquet (+ trees.parquet with
+    ``ret`` and ``pruned`` for murphy). Zero-signal groups are dropped unless ``keep_zero_signal``."""
+    from stages import advantage_stage
+
+    est = get_estimator(params.estimator)
+    if est.table not in inputs:
+        raise ValueError(f"estimator {est.name!r} reads {est.table!r}; inputs has {sorted(inputs)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return advantage_stage.RUNNERS[est.table](est, params, inputs[est.table], out)
