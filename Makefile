@@ -14,7 +14,7 @@ test: setup
 	bash infra/test.sh
 
 lint: setup
-	.venv/bin/ruff check flows stages schemas tests bench
+	.venv/bin/ruff check flows stages maths runtime schemas tests bench
 
 bench: setup
 	for b in bench/bench_*.py; do OMP_NUM_THREADS=1 .venv/bin/python $$b || exit 1; done

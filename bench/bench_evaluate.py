@@ -48,8 +48,8 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     args = ap.parse_args()
 
-    from schemas.params.evaluate import EvalParams
     from maths.eval_metrics import summarize
+    from schemas.params.evaluate import EvalParams
     from stages.evaluate import load_problems
 
     try:

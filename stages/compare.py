@@ -17,10 +17,10 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from schemas.outputs import StageOutput, TableRef
-from schemas.tables import EVAL_RESULTS
 from maths.eval_metrics import bench_key, group_metrics, sample_records
 from runtime.tableio import read_table, sha256_file
+from schemas.outputs import StageOutput, TableRef
+from schemas.tables import EVAL_RESULTS
 
 # A history: method -> metric name -> [(step, value), ...] in step order.
 History = Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]

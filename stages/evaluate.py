@@ -32,12 +32,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from maths import prompts
+from maths.eval_metrics import bench_key, pass_at_k, summarize
+from runtime import progress
+from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput
 from schemas.params.evaluate import EvalParams
 from schemas.tables import EVAL_RESULTS, PROBLEMS
-from runtime import progress, prompts
-from maths.eval_metrics import bench_key, pass_at_k, summarize
-from runtime.tableio import read_table, write_table
 
 __all__ = [
     "EVAL_SOURCES",

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from schemas.outputs import StageOutput
-from schemas.params.rewards import ScoreParams
-from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
 from maths import rewards as R
 from maths.samples import field, list_parts, numbers, with_fields
 from maths.segments import group_codes
 from runtime.tableio import read_table, write_table
+from schemas.outputs import StageOutput
+from schemas.params.rewards import ScoreParams
+from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
+from maths.policy_loss import aggregate, token_logprobs
+from runtime import checkpoint as ckpt
+from runtime.devices import PeakMemory, resolve_device
+from runtime.tableio import read_table
 from schemas.outputs import StageOutput
 from schemas.params.update import WarmstartParams
 from schemas.tables import PROBLEMS
-from runtime import checkpoint as ckpt
-from maths.policy_loss import aggregate, token_logprobs
-from runtime.tableio import read_table
-from stages.update import PeakMemory, resolve_device
 
 STAGE = "warmstart"
 

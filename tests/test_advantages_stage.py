@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runtime.tableio import read_table, write_table
 from schemas.params.rewards import AdvantageParams, ScoreParams
 from schemas.tables import PROBLEMS, SAMPLES, TRAJECTORIES, TREES
-from maths import advantages, score
-from runtime.tableio import read_table, write_table
+from stages import advantages, score
 from tests.scored_tables import node, problem, trajectory, tree, turn
 
 S2 = 1 / math.sqrt(2)

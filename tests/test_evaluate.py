@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from schemas.params.evaluate import EvalParams
-from schemas.tables import EVAL_RESULTS, PROBLEMS
 from maths import prompts
 from runtime.engines import Generation
-from stages.evaluate import run
 from runtime.tableio import read_table, write_table
+from schemas.params.evaluate import EvalParams
+from schemas.tables import EVAL_RESULTS, PROBLEMS
+from stages.evaluate import run
 
 MBPP = "mbpp/mbpp_release_v1.jsonl"
 

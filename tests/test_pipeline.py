@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas import tables
-from schemas.params import PipelineParams
 from flows.runstore import RunStore
 from runtime.tableio import read_table
+from schemas import tables
+from schemas.params import PipelineParams
 
 STAGES = ("rollout", "score", "advantages", "update", "evaluate")
 
@@ -164,7 +164,7 @@ def test_single_stage_rerun_leaves_other_outputs_byte_identical(gtpo_run):
 
 
 def test_failed_stage_then_resume_without_redoing(harness, tiny_model, tmp_path, monkeypatch):
-    import maths.advantages as adv_module
+    import stages.advantages as adv_module
     from flows.pipeline import pipeline
 
     params = tiny_params(tiny_model, tmp_path, eval={"max_problems": 1})

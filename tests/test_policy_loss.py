@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.params import update as P
 from maths import policy_loss as pl
+from schemas.params import update as P
 
 # Two sequences, 3 positions each (position 0 is prompt). Ratios ρ: seq0 [·, 1.5, 0.5], seq1 [·, 1.1, 5.0];
 # seq1's last position is masked out and carries garbage that must not matter.

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from flows.runner import RunContext, run_stage
+from flows.runstore import RunStore
 from flows.serve import start_prefect_server, stop, wait_healthy
 from schemas.params import DataParams
-from flows.runstore import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

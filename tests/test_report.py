@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime.tableio import write_table
 from schemas.tables import EVAL_RESULTS
 from stages.compare import compare, markdown_table, method_summaries
-from runtime.tableio import write_table
 
 
 def _eval_table(path, solve_prob_by_attempt, problems=12, samples=2, seed=0):

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.params.rewards import ScoreParams
 from maths.advantages import gtpo_shaping
 from maths.rewards import REWARDS, combine, format_penalties, get_reward, math_correct, turn_rewards
 from maths.similarity import SIMILARITIES, code_tokens, get_similarity, similarity
+from schemas.params.rewards import ScoreParams
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from schemas import tables
-from schemas.outputs import StageOutput
 from flows.runstore import RunNotFound, RunStore, list_runs
 from runtime.tableio import read_table, write_table
+from schemas import tables
+from schemas.outputs import StageOutput
 
 ROW = {
     "problem_id": "p1",

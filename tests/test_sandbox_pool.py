@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from runtime.sandbox import SandboxPool, default_pool, execute_many, run_tests_many
+from runtime.sandbox import SandboxPool, default_pool, execute_many, process, run_tests_many
 from runtime.sandbox import execution as execution_module
 from runtime.sandbox import isolation as iso
 
@@ -99,7 +99,8 @@ def test_crashing_sandbox_internals_never_take_the_caller_down(monkeypatch):
 
 
 def test_launch_failure_is_an_error_result(monkeypatch):
-    monkeypatch.setattr(iso, "bwrap_command", lambda *a, **k: ["/nonexistent/bwrap"])
+    monkeypatch.setattr(iso, "bwrap_command", lambda *a, **k: ["/nonexistent/bwrap"])  # per-run launch
+    monkeypatch.setattr(process, "bwrap_command", lambda *a, **k: ["/nonexistent/bwrap"])  # the zygote
     monkeypatch.setenv("TURNTREE_SANDBOX_MODE", "bwrap")
     iso.detect_mode.cache_clear()
     pool = SandboxPool(1)  # fresh slots: the default pool's zygotes are already running

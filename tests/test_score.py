@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from maths.similarity import similarity
+from runtime.tableio import read_table, write_table
 from schemas.params.rewards import ScoreParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
 from stages import score
-from maths.similarity import similarity
-from runtime.tableio import read_table, write_table
 from tests.scored_tables import node, problem, trajectory, tree, turn
 
 ADD_TESTS = [

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.tables import ALL, PROBLEMS, TRAJECTORIES, TREES
 from runtime.tableio import SchemaError, read_table, write_table
+from schemas.tables import ALL, PROBLEMS, TRAJECTORIES, TREES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import random
-import sys
-import types
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
 
+from maths.policy_loss import token_logprobs
+from runtime import checkpoint as ckpt
+from runtime.engines import live
+from runtime.tableio import write_table
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES, TRAJECTORIES
-from runtime import checkpoint as ckpt
 from stages import update
-from maths.policy_loss import token_logprobs
-from runtime.tableio import write_table
 
 
 def sample_rows(model_dir: Path, n: int = 6, seed: int = 0, adv=None) -> list[dict]:
@@ -171,13 +170,7 @@ def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, mo
             pushed.update(weights=weights, source=source)
             return 0.0
 
-    fake = types.SimpleNamespace(
-        live_engine=lambda: FakeEngine(),
-        same_architecture=lambda a, b: (
-            (Path(a) / "config.json").is_file() and (Path(b) / "config.json").is_file()
-        ),
-    )
-    monkeypatch.setitem(sys.modules, "runtime.engines", fake)
+    monkeypatch.setattr(live, "ENGINES", [FakeEngine()])  # the process's live-engine registry
     out = update.run(UpdateParams(**FAST), {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path)
     assert pushed["source"] == out.uri("checkpoint") and "timing/weight_sync" in out.metrics
     saved = ckpt.load_model(out.uri("checkpoint")).state_dict()

@@ -4,20 +4,19 @@ process on the same samples, with DDP and with FSDP2; a failing rank gives a cle
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
+from runtime import checkpoint as ckpt
+from runtime.engines import live
+from runtime.tableio import write_table
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from runtime import checkpoint as ckpt
 from stages import update
 from stages.update import distributed as ddist
-from runtime.tableio import write_table
 from tests.test_update import sample_rows
 
 # 7 samples, minibatches of 4 then 3: rank shares of 2/2 and 2/1 — the 3-sample minibatch gives rank 1 one
@@ -100,8 +99,7 @@ def test_two_processes_give_the_one_process_update(kind, samples, single, tmp_pa
             pushed.update(weights=weights, source=source)
             return 0.0
 
-    fake = types.SimpleNamespace(live_engine=lambda: FakeEngine(), same_architecture=lambda a, b: True)
-    monkeypatch.setitem(sys.modules, "runtime.engines", fake)
+    monkeypatch.setattr(live, "ENGINES", [FakeEngine()])  # the process's live-engine registry
     extra = LORA if kind.endswith("lora") else {}
     p = UpdateParams(**PARAMS, **extra, nproc=2, distributed=kind.removesuffix("-lora"))
     multi = update.run(p, {"samples": samples, "checkpoint": start}, tmp_path)

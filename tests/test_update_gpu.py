@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
+from runtime import checkpoint as ckpt
+from runtime.tableio import write_table
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from runtime import checkpoint as ckpt
 from stages import update
-from runtime.tableio import write_table
 
 
 @pytest.mark.gpu

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime import checkpoint as ckpt
+from runtime.tableio import write_table
 from schemas.params.update import WarmstartParams
 from schemas.tables import PROBLEMS
-from runtime import checkpoint as ckpt
 from stages import warmstart
 from stages.data.synthetic import generate
-from runtime.tableio import write_table
 
 
 def _problems(tmp_path, rows, name="problems.parquet") -> str:

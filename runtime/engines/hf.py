@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.engines import Engine, Generation, SamplingSpec
+from runtime.engines.base import Engine, Generation, SamplingSpec
 
 
 class TransformersEngine(Engine):

@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from runtime.sandbox import isolation as iso
+from runtime.sandbox import process as px
 
 # bwrap's --die-with-parent fires when the THREAD that started it exits: start zygotes from one thread that
 # lives as long as the process, never from a caller's (possibly short-lived) thread
@@ -65,8 +65,8 @@ class Zygote:
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         try:
-            cmd = iso.bwrap_command(
-                iso.Limits(tmpfs_mb=1), -1, -1, runner_args=["zygote", str(theirs.fileno())], caps=True
+            cmd = px.bwrap_command(
+                px.Limits(tmpfs_mb=1), -1, -1, runner_args=["zygote", str(theirs.fileno())], caps=True
             )
             ids = {"user": self.uid, "group": self.uid, "extra_groups": []} if self.uid is not None else {}
             self.proc = _SPAWNER.submit(
@@ -94,7 +94,7 @@ class Zygote:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
-            iso.kill_uid(self.uid)
+            px.kill_uid(self.uid)
             try:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
@@ -102,7 +102,7 @@ class Zygote:
                 pass
             self.proc = None
 
-    def run(self, payload: dict, stdin: bytes | None, limits: iso.Limits) -> iso.RawRun:
+    def run(self, payload: dict, stdin: bytes | None, limits: px.Limits) -> px.RawRun:
         """One job through the zygote (started or restarted as needed); never raises for what the job does."""
         with self._lock:
             start = time.monotonic()
@@ -111,7 +111,7 @@ class Zygote:
                 try:
                     self._start()
                 except Exception as e:
-                    return iso.RawRun(b"", b"", b"", None, False, False, time.monotonic() - start, "bwrap",
+                    return px.RawRun(b"", b"", b"", None, False, False, time.monotonic() - start, "bwrap",
                                       f"launch failed: {e!r}")  # fmt: skip
             self._clean = False
             raw = self._run(payload, stdin, limits, start)
@@ -119,7 +119,7 @@ class Zygote:
                 self.stop()  # unclean, dead or hung zygote: the next job gets a fresh sandbox
             return raw
 
-    def _run(self, payload: dict, stdin: bytes | None, limits: iso.Limits, start: float) -> iso.RawRun:
+    def _run(self, payload: dict, stdin: bytes | None, limits: px.Limits, start: float) -> px.RawRun:
         body = json.dumps({**payload, "timeout_s": limits.timeout_s, "tmpfs_mb": limits.tmpfs_mb}).encode()
         pipes = [os.pipe() for _ in range(4 if stdin else 3)]
         theirs = [pipes[0][1], pipes[1][1], pipes[2][1]] + ([pipes[3][0]] if stdin else [])
@@ -130,7 +130,7 @@ class Zygote:
             for r, w in pipes:
                 os.close(r)
                 os.close(w)
-            return iso.RawRun(b"", b"", b"", None, False, False, time.monotonic() - start, "bwrap",
+            return px.RawRun(b"", b"", b"", None, False, False, time.monotonic() - start, "bwrap",
                               f"sandbox worker unreachable: {e!r}")  # fmt: skip
         for fd in theirs:
             os.close(fd)
@@ -138,7 +138,7 @@ class Zygote:
         caps = {out_fd: limits.output_bytes, err_fd: limits.output_bytes, res_fd: limits.result_bytes}
         return self._supervise(caps, pipes[3][1] if stdin else None, stdin, limits, start)
 
-    def _supervise(self, caps: dict, stdin_fd, stdin, limits, start) -> iso.RawRun:
+    def _supervise(self, caps: dict, stdin_fd, stdin, limits, start) -> px.RawRun:
         out_fd, err_fd, res_fd = list(caps)
         bufs = {fd: bytearray() for fd in caps}
         sel = selectors.DefaultSelector()
@@ -208,7 +208,7 @@ class Zygote:
             error = "sandbox set-up failed: " + bufs[err_fd].split(marker, 1)[1][:300].decode(
                 errors="replace"
             )
-        return iso.RawRun(
+        return px.RawRun(
             stdout=bytes(bufs[out_fd]),
             stderr=bytes(bufs[err_fd]),
             records=bytes(bufs[res_fd]),

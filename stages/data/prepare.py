@@ -16,12 +16,12 @@ import re
 import time
 from pathlib import Path
 
+from runtime.tableio import SchemaError, write_table
 from schemas.outputs import StageOutput
 from schemas.params.data import DataParams
 from schemas.tables import PROBLEMS
 from stages.data.formats import FORMATS
 from stages.data.sources import DataError, Loaded, load_source
-from runtime.tableio import SchemaError, write_table
 
 MAX_LISTED = 5  # malformed records named in an error message
 

@@ -113,8 +113,8 @@ def read_records(path: Path) -> tuple[list[tuple[int, object]], bool]:
 
             meta = pq.read_schema(path).metadata or {}
             if meta.get(b"table") == b"problems":
-                from schemas.tables import PROBLEMS
                 from runtime.tableio import read_table
+                from schemas.tables import PROBLEMS
 
                 return list(enumerate(read_table(path, PROBLEMS).to_pylist())), True
             return list(enumerate(pq.read_table(path).to_pylist())), False

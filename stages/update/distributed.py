@@ -45,13 +45,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from runtime.checkpoint import CheckpointError
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
-from runtime.checkpoint import CheckpointError
 from stages.update.samples import SamplesError
 
 T = TypeVar("T")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class DistributedUpdateError(RuntimeError):

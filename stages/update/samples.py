@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtime.tableio import read_table
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
-from runtime.tableio import read_table
 
 
 class SamplesError(ValueError):

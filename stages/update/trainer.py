@@ -1,0 +1,299 @@
+"""The update's trainer: PPO-clip over minibatches of training samples, AdamW with warmup, checkpoint state
+(see ``stages.update`` for what one call does)."""
+
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maths.policy_loss import policy_loss, token_entropy, token_logprobs
+from runtime import checkpoint as ckpt
+from runtime.devices import PeakMemory, resolve_device
+from schemas.params.update import UpdateParams
+from stages.update import distributed as ddist
+from stages.update.samples import (
+    Sample,
+    collate,
+    minibatches,
+)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip the total L2 norm of the gradients (FSDP2's sharded DTensor gradients included); the norm before."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# --- the trainer -------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Policy + optimizer + scheduler + counters; ``update(samples)`` is one call of the update stage's work.
+
+    Calling ``update`` k times in one process equals k stage runs that each load the previous checkpoint
+    (the resume-fidelity test checks this). ``world``: this process's rank in a torchrun world (default: one
+    process); ``self.model`` is the HF (or peft) model, ``self.train_model`` what training runs through (the DDP
+    wrapper, or the FSDP2-sharded model itself).
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, params: UpdateParams, world: ddist.World | None = None):
+        from runtime import lora
+
+        self.params, self.source = params, ckpt.check_checkpoint(checkpoint_dir)
+        self.world = world or ddist.World()
+        device, self.amp_dtype = resolve_device(params.device, params.dtype)
+        self.device = self.world.device(device)
+        state = ckpt.load_trainer_state(self.source)
+        self.step = int(state["step"]) if state else 0
+        self.update_idx = int(state.get("update_idx", 0)) if state else 0
+        self.lineage = str(state.get("lineage", self.source)) if state else str(self.source)
+        self.lora_base: str | None = None
+        if params.lora_rank:
+            self.model, self.lora_base = lora.load_lora_policy(self.source, state, params, self.device)
+        else:
+            if state and state.get("lora_base"):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {self.source} was trained with LoRA; set lora_rank to continue it, or start a "
+                    "full fine-tune from a checkpoint without trainer_state.pt"
+                )
+            self.model = ckpt.load_model(self.source, device=self.device)
+        if params.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.pad_id = int(self.model.config.pad_token_id or 0) if hasattr(self.model, "config") else 0
+        if self.lora_base and self.world.distributed and self.world.kind == "fsdp2":
+            raise ValueError("LoRA with distributed='fsdp2' is not supported: use distributed='ddp'")
+        self.train_model = ddist.wrap(self.model, self.world, self.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=params.lr, betas=params.adam_betas, weight_decay=params.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # Optimizer state continues only within the same kind of training (full vs LoRA parameters).
+        same_kind = bool(state and state.get("lora_base")) == bool(params.lora_rank)
+        if state and state.get("optimizer") is not None and same_kind:
+            self._restore(state)
+        self.history: list[dict[str, float]] = []  # per optimizer step
+
+    def _lr_factor(self, step: int) -> float:
+        w = self.params.warmup_steps
+        return 1.0 if w == 0 else min(1.0, (step + 1) / w)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimizer moments, scheduler position and RNG from a checkpoint; lr / weight decay from params."""
+        try:
+            ddist.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.world)
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"{self.source}/{ckpt.TRAINER_STATE}: optimizer state does not fit this model ({e})"
+            ) from e
+        self.scheduler.base_lrs = [self.params.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g.update(
+                initial_lr=self.params.lr, weight_decay=self.params.weight_decay, betas=self.params.adam_betas
+            )
+            g["lr"] = self.params.lr * self._lr_factor(self.scheduler.last_epoch)
+        if "rng" in state:
+            ckpt.restore_rng(state["rng"])
+
+    def trainer_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "step": self.step,
+            "update_idx": self.update_idx,
+            "lineage": self.lineage,
+            "lora_base": self.lora_base,
+            "rng": ckpt.capture_rng(),
+        }
+        if self.params.save_optimizer_state:
+            state["optimizer"] = ddist.optimizer_state(self.model, self.optimizer, self.world)
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L, V) logits of a collated micro-batch."""
+        with self._autocast():
+            return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+
+    @torch.no_grad()
+    def logprobs(self, model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
+        """(L,) log-probs of each sample under ``model`` (eval mode, no grad), in the order given.
+
+        Distributed: each rank scores its share of the length-sorted samples (padding passes keep FSDP2's
+        collectives in step) and the results are gathered to every rank."""
+        was_training = model.training
+        model.eval()
+        out: dict[int, torch.Tensor] = {}
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
+        size = self.params.micro_batch_size
+        for idx in ddist.rank_micro_batches(order, size, self.world, key=lambda i: len(samples[i])):
+            b = collate([samples[i] for i in idx or order[:1]], self.device, self.pad_id)
+            lp = token_logprobs(self.forward(model, b), b["input_ids"]).float().cpu()
+            for k, i in enumerate(idx or []):
+                out[i] = lp[k, : len(samples[i])]
+        model.train(was_training)
+        out = ddist.all_gather_dict(out, self.world)
+        return [out[i] for i in range(len(samples))]
+
+    def update(self, samples: list[Sample], ref_model: torch.nn.Module | None = None) -> dict[str, float]:
+        """PPO epochs over ``samples``; returns actor/* and timing/* metrics."""
+        p = self.params
+        if p.kl_beta > 0 and ref_model is None:
+            raise ValueError("kl_beta > 0 needs a reference model")
+        t0 = time.perf_counter()
+        for s, lp in zip(samples, self.logprobs(self.model, samples), strict=True):
+            s.old_logp = lp
+        if ref_model is not None:
+            for s, lp in zip(samples, self.logprobs(ref_model, samples), strict=True):
+                s.ref_logp = lp
+        t_old = time.perf_counter() - t0
+        metrics = self._logprob_gap(samples)
+
+        sums: dict[str, float] = {}
+        n_tokens_seen, steps_before = 0, self.step
+        self.model.train()
+        t1 = time.perf_counter()
+        with PeakMemory(self.device) as mem:
+            for epoch in range(p.ppo_epochs):
+                for mb_idx in minibatches(len(samples), p, self.update_idx, epoch):
+                    mb = [samples[i] for i in mb_idx]
+                    st = self._optimizer_step(mb, ref_model is not None)
+                    self.history.append({"epoch": epoch, **st})
+                    for k, v in st.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_tokens_seen += sum(len(s) for s in mb)
+        t_train = time.perf_counter() - t1
+        self.update_idx += 1
+        n_steps = self.step - steps_before
+        tok = max(sums.get("tokens", 0.0), 1.0)
+        metrics.update(
+            {
+                "actor/loss": sums["loss"] / n_steps,
+                "actor/clip_frac": sums["clipped"] / tok,
+                "actor/approx_kl": sums["approx_kl"] / tok,
+                "actor/entropy": sums["entropy"] / tok,
+                "actor/grad_norm": sums["grad_norm"] / n_steps,
+                "actor/lr": self.optimizer.param_groups[0]["lr"],
+                "actor/steps": float(n_steps),
+                "actor/global_step": float(self.step),
+                "actor/trained_tokens": tok,
+                "actor/tokens_per_s": n_tokens_seen / max(t_train, 1e-9),
+                "actor/peak_mem_mb": mem.peak_mb,
+                "timing/old_logprobs": t_old,
+                "timing/update": time.perf_counter() - t0,
+            }
+        )
+        if "kl_ref" in sums:
+            metrics["actor/kl_ref"] = sums["kl_ref"] / tok
+        if "tis_weight" in sums:
+            metrics["actor/tis_weight_mean"] = sums["tis_weight"] / tok
+        return metrics
+
+    def _optimizer_step(self, mb: list[Sample], with_ref: bool) -> dict[str, float]:
+        """Gradient accumulation over the length-sorted micro-batches of one minibatch, then one AdamW step.
+
+        Distributed: this rank's micro-batches of its share of ``mb``; the normalisers are the whole ``mb``'s,
+        the loss is × world size (DDP / FSDP2 average gradients over ranks), statistics are summed over ranks.
+        """
+        p, w = self.params, self.world
+        n_tokens = float(sum(s.mask.sum() for s in mb))
+        acc = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        acc.update({"tis_weight": 0.0} if p.tis_cap is not None else {})
+        acc.update({"kl_ref": 0.0} if with_ref else {})
+        self.optimizer.zero_grad(set_to_none=True)
+        micros = ddist.rank_micro_batches(mb, p.micro_batch_size, w)
+        for j, micro in enumerate(micros):
+            b = collate(micro or mb[:1], self.device, self.pad_id)
+            with ddist.grad_sync(self.train_model, w, sync=j == len(micros) - 1):
+                if micro is None:  # padding pass: same collectives as the other ranks, zero gradient
+                    (self.forward(self.train_model, b).float().sum() * 0.0).backward()
+                else:
+                    self._micro_step(b, n_tokens, float(len(mb)), with_ref, acc)
+        acc = ddist.all_reduce_sums(acc, w, self.device)
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        grad_norm = clip_grad_norm(params, p.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {self.step}: the update diverged")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        acc["grad_norm"] = grad_norm
+        acc["clip_frac"] = acc["clipped"] / max(acc["tokens"], 1.0)
+        return acc
+
+    def _micro_step(
+        self,
+        b: dict[str, torch.Tensor],
+        n_tokens: float,
+        n_seqs: float,
+        with_ref: bool,
+        acc: dict[str, float],
+    ) -> None:
+        """Loss and backward of one collated micro-batch; its token-summed statistics are added to ``acc``."""
+        p = self.params
+        logits = self.forward(self.train_model, b)
+        logp = token_logprobs(logits, b["input_ids"])
+        loss, st = policy_loss(
+            logp,
+            b["old_logp"],
+            b["advantages"],
+            b["mask"],
+            loss=p.policy_loss,
+            agg=p.loss_agg,
+            eps_low=p.clip_eps_low,
+            eps_high=p.clip_eps_high,
+            kl_beta=p.kl_beta,
+            kl_estimator=p.kl_estimator,
+            ref_logp=b.get("ref_logp") if with_ref else None,
+            rollout_logp=b["rollout_logp"],
+            tis_cap=p.tis_cap,
+            n_tokens=n_tokens,
+            n_seqs=n_seqs,
+            norm_tokens=float(p.loss_norm_tokens),
+        )
+        acc["entropy"] += float((token_entropy(logits.detach()) * b["mask"]).sum())
+        del logits
+        (loss * self.world.size).backward()
+        acc["loss"] += float(loss.detach())
+        for k, v in st.items():
+            acc[k] = acc.get(k, 0.0) + v
+
+    @staticmethod
+    def _logprob_gap(samples: list[Sample]) -> dict[str, float]:
+        """|rollout − recomputed π_old log-prob| over trained tokens: mean and max."""
+        gaps = torch.cat([(s.rollout_logp - s.old_logp).abs()[s.mask > 0] for s in samples])
+        return {"actor/logprob_gap_mean": float(gaps.mean()), "actor/logprob_gap_max": float(gaps.max())}
+
+    def policy_for_rollout(self) -> torch.nn.Module | None:
+        """The plain transformers model the rollout engine should run (LoRA: a merged copy; FSDP2: a gathered
+        full copy, on rank 0 only, None elsewhere — collective: every rank calls it)."""
+        from runtime import lora
+
+        if self.world.distributed and self.world.kind == "fsdp2":
+            return ddist.full_model(self.model, self.world)
+        if not self.world.main:
+            return None
+        return lora.merged_copy(self.model) if self.lora_base else self.model
+
+    def save(self, final: str | Path) -> tuple[Any, torch.nn.Module | None]:
+        """Write the checkpoint (rank 0; every rank gets its TableRef); returns (TableRef, the plain model that
+        was saved, None on ranks > 0)."""
+        plain, state = self.policy_for_rollout(), self.trainer_state()  # both collective under FSDP2
+        ref = None
+        if self.world.main:
+            ref = ckpt.save_checkpoint(
+                final,
+                plain,
+                tokenizer_from=self.source,
+                trainer_state=state,
+                adapter=self.model if self.lora_base else None,
+            )
+        return ddist.broadcast(ref, self.world), plain
