@@ -139,13 +139,14 @@ def _print_where(flow_run_id, result: dict | None) -> None:
 
 def cmd_stage(a: argparse.Namespace) -> int:
     set_env_defaults(a.root)
-    from flows.runner import FIXED_ITERATION, STAGES
+    from stages import PIPELINE_STAGES, STAGES
 
-    if a.name not in STAGES:
-        raise UserError(f"unknown stage {a.name!r}; stages: {', '.join(STAGES)}")
+    if a.name not in PIPELINE_STAGES:
+        raise UserError(f"unknown stage {a.name!r}; stages: {', '.join(PIPELINE_STAGES)}")
     from flows.runstore import RunStore
 
-    iteration = FIXED_ITERATION[a.name] if a.name in FIXED_ITERATION else a.iter
+    spec = STAGES[a.name]
+    iteration = a.iter if spec.per_iteration else spec.iteration
     RunStore(a.root, a.run).stage_record(a.name, iteration)  # one-line error for a missing run or stage
     overrides = parse_sets(a.set)
     from flows.stage import stage_flow

@@ -7,7 +7,7 @@ Run locally (no server needed; Prefect starts a temporary one):
 Deploy (schedule from the Prefect UI): `turntree deploy` registers infra/prefect.yaml's deployments.
 
 Simplifications: everything runs in one process (vLLM engine and trainer colocated, the engine reused across
-iterations through ``runtime.engines``); stages that are not built are skipped with a log line.
+iterations through ``runtime.engines``).
 """
 
 from __future__ import annotations
@@ -19,20 +19,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.runner import (
-    FIXED_ITERATION,
-    RunContext,
-    StageNotBuilt,
-    default_run_id,
-    fingerprint,
-    params_field,
-    stage_available,
-)
+from flows.runner import RunContext, default_run_id, fingerprint, params_field
+from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model, stage_runner
 from flows.tracking import Tracker
+from schemas.algorithms import ALGORITHMS
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
-from flows.runstore import RunStore
+from stages import STAGES
 
 log = logging.getLogger("turntree.pipeline")
 
@@ -40,17 +34,8 @@ log = logging.getLogger("turntree.pipeline")
 def _call(
     stage: str, p: PipelineParams, inputs: dict[str, str], ctx: RunContext, it: int | None
 ) -> StageOutput | None:
-    if not stage_available(stage):
-        get_run_logger().warning(
-            "stage %r is not built yet: skipped (and everything that needs its output)", stage
-        )
-        return None
     params = getattr(p, params_field(stage)).model_dump(mode="json")
-    try:
-        return stage_runner(stage)(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx)
-    except StageNotBuilt as e:
-        get_run_logger().warning("%s: skipped", e)
-        return None
+    return stage_runner(stage)(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx)
 
 
 def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
@@ -102,7 +87,7 @@ def drive(
     (every group tied, nothing to learn) skips the update and keeps the checkpoint.
     """
     summary: list[dict[str, Any]] = []
-    data = call("data", params, {}, ctx, FIXED_ITERATION["data"])
+    data = call("data", params, {}, ctx, STAGES["data"].iteration)
     problems = data.uri("problems") if data else None
     if params.warmstart.enabled and problems:
         ws = call(
@@ -110,11 +95,11 @@ def drive(
             params,
             {"problems": problems, "checkpoint": checkpoint},
             ctx,
-            FIXED_ITERATION["warmstart"],
+            STAGES["warmstart"].iteration,
         )
         checkpoint = ws.uri("checkpoint") if ws else checkpoint
     base = checkpoint
-    table = "trees" if params.rollout.mode == "tree" else "trajectories"
+    table = ALGORITHMS[params.algorithm].rollout  # the rollout kind: "trajectories" or "trees"
     for k in range(1, params.iterations + 1):
         done: list[StageOutput] = []
         roll = scored = adv = upd = None

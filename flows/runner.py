@@ -1,15 +1,15 @@
-"""Running one stage invocation: import ``stages.<name>``, run it into a scratch dir, commit it to the run store,
-track it in MLflow. Plain Python (no Prefect), so the benchmark can call the same path without orchestration.
+"""Running one stage invocation: import the stage's module, run it into a scratch dir, commit it to the run
+store, track it in MLflow. Plain Python (no Prefect), so the benchmark can call the same path without
+orchestration.
 
-A stage is found by convention: module ``stages.<name>`` with ``run(params, inputs, out) -> StageOutput``. Its
-parameters are the ``PipelineParams`` field named in ``PARAMS_FIELD`` (default: the stage name).
+Stages are listed in the stage table (``stages.STAGES``): module, parameters field, place in the run, retries,
+inputs and outputs. ``run_stage`` refuses a call whose required inputs are missing before any work starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,21 +20,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from flows.runstore import RunStore, git_sha
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
-from flows.runstore import RunStore, git_sha
+from stages import PIPELINE_STAGES, stage_spec
 
 log = logging.getLogger("turntree.runner")
-
-PARAMS_FIELD = {"evaluate": "eval"}
-STAGES = ("data", "warmstart", "rollout", "score", "advantages", "update", "evaluate")
-# stages that run once per run, at a fixed place in the layout (the others run once per iteration 1..N)
-FIXED_ITERATION: dict[str, int | None] = {"data": None, "warmstart": 0}
-
-
-class StageNotBuilt(RuntimeError):
-    pass
-
 
 @dataclass
 class RunContext:
@@ -49,21 +40,13 @@ class RunContext:
 
 
 def params_field(stage: str) -> str:
-    return PARAMS_FIELD.get(stage, stage)
-
-
-def stage_available(stage: str) -> bool:
-    try:
-        return importlib.util.find_spec(f"stages.{stage}") is not None
-    except ModuleNotFoundError:
-        return False
+    return stage_spec(stage).params
 
 
 def params_model(stage: str) -> type[BaseModel]:
-    name = params_field(stage)
-    if name not in PipelineParams.model_fields:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    return PipelineParams.model_fields[name].annotation
+    if stage not in PIPELINE_STAGES:
+        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(PIPELINE_STAGES)}")
+    return PipelineParams.model_fields[params_field(stage)].annotation
 
 
 def default_run_id(params: PipelineParams) -> str:
@@ -98,10 +81,12 @@ def run_stage(
     ctx: RunContext,
     iteration: int | None,
 ) -> StageOutput:
-    """Run ``stages.<stage>.run`` and commit its output as the stage's next version."""
-    if not stage_available(stage):
-        raise StageNotBuilt(f"stage {stage!r} is not built yet (no module stages.{stage})")
-    module = importlib.import_module(f"stages.{stage}")
+    """Run the stage's ``run`` and commit its output as the stage's next version."""
+    spec = stage_spec(stage)
+    missing = spec.missing_inputs(inputs)
+    if missing:
+        raise KeyError(f"stage {stage!r} needs inputs {missing}; got {sorted(inputs)}")
+    module = importlib.import_module(spec.module)
     store = RunStore(ctx.root, ctx.run_id)
     scratch = store.scratch_dir(stage, iteration)
     step = iteration or 0

@@ -15,12 +15,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from flows.runner import RunContext, params_model, run_stage
-from schemas.outputs import StageOutput
-from runtime import progress
 from flows.runstore import RunStore
+from runtime import progress
+from schemas.outputs import StageOutput
+from stages import stage_spec
 
 STAGE_CACHE = (INPUTS + TASK_SOURCE) - "ctx"
-IO_BOUND = {"data"}  # stages worth retrying: they read files and may hit a flaky filesystem
 
 
 class _ProgressArtifact:
@@ -75,9 +75,10 @@ def stage_task(
 
 
 def stage_runner(stage: str):
-    """The task to call for ``stage`` (I/O-bound stages retry, others never do)."""
-    if stage in IO_BOUND:
-        return stage_task.with_options(retries=2, retry_delay_seconds=2)
+    """The task to call for ``stage``, with the stage table's retries (I/O-bound stages only)."""
+    retries = stage_spec(stage).retries
+    if retries:
+        return stage_task.with_options(retries=retries, retry_delay_seconds=2)
     return stage_task
 
 

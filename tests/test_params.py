@@ -8,15 +8,15 @@ from pydantic import ValidationError
 from schemas.params import PipelineParams
 
 
-def test_algorithm_sets_rollout_mode_and_estimator():
+def test_algorithm_sets_rollout_kind_and_estimator():
     assert (
-        PipelineParams(algorithm="murphy").rollout.mode,
+        PipelineParams(algorithm="murphy").rollout.kind,
         PipelineParams(algorithm="murphy").advantages.estimator,
-    ) == ("tree", "murphy")
+    ) == ("trees", "murphy")
     assert PipelineParams(algorithm="gtpo").advantages.estimator == "gtpo"
     assert PipelineParams(algorithm="grpo").advantages.estimator == "grpo"
     dr = PipelineParams.model_validate({"algorithm": "grpo", "advantages": {"estimator": "dr_grpo"}})
-    assert dr.advantages.estimator == "dr_grpo" and dr.rollout.mode == "tir"
+    assert dr.advantages.estimator == "dr_grpo" and dr.rollout.kind == "trajectories"
     with pytest.raises(ValidationError, match="needs algorithm 'murphy'"):
         PipelineParams.model_validate({"algorithm": "gtpo", "advantages": {"estimator": "murphy"}})
 

@@ -14,14 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from schemas.params.rollout import RolloutParams
-from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
 from maths import prompts
 from runtime.engines import Generation, SamplingSpec
+from runtime.tableio import read_table, write_table
+from schemas.params.rollout import RolloutParams
+from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
 from stages.rollout import run, select_problems, usable_problems
 from stages.rollout.tir import notebook_program, tir_trajectories
 from stages.rollout.tree import refinement_trees
-from runtime.tableio import read_table, write_table
 
 
 class ScriptedEngine:
@@ -238,29 +238,29 @@ def test_select_and_filter_problems():
     assert a == select_problems(rows, 5, seed=0, iteration=1) and len(a) == 5
     assert a != select_problems(rows, 5, seed=0, iteration=2)
     assert all(p["split"] == "train" for p in select_problems(rows, 100, 0, 1))
-    keep, notes = usable_problems(rows, "tree")
+    keep, notes = usable_problems(rows, "trees")
     ids = {p["problem_id"] for p in keep}
     assert "c/notests" not in ids and "m/empty" not in ids
     assert any("'c/notests'" in n and "tests" in n for n in notes)
     assert any("'m/empty'" in n and "prompt" in n for n in notes)
 
 
-@pytest.mark.parametrize("mode", ["tir", "tree"])
-def test_stage_run_writes_valid_table(mode, tiny_engine, tiny_model, tmp_path):
+@pytest.mark.parametrize("kind", ["trajectories", "trees"])
+def test_stage_run_writes_valid_table(kind, tiny_engine, tiny_model, tmp_path):
     src = write_table(problem_rows(), PROBLEMS, tmp_path / "problems.parquet")
     params = RolloutParams(
-        mode=mode, group_size=2, child_group_size=2, max_turns=2, tree_depth=2, problems_per_iteration=20,
+        kind=kind, group_size=2, child_group_size=2, max_turns=2, tree_depth=2, problems_per_iteration=20,
         max_new_tokens=12, temperature=1.0,
     )  # fmt: skip
     out = run(
         params, {"problems": src.uri, "checkpoint": str(tiny_model), "iteration": "1"}, tmp_path / "out"
     )
-    name, schema = ("trajectories", TRAJECTORIES) if mode == "tir" else ("trees", TREES)
+    name, schema = ("trajectories", TRAJECTORIES) if kind == "trajectories" else ("trees", TREES)
     table = read_table(out.uri(name), schema)
     m = out.metrics
     assert m["rollout/tokens"] > 0 and m["rollout/tokens_per_s"] > 0 and m["timing/rollout"] > 0
     assert m["timing/rollout_engine"] < 5  # the live session engine was reused, not rebuilt
-    if mode == "tir":
+    if kind == "trajectories":
         assert (
             table.num_rows == 2 * 9
         )  # 4 math + 4 code + 1 with no tests (fine in TIR); empty prompt skipped

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.algorithms import ALGORITHMS, AlgorithmName, estimator_for
 from schemas.params.data import DataParams
 from schemas.params.evaluate import EvalParams
 from schemas.params.rewards import AdvantageParams, ScoreParams
@@ -16,7 +17,7 @@ from schemas.params.update import UpdateParams, WarmstartParams
 class PipelineParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Literal["grpo", "gtpo", "murphy"] = Field(
+    algorithm: AlgorithmName = Field(
         "gtpo", description="grpo: outcome reward; gtpo: turn-level TIR; murphy: feedback trees"
     )
     model: str = Field(
@@ -49,19 +50,9 @@ class PipelineParams(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _algorithm_implies_modes(self) -> PipelineParams:
-        """The algorithm picks the rollout mode and estimator unless they were set to a consistent value."""
-        if self.algorithm == "murphy":
-            self.rollout.mode = "tree"
-            self.advantages.estimator = "murphy"
-        else:
-            self.rollout.mode = "tir"
-            if self.advantages.estimator == "murphy":
-                raise ValueError(
-                    f"advantages.estimator 'murphy' needs algorithm 'murphy', got {self.algorithm!r}"
-                )
-            if self.algorithm == "gtpo":
-                self.advantages.estimator = "gtpo"
-            elif self.advantages.estimator == "gtpo":
-                self.advantages.estimator = "grpo"
+    def _apply_algorithm(self) -> PipelineParams:
+        """The algorithm table (``schemas.algorithms``) picks the rollout kind and the estimator."""
+        algo = ALGORITHMS[self.algorithm]
+        self.rollout.kind = algo.rollout
+        self.advantages.estimator = estimator_for(self.algorithm, self.advantages.estimator)
         return self

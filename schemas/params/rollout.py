@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.algorithms import RolloutKind
 
 
 class RolloutParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["tir", "tree"] = Field(
-        "tir", description="tir: multi-turn tool use (GRPO/GTPO); tree: MURPHY"
+    kind: RolloutKind = Field(
+        "trajectories",
+        description="trajectories: multi-turn tool use (GRPO/GTPO); trees: MURPHY feedback trees "
+        "(set by the pipeline's algorithm)",
     )
     backend: Literal["vllm", "transformers"] = Field("vllm", description="Generation backend")
     group_size: int = Field(4, ge=1, le=64, description="G: samples per problem (roots per tree)")
@@ -37,3 +41,14 @@ class RolloutParams(BaseModel):
     stop_after_code: bool = Field(
         True, description="tree mode: end an attempt at the end of its first closed code block (saves tokens)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_mode(cls, v):
+        """Configs and run manifests written before ``kind`` said ``mode: tir|tree``."""
+        if isinstance(v, dict) and "mode" in v and "kind" not in v:
+            legacy = {"tir": "trajectories", "tree": "trees"}
+            if v["mode"] not in legacy:
+                raise ValueError(f"rollout.mode {v['mode']!r}: valid: tir, tree (now rollout.kind)")
+            v = {**{k: x for k, x in v.items() if k != "mode"}, "kind": legacy[v["mode"]]}
+        return v

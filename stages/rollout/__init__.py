@@ -1,10 +1,10 @@
 """Rollout stage: sample the policy with execution feedback — TIR trajectories (GRPO/GTPO) or MURPHY trees.
 
-    run(RolloutParams(mode="tir"), {"problems": ".../problems.parquet", "checkpoint": DIR, "iteration": "1"}, out)
-        -> StageOutput(tables={"trajectories": ref})      # mode "tree": {"trees": ref}
+    run(RolloutParams(kind="trajectories"), {"problems": ".../problems.parquet", "checkpoint": DIR, "iteration": "1"}, out)
+        -> StageOutput(tables={"trajectories": ref})      # kind "trees": {"trees": ref}
 
 Steps: read the problems table, take ``problems_per_iteration`` train problems chosen reproducibly from
-(seed, iteration), drop the ones this mode cannot use (empty prompt, unknown kind, tree mode without tests:
+(seed, iteration), drop the ones this rollout kind cannot use (empty prompt, unknown problem kind, trees without tests:
 each named in a note, never a crash), get an engine (the process's live one when it serves this checkpoint or
 one of the same architecture — weights pushed in place — else a new one, ``runtime.engines.engine_for``), roll
 out (``tir.tir_trajectories`` / ``tree.refinement_trees``), write ``trajectories.parquet`` / ``trees.parquet``
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from maths import prompts
+from runtime.engines import SamplingSpec
 from schemas.outputs import StageOutput
 from schemas.params.rollout import RolloutParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
-from maths import prompts
-from runtime.engines import SamplingSpec
 from stages.rollout.tir import TirStats, tir_trajectories
 from stages.rollout.tree import TreeStats, refinement_trees
 
@@ -49,8 +49,8 @@ def select_problems(problems: list[dict], k: int, seed: int, iteration: int) -> 
     return [train[i] for i in sorted(idx)]
 
 
-def usable_problems(problems: list[dict], mode: str) -> tuple[list[dict], list[str]]:
-    """(problems this mode can roll out, one note per skipped problem naming it and why)."""
+def usable_problems(problems: list[dict], kind: str) -> tuple[list[dict], list[str]]:
+    """(problems this rollout kind can roll out, one note per skipped problem naming it and why)."""
     keep, notes = [], []
     for p in problems:
         pid = p.get("problem_id", "?")
@@ -60,8 +60,8 @@ def usable_problems(problems: list[dict], mode: str) -> tuple[list[dict], list[s
             prompts.system_text(p)
         except ValueError as e:
             why = str(e)
-        if why is None and mode == "tree" and not p.get("tests"):
-            why = f"problem {pid!r}: tree mode needs tests, field 'tests' is empty"
+        if why is None and kind == "trees" and not p.get("tests"):
+            why = f"problem {pid!r}: trees need tests, field 'tests' is empty"
         if why is None:
             keep.append(p)
         else:
@@ -102,7 +102,7 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
     iteration = int(inputs.get("iteration", "0"))
     problems = read_table(inputs["problems"], PROBLEMS).to_pylist()
     chosen = select_problems(problems, params.problems_per_iteration, params.seed, iteration)
-    usable, notes = usable_problems(chosen, params.mode)
+    usable, notes = usable_problems(chosen, params.kind)
     if not usable:
         raise ValueError(f"rollout: none of the {len(chosen)} selected problems is usable: {notes}")
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
     limit = min(params.max_context_tokens, engine.max_model_len)
     prefix = f"it{iteration}/"
     out = Path(out)
-    if params.mode == "tir":
+    if params.kind == "trajectories":
         stats = TirStats()
         rows = tir_trajectories(
             engine,
