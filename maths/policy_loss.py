@@ -31,32 +31,18 @@ from typing import Any
 
 import torch
 
+from schemas.registry import Registry
+
 LOG_RATIO_CLAMP = 20.0  # |log ρ| beyond this is numerically meaningless; clamp before exp
 
 AggFn = Callable[..., torch.Tensor]
-AGGREGATIONS: dict[str, AggFn] = {}
-POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
-KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
-
-
-def _register(registry: dict, name: str):
-    def deco(fn):
-        if name in registry:
-            raise ValueError(f"{name!r} is registered twice")
-        registry[name] = fn
-        return fn
-
-    return deco
-
-
-def _lookup(registry: dict, name: str, what: str):
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(registry)}")
-    return registry[name]
+AGGREGATIONS: Registry[AggFn] = Registry("loss aggregation")
+POLICY_LOSSES: Registry[Callable[..., tuple[torch.Tensor, torch.Tensor]]] = Registry("policy loss")
+KL_ESTIMATORS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("KL estimator")
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------
-@_register(AGGREGATIONS, "token-mean")
+@AGGREGATIONS.register("token-mean")
 def token_mean(
     values: torch.Tensor, mask: torch.Tensor, *, n_tokens: float | None = None, **_: Any
 ) -> torch.Tensor:
@@ -65,7 +51,7 @@ def token_mean(
     return (values * mask).sum() / max(float(n), 1.0)
 
 
-@_register(AGGREGATIONS, "seq-mean-token-mean")
+@AGGREGATIONS.register("seq-mean-token-mean")
 def seq_mean_token_mean(
     values: torch.Tensor, mask: torch.Tensor, *, n_seqs: float | None = None, **_: Any
 ) -> torch.Tensor:
@@ -76,7 +62,7 @@ def seq_mean_token_mean(
     return per_seq.sum() / max(float(s), 1.0)
 
 
-@_register(AGGREGATIONS, "seq-mean-token-sum-norm")
+@AGGREGATIONS.register("seq-mean-token-sum-norm")
 def seq_mean_token_sum_norm(
     values: torch.Tensor,
     mask: torch.Tensor,
@@ -100,24 +86,24 @@ def aggregate(
     norm_tokens: float = 2048.0,
 ) -> torch.Tensor:
     """Aggregate (B, L) ``values`` over ``mask`` with the named mode (see module docstring)."""
-    fn = _lookup(AGGREGATIONS, mode, "loss aggregation")
+    fn = AGGREGATIONS.lookup(mode)
     return fn(values, mask, n_tokens=n_tokens, n_seqs=n_seqs, norm_tokens=norm_tokens)
 
 
 # --- KL estimators: per-token estimates of KL(π_θ || π_ref) ------------------------------------------------------
-@_register(KL_ESTIMATORS, "k1")
+@KL_ESTIMATORS.register("k1")
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """log π_θ − log π_ref (unbiased, can be negative)."""
     return logp - ref_logp
 
 
-@_register(KL_ESTIMATORS, "k2")
+@KL_ESTIMATORS.register("k2")
 def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """½ (log π_θ − log π_ref)²."""
     return 0.5 * (logp - ref_logp) ** 2
 
 
-@_register(KL_ESTIMATORS, "k3")
+@KL_ESTIMATORS.register("k3")
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """π_ref/π_θ − log(π_ref/π_θ) − 1 (unbiased, ≥ 0)."""
     d = (ref_logp - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -125,11 +111,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    return _lookup(KL_ESTIMATORS, estimator, "KL estimator")(logp, ref_logp)
+    return KL_ESTIMATORS.lookup(estimator)(logp, ref_logp)
 
 
 # --- policy losses: (loss (B, L), clipped (B, L) bool) --------------------------------------------------------------
-@_register(POLICY_LOSSES, "ppo-clip")
+@POLICY_LOSSES.register("ppo-clip")
 def ppo_clip(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -179,7 +165,7 @@ def policy_loss(
     if kl_beta > 0 and ref_logp is None:
         raise ValueError("kl_beta > 0 needs the reference log-probs (ref_logp)")
     norm = {"n_tokens": n_tokens, "n_seqs": n_seqs, "norm_tokens": norm_tokens}
-    pg, clipped = _lookup(POLICY_LOSSES, loss, "policy loss")(
+    pg, clipped = POLICY_LOSSES.lookup(loss)(
         logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high
     )
     stats: dict[str, float] = {}

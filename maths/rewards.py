@@ -24,26 +24,15 @@ from fractions import Fraction
 
 import numpy as np
 
-from schemas.params.rewards import ScoreParams
 from maths.segments import group_codes, turn_positions
 from maths.similarity import get_similarity
+from schemas.params.rewards import ScoreParams
+from schemas.registry import Registry
 
 RewardFn = Callable[[Sequence[Mapping], ScoreParams], list[float | None]]
-REWARDS: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    def deco(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_reward(name: str) -> RewardFn:
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward function {name!r}; valid: {sorted(REWARDS)}")
-    return REWARDS[name]
+REWARDS: Registry[RewardFn] = Registry("reward function")
+register_reward = REWARDS.register
+get_reward = REWARDS.lookup
 
 
 # --- answer equivalence -------------------------------------------------------------------------------------

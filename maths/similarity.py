@@ -21,22 +21,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from schemas.registry import Registry
+
 SimilarityFn = Callable[..., np.ndarray]
-SIMILARITIES: dict[str, SimilarityFn] = {}
+SIMILARITIES: Registry[SimilarityFn] = Registry("similarity")
 
 
-def register_similarity(name: str) -> Callable[[SimilarityFn], SimilarityFn]:
-    def deco(fn: SimilarityFn) -> SimilarityFn:
-        SIMILARITIES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_similarity(name: str) -> SimilarityFn:
-    if name not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {name!r}; valid: {sorted(SIMILARITIES)}")
-    return SIMILARITIES[name]
+register_similarity = SIMILARITIES.register
+get_similarity = SIMILARITIES.lookup
 
 
 _COMMENT = re.compile(r"#[^\n]*")

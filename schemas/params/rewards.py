@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+RewardName = Literal["tests_fraction", "tests_all_pass", "math_answer", "format"]
+
 
 class ScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -16,7 +18,7 @@ class ScoreParams(BaseModel):
     code_reward: Literal["fraction", "binary"] = Field(
         "fraction", description="Code outcome and MURPHY node reward r(n): tests fraction or all-pass"
     )
-    reward_weights: dict[str, float] | None = Field(
+    reward_weights: dict[RewardName, float] | None = Field(
         None,
         description="Outcome reward r_i = Σ weight · component over registered reward functions that apply to "
         "a row (maths.rewards.REWARDS); None: the code component picked by code_reward, and math_answer, weight 1",
@@ -32,7 +34,7 @@ class ScoreParams(BaseModel):
     )
     shaping: bool = Field(True, description="GTPO self-supervised shaping of failed trajectories")
     shaping_alpha: float = Field(0.5, ge=0.0, lt=1.0, description="α: shaped reward scale, < 1")
-    similarity: str = Field(
+    similarity: Literal["lexical", "embedding"] = Field(
         "lexical", description="(open) similarity registry entry used by shaping: lexical | embedding"
     )
     embedding_model: str | None = Field(
