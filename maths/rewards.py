@@ -20,6 +20,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -190,18 +191,25 @@ def format_penalties(
     *,
     penalty: float = -0.1,
     stack: bool = False,
+    invalid: np.ndarray | None = None,
 ) -> np.ndarray:
     """GTPO r_fmt per turn (M,): ``penalty`` for an invalid tool call (flagged invalid, or a syntax error when
     run) and ``penalty`` for a first turn without any tool call; at most one per turn unless ``stack``.
 
     tool_call (M,) "none" | "valid" | "invalid"; exec_status (M,); lengths (N,) turns per trajectory.
     """
-    invalid = (tool_call == "invalid") | (exec_status == "syntax_error")
+    if invalid is None:
+        invalid = invalid_calls(tool_call, exec_status)
     missing_first = (turn_positions(lengths) == 0) & (tool_call == "none")
     count = invalid.astype(np.int64) + missing_first
     if not stack:
         count = np.minimum(count, 1)
     return penalty * count
+
+
+def invalid_calls(tool_call: np.ndarray, exec_status: np.ndarray) -> np.ndarray:
+    """(M,) bool: turns whose tool call is flagged invalid or raised a syntax error when run."""
+    return (tool_call == "invalid") | (exec_status == "syntax_error")
 
 
 def turn_rewards(final_reward: np.ndarray, penalties: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -242,6 +250,102 @@ def gtpo_shaping(
         )
     if ok.size == 0:
         raise ValueError("codes is empty: no groups to shape")
-    mean_sim = get_similarity(similarity)(codes_list, ok, gcodes, n_groups, **dict(similarity_options or {}))
+    return _shape(codes_list, ok, gcodes, n_groups, alpha, similarity, similarity_options)
+
+
+def _shape(codes, ok, gcodes, n_groups, alpha, similarity, similarity_options) -> np.ndarray:
+    mean_sim = get_similarity(similarity)(codes, ok, gcodes, n_groups, **dict(similarity_options or {}))
     shaped = np.where(np.isnan(mean_sim), 0.0, alpha * np.nan_to_num(mean_sim))
     return np.where(ok, 1.0, shaped)
+
+
+# --- the whole reward of a batch of trajectories ----------------------------------------------------------------
+@dataclass
+class TrajectoryRewards:
+    """Everything the score stage writes for N trajectories of M turns in all.
+
+    outcome (N,): weighted components r_i before gating; correct (N,): success (all tests pass / right answer);
+    reward (N,): the GRPO r_i (0 where a turn made an invalid call and ``format_gate``); format_error (N,);
+    penalties (M,): GTPO r_fmt; shaped (N,) bool: failures whose final reward was shaped; final (N,): the
+    (shaped) final accuracy reward on the last turn; turn_reward (M,): GTPO r_ij = r_acc + r_fmt;
+    components: per row {component: value} plus ``outcome``, ``format`` and, when shaped, ``shaped``.
+    """
+
+    outcome: np.ndarray
+    correct: np.ndarray
+    reward: np.ndarray
+    format_error: np.ndarray
+    penalties: np.ndarray
+    shaped: np.ndarray
+    final: np.ndarray
+    turn_reward: np.ndarray
+    components: list[dict[str, float]]
+
+
+def is_correct(row: Mapping, components: Mapping[str, float], params: ScoreParams) -> bool:
+    """Success of a trajectory: all tests pass (code) / the final answer is right (math)."""
+    if row["kind"] == "code":
+        return bool(row.get("tests_total") and row.get("tests_passed") == row["tests_total"])
+    if "math_answer" in components:
+        return components["math_answer"] == 1.0
+    return math_correct(row.get("final_answer"), row.get("answer"), rel_tol=params.math_rel_tol)
+
+
+def trajectory_rewards(
+    rows: Sequence[Mapping],
+    tool_call: np.ndarray,
+    exec_status: np.ndarray,
+    lengths: np.ndarray,
+    group_ids,
+    params: ScoreParams,
+) -> TrajectoryRewards:
+    """Outcome, correctness, format penalties, shaping and turn rewards of N trajectories, in one pass.
+
+    rows (N,): dicts with ``kind``, ``final_answer``, ``answer``, ``tests_passed``/``tests_total`` (code) and
+    ``code`` (the trajectory's code blocks joined, for shaping); tool_call, exec_status (M,) per turn;
+    lengths (N,); group_ids (N,). The invalid-call mask and the group codes are computed once here.
+    """
+    n = len(rows)
+    outcome, components = combine(rows, params)
+    correct = np.array([is_correct(r, c, params) for r, c in zip(rows, components, strict=True)], dtype=bool)
+    invalid = invalid_calls(tool_call, exec_status)
+    penalties = format_penalties(
+        tool_call, exec_status, lengths, penalty=params.format_penalty, stack=params.stack_penalties,
+        invalid=invalid,
+    )  # fmt: skip
+    traj_of_turn = np.repeat(np.arange(n), lengths)
+    format_error = np.bincount(traj_of_turn, weights=invalid, minlength=n) > 0
+    final = outcome.copy()
+    shaped = np.zeros(n, bool)
+    if params.shaping and n:
+        gcodes, n_groups = group_codes(group_ids, what="group_id")
+        value = _shape(
+            [r["code"] for r in rows], correct, gcodes, n_groups, params.shaping_alpha, params.similarity,
+            {"embedding_model": params.embedding_model},
+        )  # fmt: skip
+        has_success = (np.bincount(gcodes, weights=correct, minlength=n_groups) > 0)[gcodes]
+        shaped = ~correct & has_success
+        final = np.where(shaped, np.maximum(outcome, value), outcome)
+    turn_reward = turn_rewards(final, penalties, lengths)
+    reward = np.where(format_error & params.format_gate, 0.0, outcome)
+    fmt_total = np.bincount(traj_of_turn, weights=penalties, minlength=n)
+    for i, c in enumerate(components):
+        c["outcome"], c["format"] = float(outcome[i]), float(fmt_total[i])
+        if shaped[i]:
+            c["shaped"] = float(final[i])
+    return TrajectoryRewards(
+        outcome, correct, reward, format_error, penalties, shaped, final, turn_reward, components
+    )
+
+
+NODE_REWARDS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry(
+    "code reward",
+    {"fraction": lambda frac: frac, "binary": lambda frac: (frac == 1.0).astype(np.float64)}.items(),
+)
+
+
+def node_rewards(passed: np.ndarray, total: np.ndarray, code_reward: str) -> tuple[np.ndarray, np.ndarray]:
+    """MURPHY r(n) (K,) from test counts: fraction passed or all-pass (``code_reward``); a node without tests
+    gets 0. Returns (reward, fraction passed)."""
+    frac = np.where(total <= 0, 0.0, passed / np.maximum(total, 1))
+    return NODE_REWARDS.lookup(code_reward)(frac), frac

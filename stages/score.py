@@ -1,4 +1,7 @@
-"""Score stage: fill the reward fields of rollout tables (../shared/ALGORITHMS.md).
+"""Score stage: fill the reward fields of rollout tables (docs/algorithms.md).
+
+One way through: read the rollout table and the problems, run the programs in the sandbox, call one rewards
+function (``maths.rewards.trajectory_rewards`` / ``node_rewards``), write.
 
     run(params: ScoreParams, inputs: {"trajectories": uri, "problems": uri} | {"trees": uri, "problems": uri},
         out: Path) -> StageOutput
@@ -25,7 +28,6 @@ import pyarrow as pa
 
 from maths import rewards as R
 from maths.samples import field, list_parts, numbers, with_fields
-from maths.segments import group_codes
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput
 from schemas.params.rewards import ScoreParams
@@ -118,36 +120,9 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
     for i, (passed, total) in zip(code_rows, counts, strict=True):
         rows[i]["tests_passed"], rows[i]["tests_total"] = passed, total
 
-    outcome, components = R.combine(rows, params)
-    correct = np.array([_correct(r, c, params) for r, c in zip(rows, components, strict=True)], dtype=bool)
-    penalties = R.format_penalties(
-        tool_call, exec_status, lengths, penalty=params.format_penalty, stack=params.stack_penalties
-    )
-    invalid = (tool_call == "invalid") | (exec_status == "syntax_error")
-    format_error = np.bincount(np.repeat(np.arange(n), lengths), weights=invalid, minlength=n) > 0
-    final = outcome.copy()
-    shaped_rows = np.zeros(n, bool)
-    if params.shaping and n:
-        shaped = R.gtpo_shaping(
-            [r["code"] for r in rows],
-            correct,
-            table["group_id"],
-            alpha=params.shaping_alpha,
-            similarity=params.similarity,
-            similarity_options={"embedding_model": params.embedding_model},
-        )
-        codes_, n_groups = group_codes(table["group_id"], what="group_id")
-        has_success = (np.bincount(codes_, weights=correct, minlength=n_groups) > 0)[codes_]
-        shaped_rows = ~correct & has_success
-        final = np.where(shaped_rows, np.maximum(outcome, shaped), outcome)
-    turn_reward = R.turn_rewards(final, penalties, lengths)
-    reward = np.where(format_error & params.format_gate, 0.0, outcome)
-    fmt_total = np.bincount(np.repeat(np.arange(n), lengths), weights=penalties, minlength=n)
-    for i, c in enumerate(components):
-        c["outcome"], c["format"] = float(outcome[i]), float(fmt_total[i])
-        if shaped_rows[i]:
-            c["shaped"] = float(final[i])
-
+    scores = R.trajectory_rewards(rows, tool_call, exec_status, lengths, table["group_id"], params)
+    turn_reward, correct, reward = scores.turn_reward, scores.correct, scores.reward
+    components = scores.components
     new = table.set_column(
         table.schema.get_field_index("turns"),
         "turns",
@@ -165,22 +140,13 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
         "reward/mean": float(reward.mean()) if n else 0.0,
         "reward/std": float(reward.std()) if n else 0.0,
         "reward/correct_frac": float(correct.mean()) if n else 0.0,
-        "reward/format_error_frac": float(format_error.mean()) if n else 0.0,
-        "reward/shaped_frac": float(shaped_rows.mean()) if n else 0.0,
+        "reward/format_error_frac": float(scores.format_error.mean()) if n else 0.0,
+        "reward/shaped_frac": float(scores.shaped.mean()) if n else 0.0,
         "reward/turn_reward/mean": float(turn_reward.mean()) if n else 0.0,
         **_component_metrics(components),
     }
     notes = [f"score params: {params.model_dump()}"]
     return StageOutput(stage="score", tables={"trajectories": ref}, metrics=metrics, notes=notes)
-
-
-def _correct(row: dict, components: dict[str, float], params: ScoreParams) -> bool:
-    """Success of a trajectory: all tests pass (code) / the final answer is right (math)."""
-    if row["kind"] == "code":
-        return bool(row.get("tests_total") and row.get("tests_passed") == row["tests_total"])
-    if "math_answer" in components:
-        return components["math_answer"] == 1.0
-    return R.math_correct(row.get("final_answer"), row.get("answer"), rel_tol=params.math_rel_tol)
 
 
 def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: Path) -> StageOutput:
@@ -204,8 +170,7 @@ def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: P
         passed[missing] = [c[0] for c in counts]
         total[missing] = [c[1] for c in counts]
     no_tests = total <= 0
-    frac = np.where(no_tests, 0.0, passed / np.maximum(total, 1))
-    reward = NODE_REWARDS[params.code_reward](frac)
+    reward, frac = R.node_rewards(passed, total, params.code_reward)
     new_nodes = with_fields(
         trees["nodes"],
         {
@@ -233,8 +198,4 @@ def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: P
     return StageOutput(stage="score", tables={"trees": ref}, metrics=metrics, notes=notes)
 
 
-NODE_REWARDS = {
-    "fraction": lambda frac: frac,
-    "binary": lambda frac: (frac == 1.0).astype(np.float64),
-}
 RUNNERS = {"trajectories": score_trajectories, "trees": score_trees}
