@@ -13,17 +13,15 @@ same work apart from batching. Skips (exit 0 with a message) when the model or v
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.env import apply_defaults  # noqa: E402
+
+apply_defaults(offline=True)
 
 
 def _evaluate(engine, problems, params, bench) -> tuple[float, list[dict]]:

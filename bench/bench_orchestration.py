@@ -19,36 +19,27 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+from runtime.env import apply_defaults  # noqa: E402
+
+apply_defaults(offline=True)
 
 
 def params_for(model: str, root: str, run_id: str, iterations: int):
     from schemas.params import PipelineParams
+    from schemas.params.presets import tiny_pipeline
 
-    return PipelineParams.model_validate(
-        {
-            "algorithm": "gtpo",
-            "model": model,
-            "run_root": root,
-            "run_id": run_id,
-            "iterations": iterations,
-            "data": {"sources": ["synthetic:tool-arith"], "synthetic_count": 16},
-            "rollout": {"group_size": 4, "problems_per_iteration": 4, "max_new_tokens": 32, "max_turns": 2},
-            "advantages": {"keep_zero_signal": True},
-            "update": {"minibatch_size": 8, "micro_batch_size": 4},
-            "eval": {
-                "benchmark": "heldout",
-                "max_problems": 4,
-                "iterations": 2,
-                "max_new_tokens": 32,
-                "bootstrap": 100,
-            },
-        }
+    body = tiny_pipeline(  # the tests' tiny pipeline, scaled up so stage work is measurable
+        model,
+        root,
+        "gtpo",
+        run_id=run_id,
+        iterations=iterations,
+        data={"synthetic_count": 16},
+        rollout={"group_size": 4, "problems_per_iteration": 4, "max_new_tokens": 32},
+        update={"minibatch_size": 8, "micro_batch_size": 4},
+        eval={"max_problems": 4, "max_new_tokens": 32, "bootstrap": 100},
     )
+    return PipelineParams.model_validate(body)
 
 
 def direct(params) -> float:

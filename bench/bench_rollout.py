@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-for _k, _v in {
-    "OMP_NUM_THREADS": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_k, _v)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.env import apply_defaults  # noqa: E402
+
+apply_defaults(offline=True)
 
 from maths import prompts  # noqa: E402
 from runtime.engines import SamplingSpec, make_engine  # noqa: E402

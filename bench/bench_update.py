@@ -13,17 +13,16 @@ in-run baseline), then bf16 autocast on the same device, and prints the ratio. O
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.env import apply_defaults  # noqa: E402
+
+apply_defaults(offline=True)
 
 import torch  # noqa: E402
 

@@ -18,19 +18,10 @@ class UserError(Exception):
 
 
 def set_env_defaults(root: str) -> None:
-    """Settings that must be in place before torch/vLLM/Prefect are imported (STACK_NOTES)."""
-    env = os.environ
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-    if "://" not in root:
-        # persisted task results (the pipeline's stage cache) live with the runs they describe
-        env.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(root).resolve() / ".prefect-results"))
+    """Settings that must be in place before torch/vLLM/Prefect are imported (``runtime.env``)."""
+    from runtime.env import apply_defaults
+
+    apply_defaults(root)
 
 
 # --- config ---------------------------------------------------------------------------------------------
@@ -234,16 +225,19 @@ def cmd_deploy(a: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> int:
+    from schemas.params import DataParams
     from stages.data import DataError, prepare
 
+    given = {"format": a.format, "seed": a.seed, "eval_fraction": a.eval_fraction}
+    p = build(DataParams, {"sources": a.sources, **{k: v for k, v in given.items() if v is not None}})
     try:
         out = prepare(
-            a.sources,
+            p.sources,
             Path(a.out),
-            format=a.format or "auto",
+            format=p.format,
             skip_bad=a.skip_bad,
-            seed=a.seed,
-            eval_fraction=a.eval_fraction,
+            seed=p.seed,
+            eval_fraction=p.eval_fraction,
         )
     except (DataError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
@@ -377,10 +371,11 @@ def parser() -> argparse.ArgumentParser:
         "synthetic:func-synth | a JSONL/Parquet path | hf:<name>",
     )
     dprep.add_argument("--out", required=True)
-    dprep.add_argument("--format", choices=["humaneval", "mbpp", "gsm8k", "math", "problems"])
+    # flags and defaults come from DataParams (schemas.params.data), the one place they are declared
+    dprep.add_argument("--format", help="record format (default: auto-detect)")
     dprep.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
-    dprep.add_argument("--seed", type=int, default=0)
-    dprep.add_argument("--eval-fraction", type=float, default=0.2)
+    dprep.add_argument("--seed", type=int, help="split / synthetic seed (default: DataParams.seed)")
+    dprep.add_argument("--eval-fraction", type=float, help="held-out fraction (default: DataParams)")
     dprep.set_defaults(fn=cmd_data_prepare)
 
     m = sub.add_parser("model", help="offline model preparation")

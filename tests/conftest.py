@@ -12,19 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from runtime.env import apply_defaults
+
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="turntree-tests-"))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+apply_defaults(  # runtime.env: the one place the environment defaults live
+    offline=True,
+    PREFECT_HOME=str(_SESSION_TMP / "prefect"),
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TURNTREE_SHARED_DATA", REPO.parent / "shared" / "data"))

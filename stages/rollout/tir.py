@@ -28,6 +28,9 @@ from typing import Any
 
 from maths import prompts
 from runtime.engines import SamplingSpec
+from schemas.params.rollout import RolloutParams
+
+_DEFAULTS = RolloutParams()  # the one place rollout defaults are declared
 
 NO_CODE_MESSAGE = "Error: no complete ```python code block found; write code between ```python and ```."
 
@@ -230,8 +233,8 @@ def tir_trajectories(
     max_turns: int,
     spec: SamplingSpec,
     max_context_tokens: int | None = None,
-    observation_max_chars: int = 1500,
-    exec_timeout_s: float = 5.0,
+    observation_max_chars: int = _DEFAULTS.observation_max_chars,
+    exec_timeout_s: float = _DEFAULTS.exec_timeout_s,
     group_prefix: str = "",
     stats: TirStats | None = None,
 ) -> list[dict]:

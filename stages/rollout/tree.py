@@ -24,6 +24,9 @@ from typing import Any
 
 from maths import prompts
 from runtime.engines import SamplingSpec
+from schemas.params.rollout import RolloutParams
+
+_DEFAULTS = RolloutParams()  # the one place rollout defaults are declared
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def refinement_trees(
     max_nodes_per_batch: int,
     max_context_tokens: int | None = None,
     feedback_max_chars: int = 1500,
-    exec_timeout_s: float = 10.0,
+    exec_timeout_s: float = _DEFAULTS.exec_timeout_s,
     id_prefix: str = "",
     stats: TreeStats | None = None,
 ) -> list[dict]:
