@@ -16,29 +16,20 @@ import pytest
 from flows.runstore import list_runs
 from runtime.tableio import read_table
 from schemas import tables
+from schemas.params.presets import tiny_pipeline
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tiny_model: Path, root: Path) -> dict:
-    return {
-        "algorithm": "grpo",
-        "model": str(tiny_model),
-        "run_root": str(root),
-        "iterations": 2,
-        "data": {"sources": ["synthetic:tool-arith"], "synthetic_count": 8},
-        "rollout": {"group_size": 2, "problems_per_iteration": 2, "max_new_tokens": 12, "max_turns": 2},
-        "advantages": {"keep_zero_signal": True},
-        "update": {"minibatch_size": 4, "micro_batch_size": 2},
-        "eval": {
-            "benchmark": "heldout",
-            "max_problems": 1,
-            "iterations": 1,
-            "max_new_tokens": 8,
-            "bootstrap": 10,
-        },
-    }
+    return tiny_pipeline(
+        str(tiny_model),
+        str(root),
+        "grpo",
+        iterations=2,
+        eval={"max_problems": 1, "iterations": 1, "max_new_tokens": 8, "bootstrap": 10},
+    )
 
 
 def _run(cfg: Path, env: dict) -> subprocess.Popen:

@@ -12,6 +12,7 @@ from flows.runstore import RunStore
 from runtime.tableio import read_table
 from schemas import tables
 from schemas.params import PipelineParams
+from schemas.params.presets import tiny_pipeline
 
 STAGES = ("rollout", "score", "advantages", "update", "evaluate")
 
@@ -25,35 +26,7 @@ def harness():
 
 
 def tiny_params(tiny_model: Path, root: Path, algorithm: str = "gtpo", **extra) -> PipelineParams:
-    source = "synthetic:func-synth" if algorithm == "murphy" else "synthetic:tool-arith"
-    body = {
-        "algorithm": algorithm,
-        "model": str(tiny_model),
-        "run_root": str(root),
-        "iterations": 1,
-        "data": {"sources": [source], "synthetic_count": 8},
-        "rollout": {
-            "group_size": 2,
-            "problems_per_iteration": 2,
-            "max_new_tokens": 12,
-            "max_turns": 2,
-            "tree_depth": 2,
-            "max_context_tokens": 512,
-        },
-        # a random model earns the same reward everywhere: keep tied groups so the update has samples
-        "advantages": {"keep_zero_signal": True},
-        "update": {"minibatch_size": 4, "micro_batch_size": 2},
-        "eval": {
-            "benchmark": "heldout",
-            "max_problems": 2,
-            "iterations": 2,
-            "max_new_tokens": 12,
-            "bootstrap": 20,
-        },
-    }
-    for k, v in extra.items():
-        body[k] = {**body.get(k, {}), **v} if isinstance(v, dict) else v
-    return PipelineParams.model_validate(body)
+    return PipelineParams.model_validate(tiny_pipeline(str(tiny_model), str(root), algorithm, **extra))
 
 
 def tree_hashes(base: Path, skip: str | None = None) -> dict[str, str]:
