@@ -57,7 +57,7 @@ def test_gtpo_three_turns_gamma_09_group_scope():
     returns = [0.71, 0.9, 1.0, 0.0, 0.0]
     mean = sum(returns) / 5
     std = math.sqrt(sum((x - mean) ** 2 for x in returns) / 4)
-    adv = gtpo([[-0.1, 0.0, 1.0], [0.0, 0.0]], ["g", "g"], gamma=0.9)
+    adv = gtpo([[-0.1, 0.0, 1.0], [0.0, 0.0]], ["g", "g"], gamma=0.9, norm_scope="group")
     np.testing.assert_allclose(adv[0], _z([0.71 - mean, 0.9 - mean, 1.0 - mean], std), rtol=1e-9)
     np.testing.assert_allclose(adv[1], _z([-mean, -mean], std), rtol=1e-9)
 
@@ -79,7 +79,7 @@ def test_gtpo_batch_scope_and_gamma_one():
     adv = gtpo([[0.5, 1.0], [0.0]], ["g", "h"], gamma=1.0, norm_scope="batch")
     np.testing.assert_allclose(np.concatenate(adv), _z([x - mean for x in returns], std), rtol=1e-9)
     # with norm_scope "group", h is alone: 0
-    assert gtpo([[0.5, 1.0], [0.0]], ["g", "h"], gamma=1.0)[1].tolist() == [0.0]
+    assert gtpo([[0.5, 1.0], [0.0]], ["g", "h"], gamma=1.0, norm_scope="group")[1].tolist() == [0.0]
 
 
 def test_gtpo_gamma_zero_uses_turn_rewards_only():
@@ -240,7 +240,7 @@ def test_gtpo_gamma_one_final_reward_only_reduces_to_grpo(data, n_turns):
     for a, g in zip(per_turn, ref, strict=True):
         np.testing.assert_allclose(a, g, atol=1e-9)
     # group scope: same sign and ordering (a positive multiple of the GRPO advantage per group)
-    grouped = np.array([a[0] for a in gtpo(turns, ids, gamma=1.0)])
+    grouped = np.array([a[0] for a in gtpo(turns, ids, gamma=1.0, norm_scope="group")])
     assert np.all(np.sign(np.round(grouped, 9)) == np.sign(np.round(ref, 9)))
     if n_turns == 1:
         np.testing.assert_allclose(grouped, ref, atol=1e-9)

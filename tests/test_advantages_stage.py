@@ -77,7 +77,19 @@ def test_gtpo_per_turn_advantages(tmp_path):
         AdvantageParams(estimator="gtpo", gamma=0.9), _scored(tmp_path, _two_groups()), tmp_path / "o"
     )
     s = _samples(out)
-    # g: R_a = (0 + 0.9 · 1, 1) = (0.9, 1), R_b = (−0.1,); set {0.9, 1, −0.1}
+    # default scope end_aligned: R_a = (0 + 0.9 · 1, 1) = (0.9, 1), R_b = (−0.1,). Last turns {1, −0.1};
+    # one turn left {0.9, b idle before its turn: 0.9 · −0.1}: two members each -> ±1/√2, a above b
+    np.testing.assert_allclose(s["a"]["advantages"], [0, 0, S2, S2, 0, 0, S2], rtol=1e-5)
+    np.testing.assert_allclose(s["b"]["advantages"], [0, 0, -S2], rtol=1e-5)
+    assert out.metrics["adv/turn_1/mean"] == pytest.approx(0, abs=1e-6)
+    assert out.metrics["adv/turn_2/mean"] == pytest.approx(S2, rel=1e-5)
+    # norm_scope group: one set {0.9, 1, −0.1}
+    out = advantages.run(
+        AdvantageParams(estimator="gtpo", gamma=0.9, norm_scope="group"),
+        _scored(tmp_path, _two_groups()),
+        tmp_path / "o_group",
+    )
+    s = _samples(out)
     returns = np.array([0.9, 1.0, -0.1])
     z = (returns - returns.mean()) / (returns.std(ddof=1) + 1e-6)
     np.testing.assert_allclose(s["a"]["advantages"], [0, 0, z[0], z[0], 0, 0, z[1]], rtol=1e-5)

@@ -48,8 +48,10 @@ class AdvantageParams(BaseModel):
 
     estimator: Literal["grpo", "dr_grpo", "gtpo", "murphy"] = Field("grpo", description="Advantage estimator")
     gamma: float = Field(0.9, ge=0.0, le=1.0, description="(open) GTPO turn discount γ")
-    norm_scope: Literal["group", "turn_position", "batch"] = Field(
-        "group", description="(open) GTPO normalisation set"
+    norm_scope: Literal["end_aligned", "absorbing", "turn_position", "group", "batch"] = Field(
+        "end_aligned",
+        description="(open) GTPO normalisation set. end_aligned: per number of turns left, every trajectory of "
+        "the group present; unlike group it gives successes no negative turns (maths.advantages.NORM_SCOPES)",
     )
     murphy_mode: Literal["max", "mean"] = Field("max", description="MaRS (max) or MeRS (mean)")
     murphy_gamma: float = Field(1.0, ge=0.0, le=1.0, description="(open) γ_m discounting child returns")
