@@ -111,7 +111,7 @@ def gtpo_flat(
 # (members (M + P,), set codes (M + P,), n_sets). The first M members are the turns themselves, in order; a
 # scope may append P virtual members that count in a set's mean and std but get no advantage of their own.
 #
-# Invariants (tests/test_advantages.py checks each ✓ and shows each ✗ with a counterexample):
+# Invariants (tests/test_advantage_invariants.py checks each ✓ and shows each ✗ with a counterexample):
 #   (a) every trajectory of a group has the same turn rewards -> advantage 0 on every turn;
 #   (b) γ = 1, outcome-only reward (turn rewards 0 but the last) -> every turn gets its trajectory's GRPO
 #       advantage, whatever the turn counts;
