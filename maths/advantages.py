@@ -142,9 +142,9 @@ def _scope_batch(returns, codes, n_groups, lengths, gamma):
 def _scope_absorbing(returns, codes, n_groups, lengths, gamma):
     """Per turn position j over all G trajectories of the group; one that has ended (T_i ≤ j) stays in its
     absorbing final state and counts with its last return R_i,T_i at every later position."""
-    last = np.cumsum(lengths) - 1
+    last = returns[np.cumsum(lengths) - 1]
     return _padded_slots(
-        returns, codes, n_groups, lengths, turn_positions(lengths), lambda owner, k: returns[last[owner]]
+        returns, codes, n_groups, lengths, turn_positions(lengths), lambda pad: np.repeat(last, pad)
     )
 
 
@@ -165,24 +165,40 @@ def _scope_end_aligned(returns, codes, n_groups, lengths, gamma):
     member (a one-trajectory group gets 0, as in GRPO). Format penalties count where they happened: one at
     turn k lowers R_ij, j ≤ k, by γ^(k−j) · 0.1 against the others' returns at the same distance from the end.
     """
-    first = np.cumsum(lengths) - lengths
+    first = returns[np.cumsum(lengths) - lengths]
     left = np.repeat(lengths, lengths) - 1 - turn_positions(lengths)
     return _padded_slots(
-        returns, codes, n_groups, lengths, left, lambda owner, k: np.power(gamma, k) * returns[first[owner]]
+        returns, codes, n_groups, lengths, left, lambda pad: _idle_returns(first, pad, gamma)
     )
+
+
+def _idle_returns(start: np.ndarray, pad: np.ndarray, gamma: float) -> np.ndarray:
+    """(Σ pad,) γ^k · start_i for k = 1 .. pad_i, trajectory after trajectory, by repeated multiplication: the
+    rounding of ``discounted_returns`` on a trajectory with k more zero-reward turns, so ties stay exact."""
+    offsets = segment_starts(pad)
+    out = np.empty(offsets[-1])
+    cur = start.astype(np.float64, copy=True)
+    active = np.flatnonzero(pad > 0)
+    k = 0
+    while active.size:
+        cur[active] = gamma * cur[active]
+        out[offsets[active] + k] = cur[active]
+        k += 1
+        active = active[pad[active] > k]
+    return out
 
 
 def _padded_slots(returns, codes, n_groups, lengths, slot, pad_value):
     """Members of per-(group, slot) sets in which every trajectory of a group is present at every slot
     0 .. L_g − 1 (L_g: the group's longest trajectory): the M turns at their ``slot`` (M,), then one virtual
-    member per trajectory i and slot T_i − 1 + k, k = 1 .. L_g − T_i, of value ``pad_value(owner, k)``.
-    Memory O(M + N · max T)."""
+    member per trajectory i and slot T_i − 1 + k, k = 1 .. L_g − T_i; ``pad_value(pad)`` gives their values,
+    trajectory after trajectory, from pad (N,) = L_g − T_i. Memory O(M + N · max T)."""
     longest = np.zeros(n_groups, np.int64)
     np.maximum.at(longest, codes, lengths)
     pad = longest[codes] - lengths
     owner = np.repeat(np.arange(lengths.size), pad)
     k = turn_positions(pad) + 1
-    members = np.concatenate([returns, pad_value(owner, k)])
+    members = np.concatenate([returns, pad_value(pad)])
     group = np.concatenate([np.repeat(codes, lengths), codes[owner]])
     return (members, *_slot_codes(group, np.concatenate([slot, lengths[owner] - 1 + k]), n_groups, lengths))
 
