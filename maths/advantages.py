@@ -278,6 +278,11 @@ def node_depths(parent_ids: np.ndarray) -> np.ndarray:
 
 def _returns(parents: np.ndarray, r: np.ndarray, mode: str, gamma: float) -> np.ndarray:
     step = RETURN_MODES.lookup(mode)
+    if mode == "mean":
+        bad = (r < 0.0) | (r > 1.0)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"node {row}: reward {r[row]} is outside [0, 1], which MeRS needs")
     depth = node_depths(parents)
     out = r.astype(np.float64, copy=True)
     for d in range(int(depth.max(initial=0)), 0, -1):  # deepest children first; roots (d = 0) have no parent
@@ -292,12 +297,18 @@ def _max_step(out, r, parent, child_ret, gamma):
 
 
 def _mean_step(out, r, parent, child_ret, gamma):
-    """MeRS: R(n) = r(n) + γ · mean_c R(c)."""
+    """MeRS, bounded: R(n) = r(n) + (1 − r(n)) · γ · mean_c R(c), rewards in [0, 1].
+
+    The spec's R(n) = r(n) + γ · mean_c R(c) lets a partly failing attempt outrank a direct success: with
+    r(n) = 0.5 and repairs that all pass, R(n) = 1.5 > 1, so a sibling that passed at once gets the negative
+    advantage. Here the children's mean fills only the share of the tests that n failed, so R(n) ≤ 1 with
+    equality only when n passed or (γ = 1) every repair below it did; a passed node is a leaf (R = 1 whatever
+    its children). With binary rewards (r ∈ {0, 1}) this is the spec's formula."""
     total = np.zeros_like(out)
     count = np.zeros_like(out)
     np.add.at(total, parent, child_ret)
     np.add.at(count, parent, 1.0)
-    out[parent] = r[parent] + gamma * total[parent] / count[parent]
+    out[parent] = r[parent] + (1.0 - r[parent]) * gamma * total[parent] / count[parent]
 
 
 RETURN_MODES: Registry[Callable] = Registry("mode", {"max": _max_step, "mean": _mean_step}.items())
@@ -306,7 +317,10 @@ RETURN_MODES: Registry[Callable] = Registry("mode", {"max": _max_step, "mean": _
 def murphy_returns(parent_ids, rewards, *, mode: str = "max", gamma: float = 1.0) -> np.ndarray:
     """MURPHY tree returns (arXiv 2511.07833): MaRS (``mode="max"``) or MeRS (``"mean"``), leaves up.
 
-    parent_ids (K,): position of each node's parent, −1 at a root; rewards (K,): r(n). Returns R (K,).
+    parent_ids (K,): position of each node's parent, −1 at a root; rewards (K,): r(n), in [0, 1] for MeRS.
+    Returns R (K,). With rewards in [0, 1] both modes keep R(n) in [0, 1] and give a node that passed (r = 1)
+    R = 1, so it is never ranked below a sibling that failed and was repaired (MeRS is bounded for this, see
+    ``_mean_step``); a sibling set that all passed ties and carries no signal.
     """
     parents = _int_vector(parent_ids, "parent_ids")
     r = _float_vector(rewards, "rewards")

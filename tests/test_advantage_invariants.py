@@ -1,4 +1,4 @@
-"""What the GTPO normalisation scopes guarantee (maths.advantages, NORM_SCOPES table).
+"""What the GTPO normalisation scopes and the MURPHY returns guarantee (maths.advantages, NORM_SCOPES table).
 
 GTPO invariants, for every group of a batch:
   (a) every trajectory has the same turn rewards -> advantage 0 on every turn;
@@ -7,6 +7,8 @@ GTPO invariants, for every group of a batch:
       penalties and a shaped final reward below 1 (c0: the same without shaping);
   (d) outcome-only reward, any γ > 0 -> GRPO advantage on every turn (up to ε / γ^d).
 Each ✓ of the table is a hypothesis property below; each ✗ has a hand-computed counterexample.
+MURPHY: (i) a sibling set that all passed carries no signal and is pruned; (ii) a node that passed is never
+ranked below a sibling that failed and was repaired.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maths.advantages import NORM_SCOPES, grpo, gtpo
+from maths.advantages import NORM_SCOPES, grpo, gtpo, murphy, murphy_returns, prune, sibling_sets
+from maths.segments import group_codes
 
 EPS = 1e-6
 S2 = 1 / math.sqrt(2)
@@ -225,3 +229,86 @@ def test_end_aligned_adding_a_constant_to_every_outcome_changes_nothing(data, c,
     shifted = [t[:-1] + [t[-1] + c] for t in with_penalty]
     for a, b in zip(gtpo(with_penalty, ids, gamma=gamma), gtpo(shifted, ids, gamma=gamma), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+# --- MURPHY -------------------------------------------------------------------------------------------------
+def _roots_and_repair(repairs):
+    # roots: A passed at once (0), B passed 1/2 of the tests (1); B's children (repairs) below it
+    parents = [-1, -1] + [1] * len(repairs)
+    return parents, [1.0, 0.5, *repairs]
+
+
+@pytest.mark.parametrize("mode", ["max", "mean"])
+def test_i_all_passed_siblings_carry_no_signal(mode):
+    # roots 0, 1, 2 all pass; root 3 of tree u fails and its two repairs both pass
+    tree_ids, parents = ["t", "t", "t", "u", "u", "u"], [-1, -1, -1, -1, 3, 3]
+    r = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    ret = murphy_returns(parents, r, mode=mode)
+    adv = murphy(tree_ids, parents, r, mode=mode)
+    assert ret.tolist() == [1.0] * 6 and adv.tolist() == [0.0] * 6
+    codes, n_trees = group_codes(tree_ids)
+    sets, n = sibling_sets(codes, np.array(parents), n_trees)
+    pruned, why = prune(ret, adv, sets, n)
+    assert pruned.tolist() == [True] * 6 and why["zero_signal"] == 6
+
+
+def test_ii_mars_a_repair_ties_with_a_direct_success_at_best():
+    parents, r = _roots_and_repair([1.0, 1.0])
+    assert murphy_returns(parents, r).tolist() == [1.0, 1.0, 1.0, 1.0]
+    # γ_m < 1: the later success ranks lower
+    assert murphy_returns(parents, r, gamma=0.9).tolist() == [1.0, 0.9, 1.0, 1.0]
+
+
+def test_ii_mers_is_bounded_so_a_partial_failure_never_outranks_a_direct_success():
+    # spec MeRS: R_B = 0.5 + mean(1, 1) = 1.5 > R_A = 1. Bounded: 0.5 + (1 − 0.5) · 1 = 1: a tie
+    parents, r = _roots_and_repair([1.0, 1.0])
+    assert murphy_returns(parents, r, mode="mean").tolist() == [1.0, 1.0, 1.0, 1.0]
+    # repairs (1, 0): 0.5 + 0.5 · 0.5 = 0.75; the roots are ranked A above B
+    parents, r = _roots_and_repair([1.0, 0.0])
+    np.testing.assert_allclose(murphy_returns(parents, r, mode="mean"), [1.0, 0.75, 1.0, 0.0])
+    np.testing.assert_allclose(murphy(["t"] * 4, parents, r, mode="mean")[:2], [S2, -S2], atol=1e-5)
+    # a chain: B (0) -> C (0.5) -> two passing repairs. Spec: R_C = 1.5, R_B = 1.5. Bounded: R_C = R_B = 1
+    parents, r = [-1, -1, 1, 2, 2], [1.0, 0.0, 0.5, 1.0, 1.0]
+    assert murphy_returns(parents, r, mode="mean").tolist() == [1.0] * 5
+    # γ_m = 0.5: R_C = 0.5 + 0.5 · 0.5 · 1 = 0.75, R_B = 0 + 1 · 0.5 · 0.75 = 0.375
+    np.testing.assert_allclose(murphy_returns(parents, r, mode="mean", gamma=0.5), [1, 0.375, 0.75, 1, 1])
+    # a passed node is a leaf whatever hangs below it: R = 1
+    assert murphy_returns([-1, 0], [1.0, 0.0], mode="mean").tolist() == [1.0, 0.0]
+
+
+def test_mers_needs_rewards_in_unit_interval():
+    with pytest.raises(ValueError, match=r"node 1: reward 1.5 is outside \[0, 1\]"):
+        murphy_returns([-1, 0], [0.0, 1.5], mode="mean")
+    with pytest.raises(ValueError, match=r"node 0: reward -0.1 is outside \[0, 1\]"):
+        murphy_returns([-1, 0], [-0.1, 1.0], mode="mean")
+
+
+@st.composite
+def forests(draw):
+    n = draw(st.integers(1, 30))
+    parents = [draw(st.integers(-1, i - 1)) if i else -1 for i in range(n)]
+    tree_of = []
+    for p in parents:
+        tree_of.append(len(tree_of) if p < 0 else tree_of[p])
+    rewards = draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=n, max_size=n))
+    return np.array(parents), np.array(rewards), np.array(tree_of)
+
+
+@settings(max_examples=80, deadline=None)
+@given(forests(), st.sampled_from(["max", "mean"]), st.floats(0, 1))
+def test_murphy_properties_i_and_ii(data, mode, gamma):
+    parents, r, tree_of = data
+    ret = murphy_returns(parents, r, mode=mode, gamma=gamma)
+    adv = murphy(tree_of, parents, r, mode=mode, gamma=gamma)
+    assert ((ret >= r - 1e-12) & (ret <= 1.0 + 1e-12)).all()  # bounded by a direct success
+    assert (ret[r == 1.0] == 1.0).all()
+    codes, n_trees = group_codes(tree_of)
+    sets, n = sibling_sets(codes, parents, n_trees)
+    pruned, _ = prune(ret, adv, sets, n)
+    for s in range(n):
+        members = sets == s
+        passed = members & (r == 1.0)
+        if passed.any():  # (ii): a node that passed ranks at the top of its sibling set
+            assert (adv[passed] >= adv[members].max() - 1e-9).all() and (adv[passed] >= -1e-12).all()
+        if passed.sum() == members.sum():  # (i): all passed -> no signal, pruned
+            assert (adv[members] == 0).all() and pruned[members].all()

@@ -155,9 +155,10 @@ def test_murphy_stage_returns_pruning_and_samples(tmp_path):
     np.testing.assert_allclose(s["T/2"]["advantages"], [0, 0, S2, S2], atol=1e-5)
     np.testing.assert_allclose(s["T/3"]["advantages"], [0, -S2], atol=1e-5)
     assert out.metrics["adv/pruned_nodes"] == 6 and out.metrics["adv/zero_signal_groups"] == 3
-    # MeRS: R3 = 0 + mean(0, 0) = 0, R0 = 0.25 + mean(1, 0) = 0.75: now T's roots (0.75, 1) carry signal
+    # MeRS (bounded): R3 = 0 + 1 · mean(0, 0) = 0, R0 = 0.25 + 0.75 · mean(1, 0) = 0.625 (the spec's unbounded
+    # formula gave 0.75): now T's roots (0.625, 1) carry signal
     _, s, trees = _run_tree(tmp_path, _tree_rows(), murphy_mode="mean")
-    assert [n["ret"] for n in trees[0]["nodes"]][:4] == [0.75, 1.0, 1.0, 0.0]
+    assert [n["ret"] for n in trees[0]["nodes"]][:4] == [0.625, 1.0, 1.0, 0.0]
     assert sorted(s) == ["T/0", "T/1", "T/2", "T/3"]
 
 

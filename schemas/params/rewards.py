@@ -53,7 +53,9 @@ class AdvantageParams(BaseModel):
         description="(open) GTPO normalisation set. end_aligned: per number of turns left, every trajectory of "
         "the group present; unlike group it gives successes no negative turns (maths.advantages.NORM_SCOPES)",
     )
-    murphy_mode: Literal["max", "mean"] = Field("max", description="MaRS (max) or MeRS (mean)")
+    murphy_mode: Literal["max", "mean"] = Field(
+        "max", description="MaRS (max) or MeRS (mean, bounded: R = r + (1 − r) · γ_m · mean child R)"
+    )
     murphy_gamma: float = Field(1.0, ge=0.0, le=1.0, description="(open) γ_m discounting child returns")
     inter_keep: int | None = Field(None, ge=1, description="(open) InterP: sibling groups kept (None: all)")
     intra_keep: int | None = Field(None, ge=2, description="(open) IntraP: nodes kept per group (None: all)")
