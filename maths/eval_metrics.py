@@ -1,7 +1,7 @@
 """Evaluation metrics: the unbiased pass@k estimator, bootstrap confidence intervals, and the aggregation of an
 ``eval_results`` table (schemas.tables.EVAL_RESULTS) into namespaced ``eval/<bench>/*`` metrics.
 
-Definitions (../shared/ALGORITHMS.md, "Evaluation"):
+Definitions (docs/algorithms.md, "Evaluation"):
 
 - A *sample* is one independent run of the self-correction loop on a problem: attempt 1 from the task prompt,
   then, while it fails and fewer than K attempts were made, another attempt from the feedback prompt.

@@ -1,4 +1,4 @@
-"""Reward functions: small, pure, registered by name and combined by weights (../shared/ALGORITHMS.md).
+"""Reward functions: small, pure, registered by name and combined by weights (docs/algorithms.md).
 
 A reward function takes the rows it judges and the score parameters and returns one value per row, or None
 where it does not apply (a math reward on a code row):

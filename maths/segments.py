@@ -1,5 +1,5 @@
 """Vectorised segment arithmetic shared by the reward and advantage code: group ids to dense codes, and the
-group z-score of ../shared/ALGORITHMS.md (sample std with ddof = 1, ε = 1e-6, a one-member set gets 0).
+group z-score of docs/algorithms.md (sample std with ddof = 1, ε = 1e-6, a one-member set gets 0).
 
 Everything works on flat numpy arrays plus a dense "set code" per element; no Python loop runs over elements.
 """

@@ -1,4 +1,4 @@
-"""Code similarity for GTPO's self-supervised reward shaping (../shared/ALGORITHMS.md, "(open)" choice).
+"""Code similarity for GTPO's self-supervised reward shaping (docs/algorithms.md, "(open)" choice).
 
 A similarity is registered by name with ``@register_similarity``. Its contract, shared by every entry:
 

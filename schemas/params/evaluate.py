@@ -1,4 +1,4 @@
-"""Parameters of the evaluate stage (see ../shared/ALGORITHMS.md, "Evaluation")."""
+"""Parameters of the evaluate stage (see docs/algorithms.md, "Evaluation")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameters of the score and advantages stages (see ../shared/ALGORITHMS.md).
+"""Parameters of the score and advantages stages (see docs/algorithms.md).
 
 Choices the papers leave open are parameters here, with the spec's default, and logged by each run.
 """

@@ -6,7 +6,7 @@ the first format whose required fields a record has (used by ``--format auto``).
 
 Formats:
 - ``humaneval``: ``task_id, prompt, entry_point, test`` (a ``check(candidate)`` block) [+ ``canonical_solution``].
-  Also the HumanEval-format MBPP file of ../shared/data/mbpp (tab-indented prompts).
+  Also the HumanEval-format MBPP file shipped in stages/data/benchmarks/mbpp (tab-indented prompts).
 - ``mbpp``: original MBPP: ``task_id, text, code, test_list`` (assert statements) [+ ``test_setup_code``].
 - ``gsm8k``: ``question, answer`` where the answer ends in ``#### N``.
 - ``math``: a question under one of several names (``problem``, ``question``, ``body``+``question``,
