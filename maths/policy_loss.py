@@ -160,7 +160,9 @@ def policy_loss(
 
     ``n_tokens`` / ``n_seqs``: normalisers of the minibatch this micro-batch belongs to (see ``aggregate``).
     Returned stats are *sums over trained tokens* (so micro-batches add up): ``tokens``, ``clipped``,
-    ``approx_kl`` (k3 of π_old against π_θ), ``kl_ref`` (when a reference is given), ``tis_weight``.
+    ``approx_kl`` (KL(π_old || π_θ), k3 estimate ρ − 1 − log ρ with ρ = π_θ/π_old: ≥ 0, unbiased on tokens
+    sampled from π_old, and linear — not exponential — in a token's log-prob drop), ``kl_ref`` (when a reference
+    is given), ``tis_weight``.
     """
     if kl_beta > 0 and ref_logp is None:
         raise ValueError("kl_beta > 0 needs the reference log-probs (ref_logp)")
@@ -180,7 +182,9 @@ def policy_loss(
         m = mask.detach()
         stats["tokens"] = float(m.sum())
         stats["clipped"] = float((clipped.to(m.dtype) * m).sum())
-        stats["approx_kl"] = float((kl_k3(logp.detach(), old_logp) * m).sum())
+        # k3 of KL(π_old || π_θ) on tokens sampled from π_old: ρ − 1 − log ρ with ρ = π_θ/π_old. (The reverse
+        # ratio π_old/π_θ is not an estimate of either KL here: exp of a collapsed token's log-prob drop.)
+        stats["approx_kl"] = float((kl_k3(old_logp, logp.detach()) * m).sum())
     if ref_logp is not None:
         kl_t = kl(logp, ref_logp, kl_estimator)
         stats["kl_ref"] = float((kl_t.detach() * mask).sum())

@@ -59,6 +59,18 @@ def test_k3_kl_hand_case_and_beta_term():
         pl.policy_loss(LOGP, OLD, ADV, MASK, kl_beta=0.5)
 
 
+def test_approx_kl_to_old_policy_is_k3_with_ratio_new_over_old():
+    """approx_kl estimates KL(π_old || π_θ) on tokens sampled from π_old: Σ ρ − 1 − log ρ, ρ = π_θ/π_old."""
+    _, stats = pl.policy_loss(LOGP, OLD, ADV, MASK)
+    hand = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1))  # the three trained tokens
+    assert stats["approx_kl"] == pytest.approx(hand, abs=1e-6)
+    # A near-certain token (π_old 0.999) collapsing to π_θ = 1e-4: ≈ 8.2 nats, not π_old/π_θ ≈ 1e4 (the reverse
+    # ratio, which turned a few collapsed tokens into a logged approx_kl of 8432 after a warm start).
+    old, new = torch.log(torch.tensor([[1.0, 0.999]])), torch.log(torch.tensor([[1.0, 1e-4]]))
+    _, stats = pl.policy_loss(new, old, torch.ones(1, 2), MASK[:1, :2])
+    assert stats["approx_kl"] == pytest.approx(1e-4 - 1 - math.log(1e-4 / 0.999), rel=1e-4)
+
+
 def test_tis_weights_cap_and_scale_loss():
     rollout = OLD.clone()
     rollout[0, 1] = OLD[0, 1] - math.log(5.0)  # π_old/π_rollout = 5 -> capped at 2

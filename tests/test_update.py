@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_update_raises_positive_and_lowers_negative_sequences(tiny_model, sample
 def test_clip_fraction_zero_on_first_minibatch_then_clipping(tiny_model, samples):
     uri, _ = samples
     trainer = update.Trainer(
-        tiny_model, UpdateParams(lr=5e-3, minibatch_size=2, micro_batch_size=1, ppo_epochs=3)
+        tiny_model, UpdateParams(lr=5e-3, minibatch_size=2, micro_batch_size=1, ppo_epochs=3, target_kl=None)
     )
     m = trainer.update(update.load_samples(uri))
     assert trainer.history[0]["clip_frac"] == 0.0
@@ -139,7 +140,9 @@ def test_resume_equals_uninterrupted_run(tiny_model, samples, tmp_path):
     """Two stage runs through stored checkpoints == one trainer doing both updates in memory."""
     uri, rows = samples
     uri2 = _write_raw(sample_rows(tiny_model, n=5, seed=1), SAMPLES, tmp_path / "s2.parquet")
-    p = UpdateParams(lr=1e-3, warmup_steps=3, minibatch_size=2, micro_batch_size=2, ppo_epochs=2, seed=7)
+    p = UpdateParams(
+        lr=1e-3, warmup_steps=3, minibatch_size=2, micro_batch_size=2, ppo_epochs=2, seed=7, target_kl=None
+    )
     one = update.Trainer(tiny_model, p)
     one.update(update.load_samples(uri))
     one.update(update.load_samples(uri2))
@@ -175,3 +178,97 @@ def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, mo
     assert pushed["source"] == out.uri("checkpoint") and "timing/weight_sync" in out.metrics
     saved = ckpt.load_model(out.uri("checkpoint")).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in pushed["weights"].items() if k in saved)
+
+
+# --- updates that cannot blow up (issue 12) ------------------------------------------------------------------------
+def _kl_to_old(model, rows) -> float:
+    """Token mean over trained tokens of KL(π_old || π_new) (k3, ρ = π_new/π_old); π_old = the rows' log-probs."""
+    model.eval()
+    num = den = 0.0
+    for r in rows:
+        ids, m = torch.tensor([r["input_ids"]]), torch.tensor(r["loss_mask"], dtype=torch.float32)
+        with torch.no_grad():
+            d = token_logprobs(model(input_ids=ids).logits, ids)[0] - torch.tensor(r["rollout_logprobs"])
+        num, den = num + float(((d.exp() - 1 - d) * m).sum()), den + float(m.sum())
+    return num / den
+
+
+@pytest.fixture(scope="module")
+def near_deterministic(tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The tiny model after a short high-lr SFT on 16 sequences (a warm start: completion entropy ~0.3 nats,
+    mean log-prob of its own completions ~ −0.1), and samples of those sequences with its own log-probs and
+    advantages +1/−1 alternating."""
+    torch.manual_seed(0)
+    model = ckpt.load_model(tiny_model)
+    rng = random.Random(0)
+    seqs = []
+    for _ in range(16):
+        p, c = rng.randint(4, 8), rng.randint(10, 20)
+        seqs.append(([rng.randrange(10, model.config.vocab_size) for _ in range(p + c)], p))
+    lmax = max(len(s) for s, _ in seqs)
+    ids = torch.tensor([s + [0] * (lmax - len(s)) for s, _ in seqs])
+    attn = torch.tensor([[1] * len(s) + [0] * (lmax - len(s)) for s, _ in seqs])
+    mask = torch.tensor([[0] * p + [1] * (len(s) - p) + [0] * (lmax - len(s)) for s, p in seqs]).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        lp = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids)
+        (-(lp * mask).sum() / mask.sum()).backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("near-det") / "ckpt"
+    ckpt.save_checkpoint(out, model.eval(), tokenizer_from=tiny_model)
+    rows = []
+    for i, (s, p) in enumerate(seqs):
+        x = torch.tensor([s])
+        with torch.no_grad():
+            lp = token_logprobs(model(input_ids=x).logits, x)[0].tolist()
+        m = [0] * p + [1] * (len(s) - p)
+        a = 1.0 if i % 2 == 0 else -1.0
+        rows.append(
+            {
+                "sample_id": f"d{i}",
+                "source_id": f"d{i}",
+                "problem_id": f"q{i // 2}",
+                "group_id": f"q{i // 2}",
+                "input_ids": s,
+                "loss_mask": m,
+                "advantages": [a * k for k in m],
+                "rollout_logprobs": [v * k for v, k in zip(lp, m, strict=True)],
+                "algo": "gtpo",
+            }
+        )
+    return out, rows
+
+
+def test_target_kl_bounds_the_update_of_a_near_deterministic_policy(near_deterministic, tmp_path):
+    """After a warm start (fresh AdamW: its first steps move every weight by ~lr however small the gradient),
+    4 PPO epochs erode the saturated logit margins until tokens flip: KL(π_old || π_new) ends ≥ 0.4 nats/token.
+    target_kl = 0.1 skips every step once a minibatch's KL exceeds it; the policy ends within 2 × target_kl."""
+    start, rows = near_deterministic
+    uri = _write_raw(rows, SAMPLES, tmp_path / "samples.parquet")
+    base = {"lr": 5e-4, "ppo_epochs": 4, "minibatch_size": 4, "micro_batch_size": 4}
+    free = update.Trainer(start, UpdateParams(**base, target_kl=None))
+    m = free.update(update.load_samples(uri))
+    assert free.steps[0]["entropy"] < 0.5  # near-deterministic before the update
+    assert m["actor/steps"] == 16 and m["actor/early_stopped"] == 0.0 and "actor/early_stop_step" not in m
+    assert _kl_to_old(free.model, rows) > 0.4  # the setting reproduces the blow-up
+    assert m["actor/approx_kl_max"] > 0.4
+
+    bounded = update.Trainer(start, UpdateParams(**base, target_kl=0.1))
+    m = bounded.update(update.load_samples(uri))
+    assert m["actor/early_stopped"] == 1.0 and m["actor/steps"] < m["actor/steps_planned"] == 16
+    assert m["actor/early_stop_step"] == m["actor/steps"] == m["actor/global_step"] == bounded.step
+    assert _kl_to_old(bounded.model, rows) < 2 * 0.1
+    # per-minibatch records: the last one is the minibatch whose KL stopped the update (no step taken)
+    steps = bounded.steps
+    assert len(steps) == m["actor/steps"] + 1 and [s["early_stop"] for s in steps] == [0.0] * (
+        len(steps) - 1
+    ) + [1.0]
+    assert steps[-1]["approx_kl"] > 0.1 >= max(s["approx_kl"] for s in steps[:-1])
+    assert [s["step"] for s in steps] == list(range(len(steps)))
+    for key in ("approx_kl", "clip_frac", "entropy", "grad_norm", "lr", "epoch", "update_idx"):
+        assert all(math.isfinite(s[key]) for s in steps), key
+
+    out = update.run(UpdateParams(**base), {"samples": uri, "checkpoint": str(start)}, tmp_path / "stage")
+    assert out.metrics["actor/steps"] == m["actor/steps"]  # the default target_kl is 0.1
+    assert any(n.startswith("early stop: KL to π_old") for n in out.notes), out.notes

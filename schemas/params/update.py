@@ -43,6 +43,12 @@ class UpdateParams(BaseModel):
         description="Truncated importance sampling cap C on π_old/π_rollout (None: off; 2 is usual)",
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (total L2 norm)")
+    target_kl: float | None = Field(
+        0.1,
+        gt=0,
+        description="Early stop: when a minibatch's KL(π_old || π_θ) (k3, token mean, measured in its forward pass) "
+        "exceeds this, its optimizer step and all later ones of the update are skipped (None: never stop)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the update runs (auto: cuda if any)"
     )

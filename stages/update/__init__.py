@@ -15,9 +15,14 @@ What one call does (the loss is ``maths.policy_loss``, ALGORITHMS.md "Policy los
    cuts minibatches of ``minibatch_size`` (one optimizer step each) and, inside a minibatch, sorts by length
    into micro-batches of ``micro_batch_size`` (gradient accumulation; padding stays small). The aggregation
    normalisers are the minibatch's, so accumulation gives the same gradient as one big batch.
-5. AdamW, linear warmup over the global step, gradient clipping. CPU: fp32. CUDA: bf16 autocast over fp32
-   master weights, optional gradient checkpointing. LoRA (``lora_rank``) via peft: the checkpoint holds the
-   merged model (what rollout and evaluation load) and the adapter in ``lora/`` on top of ``lora_base``.
+5. AdamW, linear warmup over the global step (it restarts with the optimizer: a checkpoint without optimizer
+   state, such as the warm start's, starts at step 0 of the schedule), gradient clipping. Early stop
+   (``target_kl``): once a minibatch's KL to π_old (k3, measured in its forward pass) exceeds ``target_kl``,
+   it and the rest of the update's minibatches get no step. Per-minibatch records (KL, clip fraction,
+   entropy, grad norm, lr at each global step): ``Trainer.steps`` (the stage returns only the aggregates).
+   CPU: fp32. CUDA: bf16 autocast over fp32 master weights, optional gradient checkpointing. LoRA
+   (``lora_rank``) via peft: the checkpoint holds the merged model (what rollout and evaluation load) and the
+   adapter in ``lora/`` on top of ``lora_base``.
 6. Writes ``<out>/checkpoint`` atomically, then pushes the weights into the process's live rollout engine
    (``runtime.engines.live_engine()``) when there is one of the same architecture (``timing/weight_sync``).
    When no engine is live (a single-stage rerun, or a fresh process) nothing is pushed: the next rollout loads
@@ -142,6 +147,11 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
         + (f", LoRA r={params.lora_rank}" if params.lora_rank else "")
         + (f", {world.size} processes ({world.kind})" if world.distributed else ""),
     ]
+    if metrics.get("actor/early_stopped"):
+        notes.append(
+            f"early stop: KL to π_old {trainer.steps[-1]['approx_kl']:.3g} > target_kl {params.target_kl:g} "
+            f"before step {int(metrics['actor/early_stop_step'])} of {int(metrics['actor/steps_planned'])}"
+        )
     return StageOutput(stage=STAGE, tables={"checkpoint": ref}, metrics=metrics, notes=notes)
 
 

@@ -23,6 +23,8 @@ from stages.update.samples import (
     minibatches,
 )
 
+SUMMED = ("loss", "tokens", "clipped", "approx_kl", "entropy", "grad_norm", "kl_ref", "tis_weight")
+
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     """Clip the total L2 norm of the gradients (FSDP2's sharded DTensor gradients included); the norm before."""
@@ -76,7 +78,8 @@ class Trainer:
         same_kind = bool(state and state.get("lora_base")) == bool(params.lora_rank)
         if state and state.get("optimizer") is not None and same_kind:
             self._restore(state)
-        self.history: list[dict[str, float]] = []  # per optimizer step
+        self.steps: list[dict[str, float]] = []  # per minibatch of the last update() call (_step_record)
+        self.history: list[dict[str, float]] = []  # the same, of every call
 
     def _lr_factor(self, step: int) -> float:
         w = self.params.warmup_steps
@@ -144,7 +147,14 @@ class Trainer:
         return [out[i] for i in range(len(samples))]
 
     def update(self, samples: list[Sample], ref_model: torch.nn.Module | None = None) -> dict[str, float]:
-        """PPO epochs over ``samples``; returns actor/* and timing/* metrics."""
+        """PPO epochs over ``samples``; returns actor/* and timing/* metrics (means over the minibatches measured).
+
+        ``self.steps`` then holds one record per minibatch of this call (``_step_record``: KL to π_old, clip
+        fraction, entropy, grad norm, lr, ... at global step ``step``), ``self.history`` those of every call.
+        Early stop (``target_kl``): the first minibatch whose KL to π_old, measured in its own forward pass,
+        exceeds ``target_kl`` gets no optimizer step, and neither do the rest of the update's minibatches
+        (``actor/early_stopped``, ``actor/early_stop_step``: its index in the update = optimizer steps taken).
+        """
         p = self.params
         if p.kl_beta > 0 and ref_model is None:
             raise ValueError("kl_beta > 0 needs a reference model")
@@ -158,7 +168,8 @@ class Trainer:
         metrics = self._logprob_gap(samples)
 
         sums: dict[str, float] = {}
-        n_tokens_seen, steps_before = 0, self.step
+        n_tokens_seen, steps_before, self.steps = 0, self.step, []
+        n_planned = p.ppo_epochs * math.ceil(len(samples) / p.minibatch_size)
         self.model.train()
         t1 = time.perf_counter()
         with PeakMemory(self.device) as mem:
@@ -166,23 +177,32 @@ class Trainer:
                 for mb_idx in minibatches(len(samples), p, self.update_idx, epoch):
                     mb = [samples[i] for i in mb_idx]
                     st = self._optimizer_step(mb, ref_model is not None)
-                    self.history.append({"epoch": epoch, **st})
-                    for k, v in st.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                    self.steps.append(self._step_record(st, epoch))
+                    for k in SUMMED:
+                        if k in st:
+                            sums[k] = sums.get(k, 0.0) + st[k]
                     n_tokens_seen += sum(len(s) for s in mb)
+                    if st["early_stop"]:
+                        break
+                if self.steps[-1]["early_stop"]:
+                    break
         t_train = time.perf_counter() - t1
+        self.history.extend(self.steps)
         self.update_idx += 1
-        n_steps = self.step - steps_before
+        n_steps, n_measured = self.step - steps_before, len(self.steps)
         tok = max(sums.get("tokens", 0.0), 1.0)
         metrics.update(
             {
-                "actor/loss": sums["loss"] / n_steps,
+                "actor/loss": sums["loss"] / n_measured,
                 "actor/clip_frac": sums["clipped"] / tok,
                 "actor/approx_kl": sums["approx_kl"] / tok,
+                "actor/approx_kl_max": max(r["approx_kl"] for r in self.steps),
                 "actor/entropy": sums["entropy"] / tok,
-                "actor/grad_norm": sums["grad_norm"] / n_steps,
+                "actor/grad_norm": sums["grad_norm"] / n_measured,
                 "actor/lr": self.optimizer.param_groups[0]["lr"],
                 "actor/steps": float(n_steps),
+                "actor/steps_planned": float(n_planned),
+                "actor/early_stopped": float(n_steps < n_measured),
                 "actor/global_step": float(self.step),
                 "actor/trained_tokens": tok,
                 "actor/tokens_per_s": n_tokens_seen / max(t_train, 1e-9),
@@ -195,10 +215,26 @@ class Trainer:
             metrics["actor/kl_ref"] = sums["kl_ref"] / tok
         if "tis_weight" in sums:
             metrics["actor/tis_weight_mean"] = sums["tis_weight"] / tok
+        if n_steps < n_measured:
+            metrics["actor/early_stop_step"] = float(n_steps)
         return metrics
 
+    def _step_record(self, st: dict[str, float], epoch: int) -> dict[str, float]:
+        """One minibatch's record, all floats: ``update_idx``, ``epoch``, ``step`` (global optimizer step it
+        took, or would have taken), ``lr``, ``grad_norm`` (before clipping), ``clip_frac``, ``loss``, ``tokens``,
+        ``early_stop`` (1: its KL exceeded target_kl, no step taken), and the token means ``approx_kl`` (KL to
+        π_old before this step), ``entropy``, ``kl_ref`` / ``tis_weight`` when computed."""
+        tok = max(st["tokens"], 1.0)
+        rec = {"update_idx": float(self.update_idx), "epoch": float(epoch)}
+        rec.update(
+            {k: st[k] for k in ("step", "lr", "grad_norm", "clip_frac", "loss", "tokens", "early_stop")}
+        )
+        rec.update({k: st[k] / tok for k in ("approx_kl", "entropy", "kl_ref", "tis_weight") if k in st})
+        return rec
+
     def _optimizer_step(self, mb: list[Sample], with_ref: bool) -> dict[str, float]:
-        """Gradient accumulation over the length-sorted micro-batches of one minibatch, then one AdamW step.
+        """Gradient accumulation over the length-sorted micro-batches of one minibatch, then one AdamW step
+        unless the minibatch's KL to π_old exceeds ``target_kl`` (``early_stop`` 1: no step, no counter moves).
 
         Distributed: this rank's micro-batches of its share of ``mb``; the normalisers are the whole ``mb``'s,
         the loss is × world size (DDP / FSDP2 average gradients over ranks), statistics are summed over ranks.
@@ -217,16 +253,23 @@ class Trainer:
                     (self.forward(self.train_model, b).float().sum() * 0.0).backward()
                 else:
                     self._micro_step(b, n_tokens, float(len(mb)), with_ref, acc)
-        acc = ddist.all_reduce_sums(acc, w, self.device)
+        acc = ddist.all_reduce_sums(acc, w, self.device)  # every rank takes the same early-stop decision
         params = [q for q in self.model.parameters() if q.requires_grad]
         grad_norm = clip_grad_norm(params, p.max_grad_norm)
+        kl = acc["approx_kl"] / max(acc["tokens"], 1.0)
+        stop = p.target_kl is not None and kl > p.target_kl
+        acc.update(
+            step=float(self.step), lr=float(self.optimizer.param_groups[0]["lr"]), early_stop=float(stop)
+        )
+        acc.update(grad_norm=grad_norm, clip_frac=acc["clipped"] / max(acc["tokens"], 1.0))
+        if stop:  # this minibatch is already too far from π_old: no step from here
+            self.optimizer.zero_grad(set_to_none=True)
+            return acc
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {self.step}: the update diverged")
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        acc["grad_norm"] = grad_norm
-        acc["clip_frac"] = acc["clipped"] / max(acc["tokens"], 1.0)
         return acc
 
     def _micro_step(
