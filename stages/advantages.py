@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from maths.advantages import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
-from maths.samples import field, list_parts, node_samples, numbers, trajectory_samples, with_fields
+from maths.columns import field, list_parts, numbers, with_fields
+from maths.samples import node_samples, trajectory_samples
 from maths.segments import group_codes, set_has_signal, turn_positions
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from maths import rewards as R
-from maths.samples import field, list_parts, numbers, with_fields
+from maths.columns import field, list_parts, numbers, with_fields
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput
 from schemas.params.rewards import ScoreParams
