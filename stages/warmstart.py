@@ -27,6 +27,7 @@ import torch
 
 from maths.policy_loss import aggregate, token_logprobs
 from runtime import checkpoint as ckpt
+from runtime import warmstart_cache
 from runtime.devices import PeakMemory, resolve_device
 from runtime.tableio import read_table
 from schemas.outputs import StageOutput
@@ -80,10 +81,20 @@ def _collate(batch: list[tuple], device: torch.device) -> tuple[torch.Tensor, ..
 
 
 def run(params: WarmstartParams, inputs: dict[str, str], out: Path) -> StageOutput:
-    """Fine-tune the checkpoint on the problems' demonstrations; write the new checkpoint."""
+    """Fine-tune the checkpoint on the problems' demonstrations; write the new checkpoint.
+
+    With ``params.cache`` the result is also kept in a cache keyed by the content of the starting checkpoint
+    and of the problems table, the parameters and this module's code, and a later run with the same key copies
+    it instead of training again (``warmstart/cache_hit`` = 1)."""
     for key in ("problems", "checkpoint"):
         if key not in inputs:
             raise KeyError(f"warmstart stage needs input {key!r}; got {sorted(inputs)}")
+    if params.cache:
+        return warmstart_cache.cached_run(params, inputs, Path(out), _train, Path(__file__).read_text())
+    return _train(params, inputs, Path(out))
+
+
+def _train(params: WarmstartParams, inputs: dict[str, str], out: Path) -> StageOutput:
     t0 = time.perf_counter()
     source = ckpt.check_checkpoint(inputs["checkpoint"])
     problems = read_table(inputs["problems"], PROBLEMS).to_pylist()

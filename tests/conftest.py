@@ -19,6 +19,7 @@ apply_defaults(  # runtime.env: the one place the environment defaults live
     offline=True,
     PREFECT_HOME=str(_SESSION_TMP / "prefect"),
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    TURNTREE_WARMSTART_CACHE=str(_SESSION_TMP / "warmstart-cache"),  # tests train, not reuse earlier sessions
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,3 +65,34 @@ def test_no_demonstrations_fails_clearly_and_writes_nothing(tiny_model, tmp_path
     with pytest.raises(warmstart.NoDemonstrationsError, match="no 'train' problem"):
         warmstart.run(WarmstartParams(), {"problems": uri, "checkpoint": str(tiny_model)}, out)
     assert list(out.iterdir()) == []
+
+
+def test_warm_start_is_cached_across_runs_by_content(tiny_model, tmp_path, monkeypatch):
+    """Same model, problems and parameters: the second run copies the cached checkpoint (no training); another
+    parameter or a tampered entry trains again; cache off never reads or writes the cache."""
+    from runtime import warmstart_cache
+
+    monkeypatch.setenv("TURNTREE_WARMSTART_CACHE", str(tmp_path / "cache"))
+    uri = _problems(tmp_path, generate("tool-arith", count=4, seed=0))
+    inputs = {"problems": uri, "checkpoint": str(tiny_model)}
+    p = WarmstartParams(enabled=True, steps=2, lr=2e-3, batch_size=2, micro_batch_size=2)
+    first = warmstart.run(p, inputs, tmp_path / "a")
+    trained = []
+    monkeypatch.setattr(warmstart, "_train", lambda *a: trained.append(1) or first)
+    second = warmstart.run(p, inputs, tmp_path / "b")
+    assert first.metrics["warmstart/cache_hit"] == 0 and second.metrics["warmstart/cache_hit"] == 1
+    assert not trained and second.tables["checkpoint"].sha256 == first.tables["checkpoint"].sha256
+    assert second.metrics["actor/sft_loss_last"] == first.metrics["actor/sft_loss_last"]
+    assert ckpt.load_tokenizer(second.uri("checkpoint")).eos_token == "<|im_end|>"
+    (entry,) = [d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]
+    warmstart.run(p.model_copy(update={"steps": 3}), inputs, tmp_path / "c")  # another key: trains
+    assert trained == [1]
+    weights = next((entry / "checkpoint").glob("*.safetensors"))
+    weights.unlink()
+    weights.write_bytes(b"tampered")  # a hard-linked copy elsewhere must not change: unlink first
+    warmstart.run(p, inputs, tmp_path / "d")
+    assert trained == [1, 1]  # the tampered entry was not trusted
+    entries = len(list((tmp_path / "cache").iterdir()))
+    warmstart.run(p.model_copy(update={"cache": False, "steps": 4}), inputs, tmp_path / "e")
+    assert trained == [1, 1, 1] and len(list((tmp_path / "cache").iterdir())) == entries
+    assert warmstart_cache.cache_root() == tmp_path / "cache"

@@ -97,6 +97,11 @@ class WarmstartParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(False, description="Run a supervised warm start before iteration 1")
+    cache: bool = Field(
+        True,
+        description="Reuse a warm start made earlier from the same model, problems and parameters "
+        "($TURNTREE_CACHE/warmstart, default ~/.cache/turntree)",
+    )
     steps: int = Field(20, ge=1, description="Optimizer steps")
     lr: float = Field(5e-5, gt=0, le=1e-2, description="Learning rate")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup of the learning rate (optimizer steps)")
