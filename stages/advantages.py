@@ -1,6 +1,9 @@
 """Advantages stage: read scored trajectories or trees, call the registered estimator
 (``maths.advantages.ESTIMATORS``) on flat arrays, drop zero-signal groups / pruned nodes, write
 samples.parquet (and trees.parquet with ``ret`` and ``pruned`` for MURPHY), and compute the adv/* metrics.
+Rows or trees the score stage marked as having no verdict (the sandbox failed twice: the ``sandbox_error``
+reward component of a trajectory, a node with null reward that score marked pruned) are dropped before any
+group statistic, so the rest of their group trains exactly as if they had never been sampled.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pyarrow.compute as pc
 
 from maths.advantages import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
 from maths.columns import field, list_parts, numbers, with_fields
+from maths.rewards import SANDBOX_ERROR
 from maths.samples import node_samples, trajectory_samples
 from maths.segments import group_codes, set_has_signal, turn_positions
 from runtime.tableio import read_table, write_table
@@ -46,10 +50,20 @@ def _params_note(params: AdvantageParams) -> str:
     return "advantage params: " + ", ".join(f"{k}={v}" for k, v in params.model_dump().items())
 
 
+def sandbox_error_rows(table: pa.Table) -> np.ndarray:
+    """(N,) bool: rows the score stage marked ``sandbox_error`` (no verdict: the sandbox failed twice)."""
+    flag = pc.map_lookup(table["reward_components"], pa.scalar(SANDBOX_ERROR), "first")
+    return numbers(pc.fill_null(pc.greater(flag, 0), False), bool)
+
+
 def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> StageOutput:
     table = read_table(uri, TRAJECTORIES)
     if table.num_rows == 0:
         raise ValueError(f"{uri}: no trajectories to compute advantages for")
+    no_verdict = sandbox_error_rows(table)
+    if no_verdict.all():
+        raise ValueError(f"{uri}: every trajectory is marked sandbox_error: nothing has a reward")
+    table = table.filter(pa.array(~no_verdict))  # out before any group statistic: the rest are as if alone
     ids = table["trajectory_id"].to_pylist()
     rewards_col = table["reward"].combine_chunks()
     if (row := _first_null(rewards_col)) is not None:
@@ -109,6 +123,7 @@ def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Pat
         "adv/zero_signal_groups": float(zero),
         "adv/zero_signal_frac": zero / n_groups,
         "adv/samples": float(kept.num_rows),
+        "adv/sandbox_error_dropped": float(no_verdict.sum()),
         "adv/trained_tokens": float(pc.sum(pc.list_flatten(tokens["loss_mask"])).as_py() or 0),
     }
     if est.unit == "turn":
@@ -121,13 +136,28 @@ def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Pat
         " (kept)" if params.keep_zero_signal else " and were dropped"
     )
     log.info(note)
-    return StageOutput(
-        stage="advantages", tables={"samples": ref}, metrics=metrics, notes=[note, _params_note(params)]
-    )
+    notes = [note, _params_note(params)]
+    if no_verdict.any():
+        notes.append(f"{int(no_verdict.sum())} trajectories marked sandbox_error dropped before grouping")
+    return StageOutput(stage="advantages", tables={"samples": ref}, metrics=metrics, notes=notes)
+
+
+def sandbox_error_trees(trees: pa.Table) -> np.ndarray:
+    """(T,) bool: trees with a node the score stage left without a verdict (the sandbox failed twice): null
+    reward and ``pruned`` set by score. A null reward on an unpruned node is an unscored node, not this."""
+    t_off, nodes = list_parts(trees["nodes"])
+    no_reward = field(nodes, "reward").is_null().to_numpy(zero_copy_only=False)
+    marked = no_reward & numbers(field(nodes, "pruned"), bool)
+    tree_of = np.repeat(np.arange(trees.num_rows), np.diff(t_off))
+    return np.bincount(tree_of, weights=marked, minlength=trees.num_rows) > 0
 
 
 def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> StageOutput:
-    trees = read_table(uri, TREES)
+    all_trees = read_table(uri, TREES)
+    dropped = sandbox_error_trees(all_trees)
+    if dropped.size and dropped.all():
+        raise ValueError(f"{uri}: every tree has a node without a verdict (sandbox_error): nothing to train")
+    trees = all_trees.filter(pa.array(~dropped))  # whole trees: sibling sets and returns never cross trees
     t_off, nodes = list_parts(trees["nodes"])
     counts = np.diff(t_off)
     tree_ids = trees["tree_id"].to_pylist()
@@ -172,9 +202,17 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
         intra_keep=params.intra_keep,
         keep_zero_signal=params.keep_zero_signal,
     )
-    new_nodes = with_fields(trees["nodes"], {"ret": ret.astype(np.float32), "pruned": pruned})
+    all_counts = np.diff(list_parts(all_trees["nodes"])[0])
+    kept_node = np.repeat(~dropped, all_counts)  # dropped trees: every node pruned, no return
+    all_ret = np.zeros(kept_node.size, np.float32)
+    all_ret[kept_node] = ret
+    all_pruned = np.ones(kept_node.size, bool)
+    all_pruned[kept_node] = pruned
+    new_nodes = with_fields(
+        all_trees["nodes"], {"ret": pa.array(all_ret, mask=~kept_node), "pruned": all_pruned}
+    )
     trees_ref = write_table(
-        trees.set_column(trees.schema.get_field_index("nodes"), "nodes", new_nodes),
+        all_trees.set_column(all_trees.schema.get_field_index("nodes"), "nodes", new_nodes),
         TREES,
         out / "trees.parquet",
     )
@@ -208,6 +246,7 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
         "adv/pruned_inter": float(why["inter"]),
         "adv/pruned_intra": float(why["intra"]),
         "adv/ret/mean": float(ret.mean()),
+        "adv/sandbox_error_trees_dropped": float(dropped.sum()),
         "adv/samples": float(keep.size),
         "adv/trained_tokens": float(pc.sum(pc.list_flatten(tokens["loss_mask"])).as_py() or 0),
     }
@@ -216,11 +255,11 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
         f"InterP {why['inter']}, IntraP {why['intra']})"
     )
     log.info(note)
+    notes = [note, _params_note(params)]
+    if dropped.any():
+        notes.append(f"{int(dropped.sum())} trees with a sandbox_error node were left out (all nodes pruned)")
     return StageOutput(
-        stage="advantages",
-        tables={"samples": ref, "trees": trees_ref},
-        metrics=metrics,
-        notes=[note, _params_note(params)],
+        stage="advantages", tables={"samples": ref, "trees": trees_ref}, metrics=metrics, notes=notes
     )
 
 

@@ -12,10 +12,15 @@ program (``final_answer``, else the last turn's code) against the problem's test
 GTPO turn rewards r_ij = r_acc + r_fmt, with self-supervised shaping of failed trajectories that have a
 successful sibling. Written: ``turns[].turn_reward``, ``correct``, ``reward`` (the GRPO r_i, gated by format
 errors when ``format_gate``) and ``reward_components`` (each component, plus ``format``, ``shaped`` and
-``outcome``).
+``outcome``). A row whose program got no verdict because the sandbox failed twice (``run_tests_batch``)
+gets the component ``sandbox_error`` = 1.0: the advantages stage drops it before any group statistic, and the
+reward/* metrics here leave it out (``reward/sandbox_error_frac`` counts it).
 
 Trees (MURPHY): r(n) per node from the ``tests_passed``/``tests_total`` the rollout stored (fraction, or
-all-pass when ``code_reward="binary"``); nodes without counts are re-run in the sandbox.
+all-pass when ``code_reward="binary"``); nodes without counts are re-run in the sandbox. A re-run node the
+sandbox failed twice keeps null ``tests_passed``, ``tests_total`` and ``reward`` (no verdict, so no reward)
+and is marked ``pruned`` (never trained): the advantages stage leaves its whole tree out (sibling sets and
+returns never cross trees, so the other trees' signal is unchanged); ``reward/sandbox_error_frac`` counts it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from maths import rewards as R
 from maths.columns import field, list_parts, numbers, with_fields
@@ -49,19 +55,49 @@ def run(params: ScoreParams, inputs: dict[str, str], out: Path) -> StageOutput:
     return RUNNERS[kinds[0]](params, inputs[kinds[0]], problems, out)
 
 
-def run_tests_batch(programs: list[str], problems: list[dict], timeout_s: float) -> list[tuple[int, int]]:
-    """(passed, total) of each program against its problem's tests, through the sandbox's worker pool."""
+def run_tests_batch(
+    programs: list[str], problems: list[dict], timeout_s: float
+) -> list[tuple[int, int, bool]]:
+    """(passed, total, sandbox_error) of each program against its problem's tests, through the sandbox's pool.
+
+    A job whose sandbox failed (``TestReport.sandbox_failed``: launch failed, worker died, ...) got no
+    verdict: it runs once more; if the sandbox fails again the job comes back with ``sandbox_error`` True (and
+    0 passed), which the caller must keep out of every reward statistic."""
     from runtime.sandbox import run_tests_many
 
-    if not programs:
+    tests = [list(p["tests"] or []) for p in problems]
+    entry_points = [p.get("entry_point") for p in problems]
+
+    def batch(rows: list[int]) -> list:
+        return run_tests_many(
+            [programs[i] for i in rows],
+            [tests[i] for i in rows],
+            entry_points=[entry_points[i] for i in rows],
+            timeout_s=timeout_s,
+        )
+
+    reports = batch(list(range(len(programs)))) if programs else []
+    failed = [i for i, r in enumerate(reports) if r.sandbox_failed]
+    if failed:
+        log.warning(
+            "score: %d of %d sandbox jobs failed (%s); running them again",
+            len(failed), len(reports), reports[failed[0]].execution.error,
+        )  # fmt: skip
+        for i, report in zip(failed, batch(failed), strict=True):
+            reports[i] = report
+    return [(int(r.passed), int(r.total), r.sandbox_failed) for r in reports]
+
+
+def sandbox_error_notes(flags: np.ndarray, what: str) -> list[str]:
+    """A note (and a warning) naming how many jobs the sandbox failed twice, or nothing."""
+    if not flags.any():
         return []
-    reports = run_tests_many(
-        programs,
-        [list(p["tests"] or []) for p in problems],
-        entry_points=[p.get("entry_point") for p in problems],
-        timeout_s=timeout_s,
+    note = (
+        f"{int(flags.sum())} {what} got no verdict (the sandbox failed twice): marked sandbox_error and left "
+        "out of the reward statistics"
     )
-    return [(int(r.passed), int(r.total)) for r in reports]
+    log.warning(note)
+    return [note]
 
 
 def _problem(problems: dict[str, dict], problem_id: str, where: str) -> dict:
@@ -117,12 +153,16 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
         [problems[rows[i]["problem_id"]] for i in code_rows],
         params.test_timeout_s,
     )
-    for i, (passed, total) in zip(code_rows, counts, strict=True):
+    sandbox_error = np.zeros(n, bool)
+    for i, (passed, total, failed) in zip(code_rows, counts, strict=True):
         rows[i]["tests_passed"], rows[i]["tests_total"] = passed, total
+        sandbox_error[i] = failed
 
     scores = R.trajectory_rewards(rows, tool_call, exec_status, lengths, table["group_id"], params)
     turn_reward, correct, reward = scores.turn_reward, scores.correct, scores.reward
     components = scores.components
+    for i in np.flatnonzero(sandbox_error):  # the flag the advantages stage drops the row by
+        components[i][R.SANDBOX_ERROR] = 1.0
     new = table.set_column(
         table.schema.get_field_index("turns"),
         "turns",
@@ -136,16 +176,21 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
         pa.array([list(c.items()) for c in components], TRAJECTORIES.field("reward_components").type),
     )
     ref = write_table(new, TRAJECTORIES, out / "trajectories.parquet")
+    ok = ~sandbox_error  # rows with a verdict: the statistics below are theirs alone
+    has = bool(ok.any())
+    ok_turns = np.repeat(ok, lengths)
     metrics = {
-        "reward/mean": float(reward.mean()) if n else 0.0,
-        "reward/std": float(reward.std()) if n else 0.0,
-        "reward/correct_frac": float(correct.mean()) if n else 0.0,
-        "reward/format_error_frac": float(scores.format_error.mean()) if n else 0.0,
-        "reward/shaped_frac": float(scores.shaped.mean()) if n else 0.0,
-        "reward/turn_reward/mean": float(turn_reward.mean()) if n else 0.0,
-        **_component_metrics(components),
+        "reward/mean": float(reward[ok].mean()) if has else 0.0,
+        "reward/std": float(reward[ok].std()) if has else 0.0,
+        "reward/correct_frac": float(correct[ok].mean()) if has else 0.0,
+        "reward/format_error_frac": float(scores.format_error[ok].mean()) if has else 0.0,
+        "reward/shaped_frac": float(scores.shaped[ok].mean()) if has else 0.0,
+        "reward/turn_reward/mean": float(turn_reward[ok_turns].mean()) if has else 0.0,
+        "reward/sandbox_error_frac": float(sandbox_error.mean()) if n else 0.0,
+        "reward/sandbox_errors": float(sandbox_error.sum()),
+        **_component_metrics([c for c, keep in zip(components, ok, strict=True) if keep]),
     }
-    notes = [f"score params: {params.model_dump()}"]
+    notes = [f"score params: {params.model_dump()}", *sandbox_error_notes(sandbox_error, "trajectories")]
     return StageOutput(stage="score", tables={"trajectories": ref}, metrics=metrics, notes=notes)
 
 
@@ -159,6 +204,7 @@ def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: P
         passed_col.is_null().to_numpy(zero_copy_only=False)
         | total_col.is_null().to_numpy(zero_copy_only=False)
     )
+    no_verdict = np.zeros(len(nodes), bool)  # the sandbox failed twice on the node's rerun
     passed = numbers(passed_col.fill_null(0), np.int64).copy()
     total = numbers(total_col.fill_null(0), np.int64).copy()
     if missing.size:
@@ -169,29 +215,34 @@ def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: P
         counts = run_tests_batch([node_code[i] or "" for i in missing], probs, params.test_timeout_s)
         passed[missing] = [c[0] for c in counts]
         total[missing] = [c[1] for c in counts]
-    no_tests = total <= 0
+        no_verdict[missing] = [c[2] for c in counts]
+    no_tests = (total <= 0) & ~no_verdict
     reward, frac = R.node_rewards(passed, total, params.code_reward)
-    new_nodes = with_fields(
+    new_nodes = with_fields(  # a node without a verdict keeps no counts and no reward (null): see module doc
         trees["nodes"],
         {
-            "reward": reward.astype(np.float32),
-            "tests_passed": passed.astype(np.int32),
-            "tests_total": total.astype(np.int32),
+            "reward": pa.array(reward.astype(np.float32), mask=no_verdict),
+            "tests_passed": pa.array(passed.astype(np.int32), mask=no_verdict),
+            "tests_total": pa.array(total.astype(np.int32), mask=no_verdict),
+            "pruned": pc.or_(field(nodes, "pruned"), pa.array(no_verdict)),
         },
     )
     new = trees.set_column(trees.schema.get_field_index("nodes"), "nodes", new_nodes)
     ref = write_table(new, TREES, out / "trees.parquet")
-    depth = numbers(field(nodes, "depth"), np.int64)
+    depth = numbers(field(nodes, "depth"), np.int64)[~no_verdict]
+    reward, frac = reward[~no_verdict], frac[~no_verdict]  # statistics of the nodes with a verdict
     metrics = {
         "reward/mean": float(reward.mean()) if reward.size else 0.0,
         "reward/std": float(reward.std()) if reward.size else 0.0,
         f"reward/tests_{params.code_reward}/mean": float(reward.mean()) if reward.size else 0.0,
         "reward/pass_frac": float((frac == 1.0).mean()) if reward.size else 0.0,
         "reward/rerun_nodes": float(missing.size),
+        "reward/sandbox_error_frac": float(no_verdict.mean()) if no_verdict.size else 0.0,
+        "reward/sandbox_errors": float(no_verdict.sum()),
     }
     for d in np.unique(depth):
         metrics[f"reward/depth_{d}/pass_frac"] = float((frac[depth == d] == 1.0).mean())
-    notes = [f"score params: {params.model_dump()}"]
+    notes = [f"score params: {params.model_dump()}", *sandbox_error_notes(no_verdict, "tree nodes")]
     if no_tests.any():
         notes.append(f"{int(no_tests.sum())} nodes have no tests (tests_total 0): reward 0")
         log.warning(notes[-1])

@@ -11,7 +11,9 @@ Use::
 What IS isolated (mode "bwrap", the default where user namespaces work; each property has an attack test in
 tests/test_sandbox_isolation.py):
 - Identity: every run starts under an unprivileged uid (3500000 + slot) reserved per concurrent run with a
-  file lock, so RLIMIT_NPROC works (it does nothing for uid 0) and runs cannot signal each other.
+  file lock in one machine-wide root-only directory (``/run/turntree-sandbox-uids``, whatever the TMPDIR),
+  so RLIMIT_NPROC works (it does nothing for uid 0), runs cannot signal each other, and no two processes on
+  the machine share a uid; only a slot's holder ever kills the uid's processes.
 - Namespaces: bubblewrap ``--unshare-all`` (user, pid, net, ipc, uts, cgroup, mount) ``--as-pid-1
   --die-with-parent --new-session --clearenv``. Filesystem: read-only ``/usr`` (the interpreter is the system
   python3 when this process's interpreter is not readable by other uids, e.g. under a 0700 /root), fresh

@@ -28,6 +28,7 @@ SAFE_BUILTINS = {
     ).split()
 }
 VALUE_REPR_CHARS = 200
+MAX_PARSE_CHARS = 256 << 10  # the parent does not parse longer programs (the sandbox still runs them)
 
 
 @dataclass
@@ -47,11 +48,21 @@ class TestPlan:
     __test__ = False
 
 
-def _defined_names(program: str) -> set[str]:
-    """Top-level names the program defines (functions, classes, assignments, imports); empty if unparsable."""
+def parse_program(program: str) -> ast.Module | None:
+    """The program's syntax tree, or None when the parent cannot parse it: a syntax error, a null byte, or
+    code degenerate enough to exhaust the parser (``"1+" * 10**6`` nests past the recursion limit, deep
+    brackets, huge sources). The program then only runs in the sandbox, which gives the verdict."""
+    if len(program) > MAX_PARSE_CHARS:
+        return None
     try:
-        tree = ast.parse(program)
-    except SyntaxError:
+        return ast.parse(program)
+    except (SyntaxError, ValueError, MemoryError, RecursionError, OverflowError):
+        return None
+
+
+def _defined_names(tree: ast.Module | None) -> set[str]:
+    """Top-level names the program defines (functions, classes, assignments, imports); empty if unparsable."""
+    if tree is None:
         return set()
     names = set()
     for node in tree.body:
@@ -70,12 +81,9 @@ def _defined_names(program: str) -> set[str]:
     return names
 
 
-def _defined_classes(program: str) -> set[str]:
+def _defined_classes(tree: ast.Module | None) -> set[str]:
     """Top-level classes the program defines (their instances cannot come back as plain values)."""
-    try:
-        return {n.name for n in ast.parse(program).body if isinstance(n, ast.ClassDef)}
-    except SyntaxError:
-        return set()
+    return {n.name for n in tree.body if isinstance(n, ast.ClassDef)} if tree is not None else set()
 
 
 def _bound_names(expr: ast.AST) -> set[str]:
@@ -148,7 +156,9 @@ def plan_tests(program: str, tests: list[str], entry_point: str | None = None) -
     string holding a HumanEval-style ``def check(candidate)`` block, whose ``candidate`` is ``entry_point``
     (default: the program's last top-level function).
     """
-    defined, classes = _defined_names(program), _defined_classes(program)
+    program_tree = parse_program(program)
+    defined, classes = _defined_names(program_tree), _defined_classes(program_tree)
+    last_function = _last_function(program_tree)
     items: list[dict] = []
     planned: list[PlannedTest] = []
     setup_nodes: list[ast.stmt] = []
@@ -156,11 +166,11 @@ def plan_tests(program: str, tests: list[str], entry_point: str | None = None) -
     for source in tests:
         try:
             tree = ast.parse(source)
-        except SyntaxError as e:
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
             raise ValueError(f"test {source[:80]!r} is not valid Python: {e}") from e
         check = _check_block(tree)
         if check is not None:
-            entry = entry_point or _last_function(program)
+            entry = entry_point or last_function
             if entry is None:
                 raise ValueError(
                     "a check(candidate) block needs entry_point (the program defines no function)"
@@ -235,13 +245,10 @@ def _called_names(node: ast.AST) -> set[str]:
     return {n.func.id for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
 
 
-def _last_function(program: str) -> str | None:
-    try:
-        names = [
-            n.name for n in ast.parse(program).body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-        ]
-    except SyntaxError:
+def _last_function(tree: ast.Module | None) -> str | None:
+    if tree is None:
         return None
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     return names[-1] if names else None
 
 
@@ -286,7 +293,7 @@ def parse_records(raw: bytes, nonce: str, n_items: int) -> tuple[dict | None, di
         tag, _, body = line.partition(b" ")
         try:
             record = json.loads(body) if tag == nonce.encode() else None
-        except ValueError:
+        except (ValueError, RecursionError):
             record = None
         if not isinstance(record, dict) or ended:
             tampered = True
@@ -308,4 +315,6 @@ def short_repr(value) -> str:
         text = repr(value)
     except ValueError:  # an int (or a container of one) past Python's 4300-digit str conversion limit
         text = f"<{type(value).__name__} too large to print>"
+    except RecursionError:  # a deeply nested container
+        text = f"<{type(value).__name__} too deeply nested to print>"
     return text if len(text) <= VALUE_REPR_CHARS else text[: VALUE_REPR_CHARS - 3] + "..."

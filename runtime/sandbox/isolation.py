@@ -1,7 +1,8 @@
 """Launching one sandboxed run: the bubblewrap command line, per-worker uids, and process supervision.
 
 A run is ``python3 -I -S -c <inside.py> JOB_FD RESULT_FD`` started under an unprivileged uid (one per
-concurrent run, held with a file lock so concurrent processes on one machine never share one) inside
+concurrent run, held with a file lock in one machine-wide directory, ``lock_dir()``, so concurrent processes
+on one machine never share one, whatever their TMPDIR) inside
 bubblewrap, or, where user namespaces are unavailable, directly under that uid with rlimits and a seccomp
 network filter ("fallback"). The parent writes the job to JOB_FD, reads stdout, stderr and result records,
 and waits on the process through a pidfd, never on EOF (a daemonised grandchild could hold pipes open).
@@ -19,6 +20,7 @@ import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -41,42 +43,99 @@ log = logging.getLogger(__name__)
 
 UID_BASE = 3_500_000  # sandbox uids: UID_BASE + slot; far from login users and the usual subuid ranges
 MAX_SLOTS = 1024
-LOCK_DIR = Path(tempfile.gettempdir()) / "turntree-sandbox-uids"
+# uid slot locks: machine-wide, never under TMPDIR (two processes with different temp dirs must see the same
+# locks, or they take the same uids and each one's sweeps kill the other's sandboxes); first usable wins
+LOCK_DIRS = tuple(Path(d) / "turntree-sandbox-uids" for d in ("/run", "/var/lock", "/dev/shm"))
+# the per-TMPDIR locks of earlier versions (ours and the default /tmp's), held too, so that an older turntree
+# in either temp dir never gets our uid; drop them once no older version runs on the machine
+LEGACY_LOCK_DIRS = tuple(
+    dict.fromkeys(Path(d) / "turntree-sandbox-uids" for d in (tempfile.gettempdir(), "/tmp"))
+)
 WORK_BASE = Path(tempfile.gettempdir()) / f"turntree-sandbox-{os.getpid()}"  # fallback-mode work dirs only
 ISOLATION_MODES = ("bwrap", "fallback")
 ZYGOTE_ENABLED = os.environ.get("TURNTREE_SANDBOX_ZYGOTE", "1") != "0"
 
 
-
 # ---------------------------------------------------------------- uids
+def _private_dir(path: Path) -> bool:
+    """Create ``path`` (0755) if missing; True when it is a real directory owned by root that nobody else may
+    write to (else anyone could plant or hold lock files and so steer which uids runs get)."""
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o755)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    except OSError as e:
+        log.info("sandbox: uid lock dir %s unusable: %s", path, e)
+        return False
+    ok = stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022
+    if not ok:
+        log.warning("sandbox: %s is not a root-owned directory only root may write: no uid locks there", path)
+    return ok
+
+
+@functools.cache
+def lock_dir() -> Path:
+    """The machine-wide directory of uid slot locks (the first usable of ``LOCK_DIRS``)."""
+    for candidate in LOCK_DIRS:
+        if _private_dir(candidate):
+            return candidate
+    raise RuntimeError(
+        f"sandbox: no usable uid lock directory among {[str(d) for d in LOCK_DIRS]} (need a root-owned "
+        "directory that only root may write)"
+    )
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding ``path``'s exclusive flock, or None while another open file holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class UidSlot:
-    """An unprivileged uid reserved for this process while the slot's lock file is held (flock)."""
+    """An unprivileged uid reserved for this process while the slot's lock file is held (flock).
+
+    Only the holder ever signals the uid's processes: at acquisition (the lock was free, so any process left
+    of the uid belongs to a holder that died), after its own runs, and when it stops its zygote before
+    releasing. After ``release`` the slot launches nothing (a run would otherwise share the uid with whoever
+    takes the slot next)."""
 
     def __init__(self) -> None:
         self.uid: int | None = None
-        self._fd: int | None = None
+        self.released = False
+        self._fds: list[int] = []  # the slot's flocks: the machine-wide one, then the legacy ones
         self._zygote = None
         if os.geteuid() != 0:
             log.warning(
                 "sandbox: not running as root, so runs keep the caller's uid (RLIMIT_NPROC is shared)"
             )
             return
-        LOCK_DIR.mkdir(mode=0o755, exist_ok=True)
+        where = lock_dir()
+        legacy = [d for d in LEGACY_LOCK_DIRS if _private_dir(d)]
         for k in range(MAX_SLOTS):
-            fd = os.open(LOCK_DIR / f"{k}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fds = [_try_lock(d / f"{k}.lock") for d in (where, *legacy)]
+            if None in fds:  # held by a live process (of this version, or an older one through its old lock)
+                for fd in fds:
+                    if fd is not None:
+                        os.close(fd)
                 continue
-            self.uid, self._fd = UID_BASE + k, fd
-            kill_uid(self.uid)  # a previous holder that died may have left processes behind
+            self.uid, self._fds = UID_BASE + k, fds
+            kill_uid(self.uid)  # every lock was free: whatever runs under the uid was left by a dead holder
             return
-        raise RuntimeError(f"sandbox: all {MAX_SLOTS} uid slots under {LOCK_DIR} are locked")
+        raise RuntimeError(f"sandbox: all {MAX_SLOTS} uid slots under {where} are locked")
 
     @property
     def zygote(self):
         """The slot's long-lived sandbox (see zygote.py), created on first use."""
+        if self.released:
+            raise RuntimeError("sandbox: uid slot used after release")
         if self._zygote is None:
             self._zygote = Zygote(self.uid)
         return self._zygote
@@ -86,11 +145,14 @@ class UidSlot:
         return self._zygote.resident_pids() if self._zygote is not None else set()
 
     def release(self) -> None:
+        """Stop the zygote (killing the uid's processes while the lock is still ours), then drop the lock."""
         if self._zygote is not None:
             self._zygote.stop()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            self._zygote = None
+        self.released = True
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 
@@ -139,6 +201,9 @@ def launch(
     """Run one job (see inside.py) under ``limits``; never raises for anything the program does. In bwrap
     mode it goes through the slot's zygote (zygote.py) unless ``zygote=False`` or
     ``TURNTREE_SANDBOX_ZYGOTE=0``: then one bubblewrap and interpreter start per run."""
+    if slot.released:
+        why = "launch failed: uid slot released"
+        return RawRun(b"", b"", b"", None, False, False, 0.0, mode or "none", why)
     mode = mode or detect_mode()
     nonce = job.get("nonce", "")
     payload = {**job, "nonce": nonce, "rlimits": limits.rlimits(), "deny_network": mode == "fallback"}

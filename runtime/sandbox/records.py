@@ -65,3 +65,9 @@ class TestReport:
     @property
     def all_passed(self) -> bool:
         return self.total > 0 and self.passed == self.total
+
+    @property
+    def sandbox_failed(self) -> bool:
+        """The sandbox itself failed (launch failed, worker died, internal error): the counts say nothing
+        about the program, so they must not become a reward (``stages.score`` retries, then marks the job)."""
+        return self.execution is not None and self.execution.error is not None
