@@ -8,6 +8,7 @@ engine is tested too (stage runs, context overflow, log-prob agreement)."""
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -272,3 +273,21 @@ def test_stage_run_writes_valid_table(kind, tiny_engine, tiny_model, tmp_path):
         nodes = [n for t in table.to_pylist() for n in t["nodes"]]
         assert {n["depth"] for n in nodes} == {1, 2}
         assert all(n["tests_total"] == 2 for n in nodes)
+
+
+def test_tree_grading_leaves_counts_null_when_the_sandbox_failed(monkeypatch):
+    """A node whose run failed in the sandbox itself keeps no test counts (the score stage re-runs it and marks
+    it a sandbox error if it fails again), while a real verdict is stored."""
+    import runtime.sandbox as sandbox
+    from runtime.sandbox.records import ExecutionResult, TestReport
+    from stages.rollout import tree as tree_mod
+
+    broken = ExecutionResult("", "", None, False, False, False, 0.0, error="worker died")
+    reports = [TestReport(0, 2, execution=broken), TestReport(1, 2)]
+    monkeypatch.setattr(sandbox, "run_tests_many", lambda *a, **k: reports)
+    problem = {"tests": ["assert f() == 1", "assert f() == 2"], "entry_point": "f"}
+    t = types.SimpleNamespace(problem=problem)
+    nodes = [(t, {"code": "def f(): return 1", "depth": 1}), (t, {"code": "def f(): return 1", "depth": 1})]
+    tree_mod._grade(nodes, 1.0, 500, tree_mod.TreeStats())
+    assert (nodes[0][1]["tests_passed"], nodes[0][1]["tests_total"]) == (None, None)
+    assert (nodes[1][1]["tests_passed"], nodes[1][1]["tests_total"]) == (1, 2)

@@ -86,7 +86,10 @@ def _grade(nodes: list[tuple[Tree, dict]], timeout_s: float, max_chars: int, sta
     )
     stats.sandbox_s += time.perf_counter() - t0
     for (_, n), rep in zip(nodes, reports, strict=True):
-        n["tests_passed"], n["tests_total"] = int(rep.passed), int(rep.total)
+        if rep.sandbox_failed:  # not the program's verdict: left null, so the score stage re-runs it
+            n["tests_passed"], n["tests_total"] = None, None
+        else:
+            n["tests_passed"], n["tests_total"] = int(rep.passed), int(rep.total)
         fb = feedback_text(rep, max_chars=max_chars)
         n["exec_result"] = fb if n["code"] else f"{NO_CODE_FEEDBACK}\n{fb}"
         counts = stats.passed_by_depth.setdefault(n["depth"], [0, 0])
