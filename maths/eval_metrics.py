@@ -223,3 +223,33 @@ def summarize(
                     dm = group_metrics([r for r in krecs if r["difficulty"] == d], **opts)
                     out.update({f"{prefix}/difficulty/{bench_key(d)}/{k}": v for k, v in dm.items()})
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def paired_bootstrap_diff(
+    a: Mapping[str, float], b: Mapping[str, float], *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Difference of the means of ``b`` − ``a`` over the problems both scored ({problem_id: score}), with a paired
+    percentile bootstrap CI: the same resampled problems enter both means, so the problems' own difficulty
+    cancels out (two checkpoints on the same held-out problems). Returns diff, ci_low, ci_high, problems,
+    and ``p_le_0``: the fraction of resamples whose difference is ≤ 0 (one-sided evidence that b is better)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise ValueError("paired_bootstrap_diff: the two evaluations share no problem")
+    d = np.array([float(b[p]) - float(a[p]) for p in common], dtype=np.float64)
+    low, high = bootstrap_ci(d, resamples=resamples, seed=seed, level=level)
+    if resamples > 0 and d.size > 1:
+        rng = np.random.default_rng(seed + 1)
+        means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+        p_le_0 = float((means <= 0).mean())
+    else:
+        p_le_0 = float(d.mean() <= 0)
+    return {"diff": float(d.mean()), "ci_low": low, "ci_high": high, "problems": float(d.size), "p_le_0": p_le_0}
+
+
+def problem_scores(records: list[dict], iteration: int = 1) -> dict[str, float]:
+    """{problem_id: pass@1 at Iter-``iteration``} (math: accuracy) of sample records, for paired comparisons."""
+    by_problem = _per_problem(records)
+    return {
+        pid: float(np.mean([(r["first_pass"] >= 1) & (r["first_pass"] <= iteration) for r in recs]))
+        for pid, recs in by_problem.items()
+    }

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from maths.eval_metrics import bench_key, group_metrics, sample_records
+from maths.eval_metrics import bench_key, group_metrics, paired_bootstrap_diff, problem_scores, sample_records
 from runtime.tableio import read_table, sha256_file
 from schemas.outputs import StageOutput, TableRef
 from schemas.tables import EVAL_RESULTS
@@ -210,6 +210,8 @@ def compare(
         "",
     ]
     md += [markdown_table(summaries), "", f"![pass@1 vs iteration]({files['pass_vs_iteration'].name})", ""]
+    paired_md, paired_metrics = paired_differences(eval_tables, bootstrap=bootstrap, seed=seed)
+    md += paired_md
     if has_curves:
         md += ["## Training curves", "", f"![training curves]({files['reward_curves'].name})", ""]
     md += ["## Sources", ""] + [f"- {method}: `{uri}`" for method, uri in eval_tables.items()]
@@ -224,4 +226,42 @@ def compare(
             for key, value in m.items():
                 if key.startswith("pass_at_1_iter"):
                     metrics[f"eval/{bench_key(bench)}/{bench_key(method)}/{key}"] = value
+    metrics.update(paired_metrics)
     return StageOutput(stage="compare", tables=tables, metrics=metrics, notes=[f"report: {report}"])
+
+
+def paired_differences(
+    eval_tables: Mapping[str, str], *, bootstrap: int = 1000, seed: int = 0
+) -> tuple[list[str], dict[str, float]]:
+    """Each method against the first one, per benchmark, on the problems both evaluated: the difference of
+    pass@1 at Iter-1 and at the last iteration with a paired bootstrap 95% CI (markdown lines, metrics)."""
+    methods = list(eval_tables)
+    if len(methods) < 2:
+        return [], {}
+    records = {m: sample_records(read_table(uri, EVAL_RESULTS)) for m, uri in eval_tables.items()}
+    base = methods[0]
+    lines = [
+        f"## Paired differences against `{base}`",
+        "",
+        "Same problems, paired bootstrap 95% CI of the difference of per-problem pass@1; a CI that excludes 0",
+        "is a difference the problem sample cannot explain.",
+        "",
+        "| method | benchmark | problems | Δ Iter-1 pass@1 [95% CI] | Δ Iter-K pass@1 [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    metrics: dict[str, float] = {}
+    for method in methods[1:]:
+        for bench in sorted({r["benchmark"] for r in records[method]}):
+            a = [r for r in records[base] if r["benchmark"] == bench]
+            b = [r for r in records[method] if r["benchmark"] == bench]
+            if not a:
+                continue
+            k = max(r["attempts"] for r in a + b)
+            cells = []
+            for it in (1, k):
+                d = paired_bootstrap_diff(problem_scores(a, it), problem_scores(b, it), resamples=bootstrap, seed=seed)
+                cells.append(f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+                prefix = f"eval/{bench_key(bench)}/{bench_key(method)}_vs_{bench_key(base)}/diff_iter{it}"
+                metrics.update({prefix: d["diff"], f"{prefix}_ci_low": d["ci_low"], f"{prefix}_ci_high": d["ci_high"]})
+            lines.append(f"| {method} | {bench} | {d['problems']:.0f} | {cells[0]} | {cells[1]} |")
+    return lines + [""], metrics

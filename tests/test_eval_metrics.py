@@ -154,3 +154,38 @@ def test_bad_rows_named():
         bootstrap_ci([])
     assert group_metrics([], kind="code", iterations=2) == {}
     assert bench_key("/a b/c:d") == "a-b-c-d"
+
+
+def test_paired_bootstrap_diff_hand_case_and_pairing():
+    from maths.eval_metrics import paired_bootstrap_diff
+
+    a = {"p1": 0.0, "p2": 1.0, "p3": 0.0, "p4": 1.0, "only_a": 1.0}
+    b = {"p1": 1.0, "p2": 1.0, "p3": 1.0, "p4": 1.0, "only_b": 0.0}
+    r = paired_bootstrap_diff(a, b, resamples=500, seed=0)
+    assert r["problems"] == 4 and r["diff"] == pytest.approx(0.5)  # (1 + 0 + 1 + 0) / 4
+    assert 0.0 <= r["ci_low"] <= 0.5 <= r["ci_high"] <= 1.0
+    same = paired_bootstrap_diff(a, dict(a), resamples=200)
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0 and same["p_le_0"] == 1.0
+    with pytest.raises(ValueError, match="share no problem"):
+        paired_bootstrap_diff({"x": 1.0}, {"y": 1.0})
+
+
+@given(
+    st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=2, max_size=40),
+    st.floats(-0.5, 0.5),
+)
+@settings(max_examples=60, deadline=None)
+def test_paired_diff_cancels_problem_difficulty(pairs, shift):
+    """Adding the same per-problem offset to both checkpoints changes neither the difference nor its CI, and
+    the CI always contains the observed difference."""
+    from maths.eval_metrics import paired_bootstrap_diff
+
+    a = {f"p{i}": x for i, (x, _) in enumerate(pairs)}
+    b = {f"p{i}": y for i, (_, y) in enumerate(pairs)}
+    r = paired_bootstrap_diff(a, b, resamples=300, seed=1)
+    offset = {k: i * 0.37 + shift for i, k in enumerate(a)}
+    r2 = paired_bootstrap_diff({k: v + offset[k] for k, v in a.items()}, {k: v + offset[k] for k, v in b.items()},
+                               resamples=300, seed=1)  # fmt: skip
+    assert r2["diff"] == pytest.approx(r["diff"], abs=1e-9)
+    assert r2["ci_low"] == pytest.approx(r["ci_low"], abs=1e-9) and r2["ci_high"] == pytest.approx(r["ci_high"], abs=1e-9)
+    assert r["ci_low"] - 1e-12 <= r["diff"] <= r["ci_high"] + 1e-12

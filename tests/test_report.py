@@ -58,7 +58,8 @@ def test_compare_renders_report_and_plots(tables, tmp_path):
     }
     res = compare(tables, tmp_path / "report", history, bootstrap=200)
     md = (tmp_path / "report" / "report.md").read_text()
-    body = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+    main_table = md.split("## Paired differences")[0]
+    body = [ln for ln in main_table.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
     assert sorted(ln.split("|")[1].strip() for ln in body) == ["grpo", "gtpo", "murphy"]
     assert "Iter-3 pass@1" in md and "pass_at_1_vs_iteration.png" in md and "reward_curves.png" in md
     for name in ("pass_vs_iteration", "reward_curves"):
@@ -102,3 +103,27 @@ def test_metric_histories_from_mlflow(tmp_path):
     assert "actor/loss" not in hist["murphy"]  # never logged: left out
     with pytest.raises(ValueError, match="method 'x'"):
         metric_histories({"x": "0" * 32}, tracking_uri=uri)
+
+
+def test_compare_reports_paired_differences_against_the_first_method(tables, tmp_path):
+    """Each method against the first on the same problems: the observed difference of per-problem pass@1 sits
+    inside its paired CI, and a method that solves more at Iter-3 has a positive difference."""
+    res = compare(tables, tmp_path / "paired", None, bootstrap=300)
+    md = (tmp_path / "paired" / "report.md").read_text()
+    assert "## Paired differences against `grpo`" in md
+    paired = md.split("## Paired differences")[1]
+    assert [ln.split("|")[1].strip() for ln in paired.splitlines() if ln.startswith("| ") and "method" not in ln] == [
+        "gtpo",
+        "murphy",
+    ]
+    for m in ("gtpo", "murphy"):
+        for it in (1, 3):
+            key = f"eval/synthetic-func-synth/{m}_vs_grpo/diff_iter{it}"
+            assert res.metrics[f"{key}_ci_low"] <= res.metrics[key] <= res.metrics[f"{key}_ci_high"]
+    want = (
+        res.metrics["eval/synthetic-func-synth/murphy/pass_at_1_iter3"]
+        - res.metrics["eval/synthetic-func-synth/grpo/pass_at_1_iter3"]
+    )
+    assert res.metrics["eval/synthetic-func-synth/murphy_vs_grpo/diff_iter3"] == pytest.approx(want)
+    assert want > 0
+
