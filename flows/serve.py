@@ -110,7 +110,8 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
 
 
 def deploy(pool: str, prefect_file: str) -> int:
-    """Create the process work pool if missing, then `prefect deploy --all` with the repo as working dir."""
+    """Create the process work pool if missing (an existing pool of any type, e.g. Kubernetes, is kept),
+    then `prefect deploy --all` with the repo as working dir."""
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "turntree: error: PREFECT_API_URL is not set: start a server (`turntree serve`) and export "
@@ -119,7 +120,9 @@ def deploy(pool: str, prefect_file: str) -> int:
         )
         return 2
     prefect = str(BIN / "prefect")
-    env = {**os.environ, "TURNTREE_REPO": str(REPO), "TURNTREE_POOL": pool}
+    # TURNTREE_REPO: where the flow runs find the repository (the images' /opt/turntree when deploying from
+    # a checkout elsewhere to a Kubernetes pool); default: this checkout.
+    env = {**os.environ, "TURNTREE_REPO": os.environ.get("TURNTREE_REPO") or str(REPO), "TURNTREE_POOL": pool}
     inspect = subprocess.run([prefect, "work-pool", "inspect", pool], capture_output=True, text=True, env=env)
     if inspect.returncode != 0:
         subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], check=True, env=env)

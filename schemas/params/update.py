@@ -79,6 +79,27 @@ class UpdateParams(BaseModel):
         "ddp",
         description="How nproc > 1 processes share the model: DDP replicas, or FSDP2 (fully_shard) shards",
     )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Nodes (machines) of the update, nproc processes each: > 1 runs torchrun with a c10d "
+        "rendezvous at rdzv_endpoint instead of --standalone; every node runs the stage with its own node_rank",
+    )
+    node_rank: int = Field(
+        0, ge=0, description="This node's rank (0 .. nnodes-1); node 0 hosts the rendezvous and writes the checkpoint"
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$",
+        description="host:port of the c10d rendezvous, reachable from every node (node 0 listens there); "
+        "needed when nnodes > 1",
+    )
+    rdzv_id: str = Field(
+        "turntree-update",
+        pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="Rendezvous id: the same on every node of one update, different for concurrent updates",
+    )
 
     @model_validator(mode="after")
     def _micro_fits_minibatch(self) -> UpdateParams:
@@ -88,9 +109,22 @@ class UpdateParams(BaseModel):
 
     @model_validator(mode="after")
     def _lora_not_sharded(self) -> UpdateParams:
-        if self.lora_rank and self.nproc > 1 and self.distributed == "fsdp2":
+        if self.lora_rank and self.nproc * self.nnodes > 1 and self.distributed == "fsdp2":
             raise ValueError("LoRA with distributed='fsdp2' is not supported: use distributed='ddp'")
         return self
+
+    @model_validator(mode="after")
+    def _nodes(self) -> UpdateParams:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} is not below nnodes={self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint (host:port of node 0's rendezvous)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole update (all nodes)."""
+        return self.nnodes * self.nproc
 
 
 class WarmstartParams(BaseModel):

@@ -32,11 +32,14 @@ Multi-process (``nproc`` > 1, ``stages.update.distributed``): ``run`` launches `
 --nproc-per-node N -m stages.update ...`` as a subprocess; every rank runs this same ``run`` and ``Trainer``
 with its model under DDP or FSDP2 (``distributed``), takes its share of each global minibatch (the same
 minibatches as one process) with the global minibatch's normalisers, and rank 0 writes the full checkpoint.
-The parent then returns rank 0's StageOutput and loads the new checkpoint into its live engine. On CPU/gloo,
+The parent then returns rank 0's StageOutput and loads the new checkpoint into its live engine. Several
+nodes (``nnodes``, ``node_rank``, ``rdzv_endpoint``): a c10d rendezvous instead of ``--standalone``; node 0's
+first process writes the checkpoint (2 loopback "nodes" on CPU give the 1-process update:
+tests/test_update_multinode.py). On CPU/gloo,
 2 processes give the 1-process parameters to ~1e-6 with DDP, FSDP2 and LoRA+DDP (tests/test_update_distributed.py).
 Supported: DDP (CPU and CUDA, LoRA too), FSDP2 (CPU and CUDA, full fine-tune; its optimizer state is stored
 in the plain one-process form, so checkpoints move between process counts). Not supported or not tested:
-LoRA under FSDP2 (refused), multi-node (``--standalone`` only), a sharded reference model (each rank holds a
+LoRA under FSDP2 (refused), a sharded reference model (each rank holds a
 full copy when kl_beta > 0), FSDP2 mixed-precision policies (bf16 is autocast over fp32 shards); the CUDA
 paths (nccl, one GPU per rank) have not run on a GPU here. Not done: sequence packing (needs varlen attention
 kernels; length-sorted micro-batches instead).
@@ -112,8 +115,10 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     if params.kl_beta > 0 and not inputs.get("ref_checkpoint"):
         raise KeyError("kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)")
     t0 = time.perf_counter()
-    if params.nproc > 1 and not ddist.in_torchrun():
+    if params.world_size > 1 and not ddist.in_torchrun():
         result = ddist.launch(params, inputs, Path(out))
+        if not result.tables:  # node_rank > 0: node 0 holds the checkpoint and syncs its engine
+            return result
         ckpt_dir = Path(result.uri("checkpoint"))
         sync_s, note = sync_live_engine(ckpt_dir, ckpt_dir)
         if sync_s is not None:
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     inputs = {"samples": a.samples, "checkpoint": a.checkpoint}
     if a.ref_checkpoint:
         inputs["ref_checkpoint"] = a.ref_checkpoint
-    rank = int(os.environ.get("RANK", "0"))
+    rank = ddist.global_rank()
     try:
         result = run(UpdateParams.model_validate_json(a.params), inputs, a.out)
     except BaseException as e:

@@ -23,6 +23,16 @@ one process, all of it here:
   ``torch.distributed.checkpoint.state_dict``. Optimizer state is stored in plain ``optimizer.state_dict()``
   form (integer parameter ids), so checkpoints move freely between 1 process, DDP and FSDP2.
 
+Several nodes (``nnodes`` > 1): every node runs the stage (``python -m stages.update ...`` with its own
+``node_rank``; or ``stages.update.run``); ``launch`` then runs ``torchrun --nnodes N --node-rank R
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID`` instead of ``--standalone``, node 0's agent
+hosting the rendezvous store. c10d numbers the nodes by host name and pid, not by ``--node-rank``, so each
+rank renumbers itself ``node_rank * nproc + local_rank`` (``global_rank``): rank 0, which writes the checkpoint
+and the StageOutput, is node 0's first process, and node 0's ``out`` holds the checkpoint; another node returns a
+StageOutput without tables and writes nothing. The samples and the start checkpoint must be readable at the
+same paths on every node (a shared file system). Under a Kubeflow ``PyTorchJob`` (infra/k8s/) each pod runs
+``python -m stages.update`` as one rank with the operator's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``: no torchrun.
+
 A failing rank writes its error (type, message) next to the result file; ``launch`` re-raises it in the
 parent as the same class (``SamplesError``, ``CheckpointError``, ...), or as ``DistributedUpdateError`` with
 the tail of torchrun's log. Nothing is written to ``out`` unless the update succeeded.
@@ -52,6 +62,9 @@ from stages.update.samples import SamplesError
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
+# Set by ``launch`` for its ranks: this node's UpdateParams.node_rank (torchrun's c10d rendezvous numbers the
+# nodes by host name and pid and ignores --node-rank; ``world`` renumbers the ranks from it).
+NODE_RANK_ENV = "TURNTREE_NODE_RANK"
 
 
 class DistributedUpdateError(RuntimeError):
@@ -93,6 +106,18 @@ def in_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def global_rank() -> int:
+    """This process's rank: ``node_rank * nproc + local_rank`` under ``launch`` (so rank 0, the writer of the
+    checkpoint and the result, is node 0's first process, whatever order the c10d rendezvous gave the nodes);
+    torchrun's ``RANK`` otherwise. Renumbering is safe only where every rank is a client of the agents' store
+    (``TORCHELASTIC_USE_AGENT_STORE``): then no rank hosts anything by its number."""
+    rank = int(os.environ.get("RANK", "0"))
+    node = os.environ.get(NODE_RANK_ENV)
+    if node is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return rank
+    return int(node) * int(os.environ["LOCAL_WORLD_SIZE"]) + int(os.environ.get("LOCAL_RANK", "0"))
+
+
 @contextmanager
 def world(params: UpdateParams, device: torch.device) -> Iterator[World]:
     """Open the process group when this process is one rank of a torchrun world; close it afterwards."""
@@ -100,7 +125,8 @@ def world(params: UpdateParams, device: torch.device) -> Iterator[World]:
     if size == 1:
         yield World(kind=params.distributed)
         return
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = global_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    os.environ["RANK"] = str(rank)
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise ValueError(
@@ -256,25 +282,47 @@ def write_error(result: Path, rank: int, exc: BaseException) -> None:
     error_file(result, rank).write_text(json.dumps({"type": type(exc).__name__, "message": str(msg)}))
 
 
+def torchrun_command(params: UpdateParams) -> list[str]:
+    """torchrun's own arguments for this node: ``--standalone`` on one node; otherwise a c10d rendezvous at
+    ``rdzv_endpoint`` that node 0's agent hosts (``is_host``: on one machine every agent would match the
+    endpoint's host name otherwise)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={params.nproc}"]
+    if params.nnodes == 1:
+        return cmd + ["--standalone"]
+    return cmd + [
+        f"--nnodes={params.nnodes}", f"--node-rank={params.node_rank}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={params.rdzv_endpoint}", f"--rdzv-id={params.rdzv_id}",
+        f"--rdzv-conf=is_host={'true' if params.node_rank == 0 else 'false'}",
+    ]  # fmt: skip
+
+
 def launch(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
-    """Run the update under ``torchrun --standalone --nproc-per-node params.nproc``; rank 0's StageOutput."""
+    """Run this node's share of the update under torchrun; rank 0's StageOutput on node 0.
+
+    On node ``node_rank > 0`` rank 0 runs elsewhere: a successful update returns a StageOutput without
+    tables (node 0's ``out`` holds the checkpoint; nothing is written to this node's ``out``)."""
     with tempfile.TemporaryDirectory(prefix="turntree-update-") as tmp:
         result, log = Path(tmp) / "stage_output.json", Path(tmp) / "torchrun.log"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={params.nproc}",
+        cmd = torchrun_command(params) + [
             "-m", "stages.update", str(inputs["samples"]), str(inputs["checkpoint"]), str(out),
             "--params", params.model_dump_json(), "--result", str(result),
         ]  # fmt: skip
         if inputs.get("ref_checkpoint"):
             cmd += ["--ref-checkpoint", str(inputs["ref_checkpoint"])]
         env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **{NODE_RANK_ENV: str(params.node_rank)},
         )
         with log.open("w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False)
+        if proc.returncode == 0 and params.node_rank > 0:
+            return StageOutput(
+                stage="update",
+                notes=[f"node {params.node_rank} of {params.nnodes}: node 0 wrote the checkpoint"],
+            )
         if proc.returncode != 0 or not result.is_file():
-            raise _rank_error(result, log, params.nproc, proc.returncode)
+            raise _rank_error(result, log, params.world_size, proc.returncode)
         return StageOutput.model_validate_json(result.read_text())
 
 
