@@ -236,3 +236,21 @@ def test_data_prepare_refuses_tests_that_do_not_parse(tmp_path, capsys):
     assert "broken" in err and "not valid Python" in err and "ok (" not in err
     assert main(["data", "prepare", str(src), "--out", str(tmp_path / "o2"), "--skip-bad"]) == 0
     assert "wrote 1 problems" in capsys.readouterr().out
+
+
+def test_retries_only_on_transient_io_errors():
+    import errno
+
+    from flows.tasks import transient
+    from stages.data import DataError
+
+    assert transient(OSError(errno.EIO, "i/o error")) and transient(ConnectionResetError())
+    for permanent in (
+        DataError("unknown source"),
+        ValueError("bad parameters"),
+        KeyError("x"),
+        FileNotFoundError("gone"),
+        PermissionError("no"),
+        OSError(errno.ENOSPC, "disk full"),
+    ):
+        assert not transient(permanent), permanent
