@@ -139,7 +139,12 @@ def stage_runner(stage: str):
     return stage_task
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="prepare-model[{spec}]")
+@task(
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_on_transient,
+    task_run_name="prepare-model[{spec}]",
+)
 def prepare_model(spec: str) -> str:
     from runtime.models import resolve_model
 
