@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.config import UserError, build, deep_merge, load_config, parse_sets, validation_message  # noqa: F401
+
 DEFAULT_ROOT = os.environ.get("TURNTREE_RUN_ROOT", "runs")
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 def set_env_defaults(root: str) -> None:
@@ -24,74 +22,6 @@ def set_env_defaults(root: str) -> None:
     apply_defaults(root)
 
 
-# --- config ---------------------------------------------------------------------------------------------
-def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """["a.b=1", "c=[x, y]"] -> {"a": {"b": 1}, "c": ["x", "y"]} (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise UserError(f"--set expects key=value, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise UserError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {key}: {part!r} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(path: str | None, sets: list[str]) -> dict[str, Any]:
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path} must hold a mapping of parameters")
-    return deep_merge(data, parse_sets(sets))
-
-
-def validation_message(e) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown parameter"
-        parts.append(f"{loc}: {msg}")
-    return "bad parameters: " + "; ".join(parts)
-
-
-def build(model_cls, data: dict[str, Any]):
-    from pydantic import ValidationError
-
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        raise UserError(validation_message(e)) from None
-
-
 # --- commands -------------------------------------------------------------------------------------------
 def cmd_run(a: argparse.Namespace) -> int:
     from schemas.params import PipelineParams
@@ -99,11 +29,16 @@ def cmd_run(a: argparse.Namespace) -> int:
     data = load_config(a.config, a.set)
     data.setdefault("run_root", a.root)
     params = build(PipelineParams, data)
-    set_env_defaults(params.run_root)
-    from flows.pipeline import pipeline
+    from flows import preflight
+    from flows.locks import run_lock
 
-    with _progress_bar():
-        state = pipeline(params, return_state=True)
+    run_id = preflight.pipeline(params)  # bad input: exit 2 before Prefect starts or a run dir exists
+    set_env_defaults(params.run_root)
+    with run_lock(params.run_root, run_id, wait=a.wait):  # one writer per run: a second exits 2 (or waits)
+        from flows.pipeline import pipeline
+
+        with _progress_bar():
+            state = pipeline(params, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
         print(
@@ -138,11 +73,16 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
     spec = STAGES[a.name]
     iteration = a.iter if spec.per_iteration else spec.iteration
-    RunStore(a.root, a.run).stage_record(a.name, iteration)  # one-line error for a missing run or stage
+    record = RunStore(a.root, a.run).stage_record(a.name, iteration)  # one-line error: missing run or stage
     overrides = parse_sets(a.set)
-    from flows.stage import stage_flow
+    from flows import preflight
+    from flows.locks import run_lock
 
-    state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
+    preflight.stage(a.root, a.run, a.name, record, overrides)
+    with run_lock(a.root, a.run, wait=a.wait):
+        from flows.stage import stage_flow
+
+        state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
     if not state.is_completed():
         print(f"turntree: stage rerun failed: {state.message}", file=sys.stderr)
         return 1
@@ -158,8 +98,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         data["benchmark"] = a.benchmark
     params = build(EvalParams, data)
     checkpoint = a.checkpoint or a.model
-    if a.checkpoint and not Path(a.checkpoint).is_dir():
-        raise UserError(f"checkpoint {a.checkpoint} does not exist (expected a model directory)")
+    from flows import preflight
+
+    preflight.run_root(a.root)
+    if a.checkpoint:
+        preflight.model(a.checkpoint, "checkpoint")
     set_env_defaults(a.root)
     from flows.evaluate import evaluate_flow
 
@@ -173,17 +116,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    set_env_defaults(a.root)
-    from flows.compare import compare_flow
+    from flows import preflight
     from schemas.params import EvalParams
 
     params = build(EvalParams, {**parse_sets(a.set), **({"benchmark": a.benchmark} if a.benchmark else {})})
-    entries = {}
-    for item in a.entries:
-        if "=" not in item:
-            raise UserError(f"compare expects NAME=CHECKPOINT_OR_RUN_ID, got {item!r}")
-        name, target = item.split("=", 1)
-        entries[name] = target
+    preflight.run_root(a.root)
+    entries = preflight.compare_entries(a.root, a.entries)
+    set_env_defaults(a.root)
+    from flows.compare import compare_flow
+
     state = compare_flow(entries, params, a.root, a.out, return_state=True)
     if not state.is_completed():
         print(f"turntree: comparison failed: {state.message}", file=sys.stderr)
@@ -209,6 +150,14 @@ def cmd_runs(a: argparse.Namespace) -> int:
             f"{m['run_id']:<28} {m.get('status', '?'):<12} {algo:<9} {len(m.get('stages', {})):>6}  {created}"
         )
     return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from flows.runstore import RunStore
+
+    bad = RunStore(a.root, a.run).verify()  # every stored output against its recorded sha256 and size
+    print("\n".join(bad) or f"run {a.run}: every stored output matches its manifest")
+    return 1 if bad else 0
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -315,6 +264,7 @@ def parser() -> argparse.ArgumentParser:
         "run", help="run the training pipeline (default: SmolLM2-135M, synthetic tool-arith, GTPO)"
     )
     r.add_argument("--config", help="YAML file of pipeline parameters")
+    r.add_argument("--wait", action="store_true", help="wait for another process writing this run to finish")
     common(r)
     r.set_defaults(fn=cmd_run)
 
@@ -322,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="data | warmstart | rollout | score | advantages | update | evaluate")
     s.add_argument("--run", required=True, help="run id (see `turntree runs`)")
     s.add_argument("--iter", type=int, default=1, help="iteration of a per-iteration stage (default 1)")
+    s.add_argument("--wait", action="store_true", help="wait for another process writing this run to finish")
     common(s)
     s.set_defaults(fn=cmd_stage)
 
@@ -343,6 +294,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="reports/compare", help="report directory")
     common(c)
     c.set_defaults(fn=cmd_compare)
+
+    vf = sub.add_parser("verify", help="check a run's stored files against its manifest (exit 1 if bad)")
+    vf.add_argument("run", help="run id (see `turntree runs`)")
+    common(vf, sets=False)
+    vf.set_defaults(fn=cmd_verify)
 
     ls = sub.add_parser("runs", help="list runs with their status")
     common(ls, sets=False)
@@ -389,18 +345,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from flows.locks import Terminated, install_sigterm
+
+    install_sigterm()  # SIGTERM unwinds like Ctrl-C: the temporary Prefect server is stopped, the lock released
     try:
         return args.fn(args)
     except UserError as e:
         print(f"turntree: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("turntree: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # known user-facing failures: missing runs/checkpoints, bad tables
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print("turntree: terminated" if term else "turntree: interrupted", file=sys.stderr)
+        return 143 if term else 130
+    except Exception as e:  # known user-facing failures: missing runs/checkpoints, bad tables, a locked run
+        from flows.locks import RunLocked
         from flows.runstore import RunNotFound
 
-        if isinstance(e, RunNotFound | FileNotFoundError | KeyError | ValueError):
+        if isinstance(e, RunNotFound | FileNotFoundError | KeyError | ValueError | RunLocked):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # KeyError str() adds quotes
             print(f"turntree: error: {msg}", file=sys.stderr)
             return 2

@@ -14,7 +14,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.runner import RunContext, run_stage
+from flows.locks import run_lock
+from flows.runner import RunContext, fingerprint, run_stage, stage_code
 from flows.runstore import RunStore
 from flows.tasks import prepare_model
 from flows.tracking import Tracker
@@ -24,13 +25,29 @@ from schemas.params import EvalParams
 def evaluate_checkpoint(
     model_dir: str, params: EvalParams, run_root: str, flow_run_id: str = "none"
 ) -> dict[str, Any]:
-    """Evaluate a prepared model directory as a run of its own (``eval-<hash>``); reruns reuse the stored result."""
+    """Evaluate a prepared model directory as a run of its own (``eval-<hash>``); reruns reuse the stored result
+    while the model directory's files, the evaluate stage's code and the stored results are unchanged."""
     body = {"checkpoint": model_dir, "params": params.model_dump(mode="json")}
     run_id = "eval-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+    with run_lock(run_root, run_id, wait=True):
+        return _evaluate(model_dir, params, run_root, run_id, body, flow_run_id)
+
+
+def _evaluate(model_dir, params, run_root, run_id, body, flow_run_id) -> dict[str, Any]:
     store = RunStore(run_root, run_id)
     manifest = store.create_or_open(body)
     tracker = Tracker(run_root)
-    done = store.current_output("evaluate", None) if manifest.get("status") == "completed" else None
+    inputs = {"checkpoint": model_dir}
+    done = None
+    if manifest.get("status") == "completed":
+        done = store.find_completed(
+            "evaluate",
+            None,
+            inputs,
+            params.model_dump(mode="json"),
+            code=stage_code("evaluate"),
+            fingerprints=fingerprint(inputs),
+        )
     if done is None:
         parent = manifest.get("mlflow_run_id") or tracker.start_parent(
             run_id, body, {"stage": "evaluate", "algo": "eval", "prefect.flow_run_id": flow_run_id}
@@ -40,7 +57,7 @@ def evaluate_checkpoint(
             root=run_root, run_id=run_id, algo="eval", mlflow_parent=parent, flow_run_id=flow_run_id
         )
         try:
-            done = run_stage("evaluate", params, {"checkpoint": model_dir}, ctx, None)
+            done = run_stage("evaluate", params, inputs, ctx, None)
         except BaseException:
             store.update(status="failed")
             tracker.end(parent, "FAILED")

@@ -19,6 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.locks import run_lock
 from flows.runner import RunContext, default_run_id, fingerprint, params_field
 from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model, stage_runner
@@ -45,9 +46,7 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
     run_id = p.run_id or default_run_id(p)
     store = RunStore(p.run_root, run_id)
     manifest = store.create_or_open(p.model_dump(mode="json", exclude={"run_id"}))
-    if (
-        store.clean_scratch()
-    ):  # a killed attempt of this run left unfinished stage outputs: never read, dropped
+    if store.clean_scratch():  # scratch dirs whose owner process is dead: never read, dropped
         get_run_logger().info("removed unfinished stage outputs of an earlier, killed attempt")
     ctx = RunContext(root=p.run_root, run_id=run_id, algo=p.algorithm, flow_run_id=str(flow_run.id or "none"))
     tracker = Tracker(p.run_root)
@@ -140,7 +139,13 @@ def drive(
 
 @flow(name="turntree-pipeline", log_prints=True)
 def pipeline(params: PipelineParams) -> dict[str, Any]:
-    """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint."""
+    """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint.
+    Holds the run's lock throughout (``flows.locks``): a second writer of the same run is refused."""
+    with run_lock(params.run_root, params.run_id or default_run_id(params)):
+        return _pipeline(params)
+
+
+def _pipeline(params: PipelineParams) -> dict[str, Any]:
     logger = get_run_logger()
     store, ctx, tracker = start_run(params)
     logger.info("run %s under %s; MLflow: %s", ctx.run_id, store.base, tracker.run_url(ctx.mlflow_parent))

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from flows.integrity import IntegrityError, check_ref, code_hash, dir_fingerprint
 from flows.runstore import RunStore, git_sha
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
 from stages import PIPELINE_STAGES, stage_spec
 
 log = logging.getLogger("turntree.runner")
+
 
 @dataclass
 class RunContext:
@@ -57,21 +59,36 @@ def default_run_id(params: PipelineParams) -> str:
 
 
 def fingerprint(inputs: dict[str, str]) -> dict[str, str]:
-    """Cheap content fingerprints of a stage's inputs, for cache keys: a table's uri is versioned and immutable;
-    a directory (a model) is fingerprinted by its files' names, sizes and mtimes."""
+    """Content fingerprints of a stage's inputs, for cache keys and reuse: a stored table's uri is versioned (and
+    its sha256 checked against the manifest before it is read); a directory (a model) is fingerprinted by the
+    sha256 of its files, so new weights written into the same directory are never mistaken for the old ones."""
     out = {}
     for name, uri in inputs.items():
         p = Path(uri)
-        if "://" not in uri and p.is_dir():
-            h = hashlib.sha256()
-            for f in sorted(p.rglob("*")):
-                if f.is_file():
-                    st = f.stat()
-                    h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
-            out[name] = h.hexdigest()[:16]
-        else:
-            out[name] = uri
+        out[name] = dir_fingerprint(p)[:16] if "://" not in uri and p.is_dir() else uri
     return out
+
+
+def stage_code(stage: str) -> str:
+    """Hash of the stage's module and every project module it imports (an edit anywhere there: recompute)."""
+    return code_hash(stage_spec(stage).module)
+
+
+def check_inputs(store: RunStore, inputs: dict[str, str]) -> None:
+    """Refuse to read a stored input that differs from what its stage committed (one line: the file, why, and
+    the command that rewrites it)."""
+    if not store.exists():
+        return
+    for uri in inputs.values():
+        found = store.recorded_ref(uri) if isinstance(uri, str) else None
+        if found is None:
+            continue
+        key, version, ref = found
+        why = check_ref(ref.uri, ref.sha256, ref.size)
+        if why:
+            raise IntegrityError(
+                f"{ref.uri} ({key} {version}) is corrupt: {why}; rewrite it with `{store.repair_command(key)}`"
+            )
 
 
 def run_stage(
@@ -86,8 +103,11 @@ def run_stage(
     missing = spec.missing_inputs(inputs)
     if missing:
         raise KeyError(f"stage {stage!r} needs inputs {missing}; got {sorted(inputs)}")
-    module = importlib.import_module(spec.module)
     store = RunStore(ctx.root, ctx.run_id)
+    check_inputs(store, inputs)
+    module = importlib.import_module(spec.module)
+    code = stage_code(stage)
+    prints = fingerprint(inputs)
     scratch = store.scratch_dir(stage, iteration)
     step = iteration or 0
     tracker, child = _start_child(ctx, stage, iteration, params)
@@ -111,6 +131,8 @@ def run_stage(
         inputs=inputs,
         params=params.model_dump(mode="json"),
         params_field=params_field(stage),
+        code=code,
+        fingerprints=prints,
     )
     if tracker and child:
         try:

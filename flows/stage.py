@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.locks import run_lock
 from flows.runner import RunContext, params_model, run_stage
 from flows.runstore import RunStore
 
@@ -26,6 +27,11 @@ def rerun(
     overrides: dict[str, Any] | None = None,
     flow_run_id: str = "none",
 ) -> dict[str, Any]:
+    with run_lock(root, run_id):  # re-entrant: the CLI already holds it
+        return _rerun(root, run_id, stage, iteration, overrides, flow_run_id)
+
+
+def _rerun(root, run_id, stage, iteration, overrides, flow_run_id) -> dict[str, Any]:
     store = RunStore(root, run_id)
     manifest = store.load()
     record = store.stage_record(stage, iteration)

@@ -1,26 +1,60 @@
-"""Prefect tasks around ``flows.runner``: cached on inputs + task source, results persisted, progress artifacts.
+"""Prefect tasks around ``flows.runner``: cached on what the run manifest says is reusable, results persisted,
+progress artifacts.
 
-The cache key covers the stage name, its parameters, its inputs (versioned URIs, or fingerprints of model
-directories), the run root and run id, and this task's source, so rerunning a pipeline with the same parameters
-skips completed stages, and a crashed run resumes from the last completed one. ``ctx`` (MLflow parent id, flow run
-id) is left out of the key: it differs between attempts of the same run.
+The run manifest decides what is reused, not Prefect: the cache key is computed from the version
+``RunStore.find_completed`` picks for the stage's inputs (content fingerprints of model directories), parameters
+and code (``flows.integrity.code_hash``: the stage's module and every project module it imports), after checking
+that version's files against their recorded sha256 and size. With no such version the key is None (no cache
+lookup), so a Prefect cache hit can only ever return a verified, current output; a truncated or altered output, an
+edited stage module, new weights in a model directory, or a newer version written by ``turntree stage`` all lead
+past the cache. ``ctx`` (MLflow parent id, flow run id) is not part of the key.
+
+Retries (the stage table's ``retries``) happen only on transient I/O errors, never on configuration errors.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import time
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.runner import RunContext, params_model, run_stage
+from flows.runner import RunContext, params_model, run_stage, stage_code
 from flows.runstore import RunStore
 from runtime import progress
 from schemas.outputs import StageOutput
 from stages import stage_spec
 
-STAGE_CACHE = (INPUTS + TASK_SOURCE) - "ctx"
+
+def reusable(stage: str, params: dict, inputs: dict, fingerprints: dict, root: str, run_id: str, iteration):
+    """The committed, verified output this call may reuse (``RunStore.find_completed``), or None."""
+    model = params_model(stage).model_validate(params)
+    return RunStore(root, run_id).find_completed(
+        stage,
+        iteration,
+        inputs,
+        model.model_dump(mode="json"),
+        code=stage_code(stage),
+        fingerprints=fingerprints,
+    )
+
+
+def stage_cache_key(task_ctx, args: dict) -> str | None:
+    """Key of the verified version the manifest would reuse; None (no cache) when there is none."""
+    try:
+        done = reusable(
+            *(args[k] for k in ("stage", "params", "inputs", "fingerprints", "root", "run_id")),
+            args["iteration"],
+        )
+    except Exception:  # noqa: BLE001 - an unreadable manifest: no cache, the task itself reports it
+        return None
+    if done is None:
+        return None
+    body = [args["stage"], args["iteration"], args["root"], args["run_id"], done.model_dump(mode="json")]
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class _ProgressArtifact:
@@ -47,7 +81,7 @@ def artifact_key(*parts: object) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(str(p) for p in parts).lower()).strip("-")[:100]
 
 
-@task(cache_policy=STAGE_CACHE, persist_result=True, task_run_name="{stage}[iter={iteration}]")
+@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{stage}[iter={iteration}]")
 def stage_task(
     stage: str,
     params: dict,
@@ -60,9 +94,9 @@ def stage_task(
 ) -> StageOutput:
     logger = get_run_logger()
     model = params_model(stage).model_validate(params)
-    done = RunStore(root, run_id).find_completed(stage, iteration, inputs, model.model_dump(mode="json"))
-    if done is not None:  # committed by an attempt that died before Prefect recorded the task's result
-        logger.info("%s: reusing the committed output of an earlier attempt", stage)
+    done = reusable(stage, params, inputs, fingerprints, root, run_id, iteration)
+    if done is not None:  # committed (and verified just now) but not in Prefect's cache under this key
+        logger.info("%s: reusing the verified committed output %s", stage, sorted(done.tables))
         return done
     hook = _ProgressArtifact(stage, artifact_key(run_id, "iter", iteration, stage, "progress"))
     progress.add_hook(hook)
@@ -74,15 +108,43 @@ def stage_task(
     return out
 
 
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNO = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def transient(exc: BaseException | None) -> bool:
+    """Worth retrying: an OSError that is not about a missing/forbidden path or a full/read-only disk."""
+    return (
+        isinstance(exc, OSError)
+        and not isinstance(exc, _PERMANENT)
+        and getattr(exc, "errno", None) not in _PERMANENT_ERRNO
+    )
+
+
+def retry_on_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except BaseException as e:  # noqa: BLE001 - the task's own exception, re-raised by result()
+        return transient(e)
+    return False
+
+
 def stage_runner(stage: str):
-    """The task to call for ``stage``, with the stage table's retries (I/O-bound stages only)."""
+    """The task to call for ``stage``, with the stage table's retries (transient I/O errors only)."""
     retries = stage_spec(stage).retries
     if retries:
-        return stage_task.with_options(retries=retries, retry_delay_seconds=2)
+        return stage_task.with_options(
+            retries=retries, retry_delay_seconds=2, retry_condition_fn=retry_on_transient
+        )
     return stage_task
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="prepare-model[{spec}]")
+@task(
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_on_transient,
+    task_run_name="prepare-model[{spec}]",
+)
 def prepare_model(spec: str) -> str:
     from runtime.models import resolve_model
 

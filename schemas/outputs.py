@@ -11,6 +11,7 @@ class TableRef(BaseModel):
     uri: str = Field(description="Path or pyarrow filesystem URI of the stored file or directory")
     sha256: str = Field(description="sha256 of the file bytes (of a directory: of its sorted file hashes)")
     rows: int = Field(0, ge=0, description="Row count (0 for a directory such as a checkpoint)")
+    size: int | None = Field(None, ge=0, description="Bytes (of a directory: of all its files); set on commit")
 
 
 class StageOutput(BaseModel):

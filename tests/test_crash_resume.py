@@ -94,3 +94,92 @@ def test_sigkill_mid_run_then_resume(tiny_model, tmp_path):
                 if ref["uri"].endswith(".parquet"):
                     read_table(ref["uri"], tables.ALL[name])  # every stored table still reads
     assert "Prefect flow run:" in out and "MLflow run:" in out
+
+
+def _children() -> dict[int, list[int]]:
+    """ppid -> pids of every live process (from /proc)."""
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                out.setdefault(int(fields[1]), []).append(int(d.name))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_second_writer_is_refused_and_sigterm_stops_the_prefect_server(tiny_model, tmp_path):
+    """Two `turntree run` with one run id: the second exits 2 naming the first's pid; SIGTERM to the first stops
+    the temporary Prefect server (uvicorn) it started, marks the run failed and releases the lock."""
+    from flows.locks import run_lock
+
+    root = tmp_path / "runs"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps(_config(tiny_model, root)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(root / ".prefect-results"),
+    }
+    argv = [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and first.poll() is None:
+            runs = list_runs(str(root)) if root.exists() else []
+            if runs and runs[0].get("status") == "running" and "data" in runs[0]["stages"]:
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        started = _descendants(first.pid)
+        assert any("uvicorn" in _cmdline(p) for p in started), [_cmdline(p) for p in started]
+
+        second = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"process {first.pid}" in second.stderr and second.stderr.count("\n") == 1, second.stderr
+
+        first.send_signal(signal.SIGTERM)  # the process only, not its group: it must stop what it started
+        assert first.wait(timeout=120) == 143, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in started):
+        time.sleep(0.2)
+    left = [_cmdline(p) for p in started if _alive(p)]
+    assert not left, f"processes the run started are still running: {left}"
+    (manifest,) = list_runs(str(root))
+    assert manifest["status"] == "failed"
+    assert not list((root / manifest["run_id"]).rglob(".tmp-*"))
+    with run_lock(str(root), manifest["run_id"]):  # released
+        pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -98,16 +99,18 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
         store.load()
 
 
-def test_find_completed_matches_inputs_and_params_and_needs_the_files(tmp_path):
+def test_find_completed_prefers_the_current_version_and_needs_the_files(tmp_path):
     store = RunStore(str(tmp_path), "r6")
     store.create_or_open({})
     v1 = _fake_stage(store, 1, "a")
-    _fake_stage(store, 1, "b")
-    assert store.find_completed("data", 1, {}, {"p": "a"}).uri("problems") == v1.uri("problems")
-    assert store.find_completed("data", 1, {}, {"p": "c"}) is None
+    v2 = _fake_stage(store, 1, "b")
+    # the manifest's current version wins for the same inputs, whatever parameters a stage rerun gave it
+    assert store.find_completed("data", 1, {}, {"p": "a"}).uri("problems") == v2.uri("problems")
     assert store.find_completed("data", 1, {"x": "y"}, {"p": "a"}) is None
     assert store.find_completed("data", 2, {}, {"p": "a"}) is None
-    import os
-
+    assert store.find_completed("data", 1, {}, {"p": "a"}, code="other") is None  # other code: recompute
+    os.remove(v2.uri("problems"))  # current gone: the newest other version with these parameters
+    assert store.find_completed("data", 1, {}, {"p": "a"}).uri("problems") == v1.uri("problems")
+    assert store.find_completed("data", 1, {}, {"p": "c"}) is None
     os.remove(v1.uri("problems"))
     assert store.find_completed("data", 1, {}, {"p": "a"}) is None

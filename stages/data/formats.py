@@ -17,6 +17,7 @@ Formats:
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -85,6 +86,17 @@ def _text(rec: Mapping, key: str) -> str:
     if not v.strip():
         raise BadRecord(key, "empty")
     return v
+
+
+def _check_parses(field: str, tests: list[str]) -> None:
+    """Test code that is not valid Python would fail every program, the reference solution included: refuse it
+    here instead of scoring 0 everywhere."""
+    for i, code in enumerate(tests):
+        try:
+            ast.parse(code)
+        except SyntaxError as e:
+            where = f"[{i}]" if len(tests) > 1 else ""
+            raise BadRecord(f"{field}{where}", f"is not valid Python ({e.msg}, line {e.lineno})") from None
 
 
 def _row(**kw) -> dict:
@@ -156,6 +168,7 @@ def _humaneval(rec: Mapping, ctx: Context) -> dict:
         raise BadRecord("test", "has no `def check(candidate)` function")
     if not entry.isidentifier():
         raise BadRecord("entry_point", f"{entry!r} is not a Python identifier")
+    _check_parses("test", [test])
     solution = rec.get("canonical_solution")
     extras = {k: rec[k] for k in ("description", "language") if rec.get(k) is not None}
     return _row(
@@ -187,6 +200,7 @@ def _mbpp(rec: Mapping, ctx: Context) -> dict:
         raise BadRecord("code", "defines no function that the tests call")
     setup = rec.get("test_setup_code") or ""
     tests = [f"{setup.strip()}\n{t}" if setup.strip() else t for t in tests]
+    _check_parses("test_list", tests)
     prompt = f"{text.strip()}\nYour code should pass this test:\n{tests[0].splitlines()[-1]}"
     return _row(
         problem_id=_record_id(rec, ctx, "task_id"),
@@ -284,6 +298,7 @@ def _problems(rec: Mapping, ctx: Context) -> dict:
         if not isinstance(tests, list | tuple) or not tests or not all(isinstance(t, str) for t in tests):
             raise BadRecord("tests", "a code problem needs a non-empty list of test strings")
         _text(rec, "entry_point")
+        _check_parses("tests", list(tests))
     elif rec.get("answer") is None:
         raise BadRecord("answer", "a math problem needs an answer")
     row = _row(**{k: rec.get(k) for k in PROBLEM_FIELDS})

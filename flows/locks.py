@@ -1,0 +1,130 @@
+"""OS file locks (``fcntl.flock``) that make one process the writer of a run.
+
+- the **run lock** (``<root>/.locks/<run_id>.lock``, held for a whole ``turntree run`` / ``turntree stage``):
+  a second writer is refused at once with the holder's pid (``RunLocked``), or waits (``wait=True``);
+- the **manifest lock** (``<run dir>/.manifest.lock``, held for one read-modify-write of the manifest or one
+  commit): short, always waited for, so concurrent committers never lose each other's versions.
+
+Both are re-entrant within a process (flock conflicts between two descriptors of one process). A run root that
+is a remote URI (``s3://…``) gets a local lock file keyed by the URI under ``~/.cache/turntree/locks``: it keeps
+writers on this machine apart, not writers on other machines.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+_HELD: dict[str, tuple[int, int]] = {}  # path -> (fd, depth)
+_GUARD = threading.RLock()
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run's lock."""
+
+    def __init__(self, run_id: str, pid: int | None):
+        who = f"process {pid}" if pid else "another process"
+        super().__init__(
+            f"run {run_id!r} is being written by {who}; wait for it to finish, or pass --wait to queue behind it"
+        )
+        self.pid = pid
+
+
+def lock_path(root: str, run_id: str, name: str) -> Path:
+    if "://" in root and not root.startswith("file://"):
+        key = hashlib.sha256(f"{root.rstrip('/')}/{run_id}".encode()).hexdigest()[:24]
+        d = Path(os.environ.get("TURNTREE_LOCK_DIR", Path.home() / ".cache" / "turntree" / "locks"))
+        return d / f"{key}.{name}.lock"
+    base = Path(root.removeprefix("file://")).absolute()
+    if name == "run":
+        return base / ".locks" / f"{run_id}.lock"
+    return base / run_id / f".{name}.lock"
+
+
+def holder_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def file_lock(path: Path, *, wait: bool, run_id: str = "", poll: float = 0.2):
+    """Hold an exclusive flock on ``path`` (created with its parents) for the ``with`` block."""
+    key = str(path)
+    with _GUARD:
+        if key in _HELD:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth + 1)
+            held = True
+        else:
+            held = False
+    if not held:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    pid = holder_pid(path)
+                    os.close(fd)
+                    raise RunLocked(run_id, pid) from None
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with _GUARD:
+            _HELD[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        with _GUARD:
+            fd, depth = _HELD[key]
+            if depth > 1:
+                _HELD[key] = (fd, depth - 1)
+            else:
+                del _HELD[key]
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+
+def run_lock(root: str, run_id: str, *, wait: bool = False):
+    """The run's writer lock: raises ``RunLocked`` naming the holder's pid unless ``wait``."""
+    return file_lock(lock_path(root, run_id, "run"), wait=wait, run_id=run_id)
+
+
+def manifest_lock(root: str, run_id: str):
+    return file_lock(lock_path(root, run_id, "manifest"), wait=True, run_id=run_id)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so a run unwinds like Ctrl-C: the temporary Prefect server and the workers it
+    started are stopped (their atexit hooks run), the run is marked failed and its lock released."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def install_sigterm() -> None:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

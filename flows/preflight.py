@@ -1,0 +1,185 @@
+"""Checks the CLI runs before any work starts (before Prefect, MLflow or a model is loaded, before a run
+directory exists): each bad input is one ``PreflightError`` line, which the CLI prints with exit status 2.
+
+Light imports only (no prefect, torch, mlflow), so a refusal costs well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+_MAX_PROBE_BYTES = 64 << 20  # read source files up to this size to see that they hold records
+
+
+class PreflightError(ValueError):
+    """Bad input, found before any work started."""
+
+
+def is_remote(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+def run_root(root: str) -> None:
+    """A local run root must be a directory this user can write (or be creatable under one)."""
+    if is_remote(root):
+        return
+    p = Path(root.removeprefix("file://")).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if probe != p and not probe.is_dir():
+        raise PreflightError(f"run_root {root}: {probe} is a file, not a directory")
+    if p.exists() and not p.is_dir():
+        raise PreflightError(f"run_root {root} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PreflightError(f"run_root {root} is not writable ({probe} does not allow this user to write)")
+
+
+def run_id(value: str | None) -> None:
+    if value is not None and not _RUN_ID.match(value):
+        raise PreflightError(
+            f"invalid run id {value!r}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')"
+        )
+
+
+def model(spec: str, what: str = "model") -> None:
+    """A prepared model name or a directory with config.json and weights."""
+    from runtime.models import PREPARERS
+
+    if spec in PREPARERS:
+        return
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise PreflightError(
+            f"{what} {spec} does not exist (use {' or '.join(sorted(PREPARERS))} or a model dir)"
+        )
+    if not p.is_dir():
+        raise PreflightError(f"{what} {spec} is a file, not a model directory")
+    if not (p / "config.json").is_file():
+        raise PreflightError(f"{what} {spec} is not a model directory (no config.json)")
+    if not any(next(p.glob(g), None) for g in _WEIGHTS):
+        raise PreflightError(f"{what} {spec} has no weights (no *.safetensors / *.bin file)")
+
+
+def sources(specs: list[str]) -> None:
+    """Every data source resolves: a named set whose file is there, a known synthetic family, hf:<name>, or a
+    non-empty file of records."""
+    from stages.data.sources import ALIASES, DataError, alias_path, read_records
+    from stages.data.synthetic import FAMILIES
+
+    if not specs:
+        raise PreflightError("data.sources is empty: name at least one source")
+    for spec in specs:
+        try:
+            if spec in ALIASES:
+                alias_path(ALIASES[spec], spec)
+            elif spec.startswith("synthetic:"):
+                family = spec.split(":", 1)[1]
+                if family not in FAMILIES:
+                    raise DataError(f"unknown synthetic family {family!r}; choose one of {sorted(FAMILIES)}")
+            elif spec.startswith("hf:"):
+                if len(spec) <= 3:
+                    raise DataError("hub source 'hf:' names no dataset: use hf:<name>[:<split>]")
+            else:
+                p = Path(spec).expanduser()
+                if not p.is_file():
+                    raise DataError(
+                        f"unknown data source {spec!r}: not a file, a known set ({', '.join(sorted(ALIASES))}), "
+                        "synthetic:<family> or hf:<name>"
+                    )
+                if p.stat().st_size == 0:
+                    raise DataError(f"data source {spec} is an empty file")
+                if p.stat().st_size <= _MAX_PROBE_BYTES and not read_records(p)[0]:
+                    raise DataError(f"data source {spec} holds no records")
+        except DataError as e:
+            raise PreflightError(str(e)) from None
+
+
+def pipeline(params: Any) -> str:
+    """Everything a ``turntree run`` needs, checked before Prefect starts (``params``: PipelineParams); returns
+    the run id."""
+    from flows.runner import default_run_id
+
+    run_root(params.run_root)
+    run_id(params.run_id)
+    model(params.model)
+    sources(list(params.data.sources))
+    rid = params.run_id or default_run_id(params)
+    existing_run(params.run_root, rid, params.model_dump(mode="json", exclude={"run_id"}))
+    return rid
+
+
+def existing_run(root: str, rid: str, params: dict[str, Any]) -> None:
+    """A run id that exists must have been made with the same parameters."""
+    from flows.runstore import RunStore
+
+    store = RunStore(root, rid)
+    if store.exists() and store.load().get("params") != params:
+        raise PreflightError(
+            f"run {rid!r} exists with different parameters; pick another run id (--set run_id=…) or rerun "
+            "single stages with `turntree stage`"
+        )
+
+
+def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """``turntree stage``: the ``--set`` overrides must validate for the stage, and the stored inputs it will
+    read must still be what their stages committed (else: the file and the command that rewrites it)."""
+    from flows.integrity import IntegrityError
+    from flows.runner import check_inputs
+    from flows.runstore import RunStore
+
+    stage_overrides(name, record["params"], overrides)
+    try:
+        check_inputs(RunStore(root, rid), record["inputs"])
+    except IntegrityError as e:
+        raise PreflightError(str(e)) from None
+
+
+def stage_overrides(stage: str, recorded: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """``turntree stage --set``: the overridden parameters must validate for that stage."""
+    from pydantic import ValidationError
+
+    from flows.runner import params_model
+
+    try:
+        params_model(stage).model_validate({**recorded, **overrides})
+    except ValidationError as e:
+        parts = [
+            f"{'.'.join(str(x) for x in err['loc'])}: "
+            + ("unknown parameter" if err["type"] == "extra_forbidden" else err["msg"])
+            for err in e.errors()
+        ]
+        raise PreflightError(f"bad --set for stage {stage}: " + "; ".join(parts)) from None
+
+
+def compare_entries(root: str, entries: list[str]) -> dict[str, str]:
+    """NAME=TARGET pairs, each TARGET a run with a final checkpoint, a prepared model name or a model dir."""
+    from flows.runstore import RunStore
+
+    out: dict[str, str] = {}
+    for item in entries:
+        name, sep, target = item.partition("=")
+        if not sep or not name or not target:
+            raise PreflightError(f"compare expects NAME=CHECKPOINT_OR_RUN_ID, got {item!r}")
+        if _RUN_ID.match(target) and RunStore(root, target).exists():
+            m = RunStore(root, target).load()
+            if not m.get("final_checkpoint"):
+                raise PreflightError(
+                    f"compare entry {name}: run {target!r} has no final checkpoint (status {m.get('status')!r})"
+                )
+        else:
+            from runtime.models import PREPARERS
+
+            looks_like_path = "/" in target or Path(target).exists()
+            if target not in PREPARERS and not looks_like_path:
+                raise PreflightError(
+                    f"compare entry {name}: no run {target!r} under {root} (`turntree runs` lists them)"
+                )
+            model(target, f"compare entry {name}:")
+        out[name] = target
+    return out
