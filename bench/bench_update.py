@@ -1,21 +1,36 @@
-"""Benchmark of the update stage: tokens/s, peak memory, (GPU) MFU, and weight-sync time.
+"""Benchmark of the update stage: tokens/s before vs after issue 15, as a fraction of the machine's matmul peak.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_update.py [--model smollm2|tiny|DIR] [--seqs 8] [--len 256]
-        [--steps 1] [--sync]
+    .venv/bin/python bench/bench_update.py [--model smollm2|tiny|DIR] [--seqs 16] [--steps 1] [--variants ...]
+        [--dtype float32] [--sync]
 
-One real batch (``--seqs`` sequences of ``--len`` tokens, the second half of each a completion with ±1
-advantages) through ``stages.update.Trainer.update`` (1 epoch, micro-batches of 4). Runs fp32 first (the
-in-run baseline), then bf16 autocast on the same device, and prints the ratio. On CUDA it also prints MFU
-(6·N·tokens/s over the bf16 dense peak given by --peak-tflops). ``--sync`` builds the rollout engine
-(``runtime.engines.make_engine``) on the model and times ``update_weights`` with the trained state dict.
+The workload: ``--seqs`` sequences shaped like the default tool-arith run (prompt 60-200 tokens, completion
+40-300, a tool-output gap of 0-40 untrained tokens inside the completion, ±1 advantages), the default
+UpdateParams (1 epoch, minibatches of 8, micro-batches of 4). Each variant runs in a fresh subprocess (so its
+peak RSS is its own) through ``stages.update.Trainer.update`` after a warm-up update:
+
+    legacy-1t   the path before: full-vocabulary fp32 log-softmax, a separate π_old pass over every sample,
+                one thread (what the pipeline's process had: OMP_NUM_THREADS=1 beside vLLM)
+    new-1t      chunked selective log-softmax, logits only from the first trained position, the first
+                minibatch's π_old from its own forward; one thread
+    new         the same with every core (what ``stages.update.run`` now does, in a subprocess if vLLM pinned
+                the process's threads)
+    rollout     ``new`` with old_logprobs="rollout" (no π_old pass)
+
+It first measures fp32 matmul throughput (the GEMM shapes of the model's MLP, 1 thread and all) and prints each
+variant's update tokens/s (π_old pass included), training FLOP/s (6·N·tokens over the whole update) as a
+fraction of that peak at its thread count, peak RSS (process lifetime maximum, model load included), and the
+ratio to ``legacy-1t``. ``--sync`` times ``update_weights`` into a vLLM engine built on the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import resource
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,88 +45,152 @@ from schemas.params.update import UpdateParams  # noqa: E402
 from stages.update import Trainer  # noqa: E402
 from stages.update.samples import Sample  # noqa: E402
 
+VARIANTS = {
+    "legacy-1t": {"legacy": True, "threads": 1, "old_logprobs": "recompute"},
+    "new-1t": {"legacy": False, "threads": 1, "old_logprobs": "recompute"},
+    "new": {"legacy": False, "threads": 0, "old_logprobs": "recompute"},
+    "rollout": {"legacy": False, "threads": 0, "old_logprobs": "rollout"},
+}
 
-def batch(vocab: int, seqs: int, length: int, seed: int = 0) -> list[Sample]:
+
+def batch(vocab: int, seqs: int, seed: int = 0) -> list[Sample]:
     rng = random.Random(seed)
     out = []
     for i in range(seqs):
-        ids = torch.tensor([rng.randrange(10, vocab) for _ in range(length)])
-        mask = torch.zeros(length)
-        mask[length // 2 :] = 1
+        p, c, gap = rng.randint(60, 200), rng.randint(40, 300), rng.randint(0, 40)
+        n = p + c
+        ids = torch.tensor([rng.randrange(10, vocab) for _ in range(n)])
+        mask = torch.zeros(n)
+        mask[p:] = 1
+        g0 = p + c // 3
+        mask[g0 : min(g0 + gap, n - 1)] = 0  # a tool result inside the completion: not trained
         adv = mask * (1.0 if i % 2 == 0 else -1.0)
-        out.append(Sample(f"s{i}", ids, mask, adv, torch.full((length,), -5.0) * mask))
+        out.append(Sample(f"s{i}", ids, mask, adv, torch.full((n,), -5.0) * mask))
     return out
 
 
-def measure(model_dir: Path, dtype: str, args) -> tuple[dict, Trainer]:
-    p = UpdateParams(
-        lr=1e-6,
-        minibatch_size=args.seqs,
-        micro_batch_size=min(4, args.seqs),
-        dtype=dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-    trainer = Trainer(model_dir, p)
-    vocab = trainer.model.config.vocab_size
-    trainer.update(batch(vocab, args.seqs, args.len, seed=99))  # warm-up (allocator, kernels)
+def matmul_gflops(hidden: int, inter: int, tokens: int = 2048, reps: int = 20) -> float:
+    """fp32 GEMM throughput at this process's thread count on the (tokens × hidden) @ (hidden × inter) shape."""
+    a, b = torch.randn(tokens, hidden), torch.randn(hidden, inter)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * tokens * hidden * inter * reps / (time.perf_counter() - t) / 1e9
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in a matmul per token: every 2-D weight but the input embedding, plus the
+    LM head (which is the embedding itself when tied)."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in name)
+    if getattr(cfg, "tie_word_embeddings", False):
+        n += cfg.vocab_size * cfg.hidden_size
+    return n
+
+
+def one(args) -> dict:
+    """One variant in this process; returns its figures."""
+    v = VARIANTS[args.one]
+    threads = v["threads"] or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    from runtime.models import resolve_model
+
+    p = UpdateParams(lr=1e-6, dtype=args.dtype, old_logprobs=v["old_logprobs"], target_kl=None)
+    trainer = Trainer(resolve_model(args.model), p, legacy=v["legacy"])
+    cfg = trainer.model.config
+    peak = matmul_gflops(cfg.hidden_size, cfg.intermediate_size)
+    trainer.update(batch(cfg.vocab_size, min(args.seqs, 8), seed=99))  # warm-up (allocator, kernels)
     best = None
     for s in range(args.steps):
-        m = trainer.update(batch(vocab, args.seqs, args.len, seed=s))
-        if best is None or m["actor/tokens_per_s"] > best["actor/tokens_per_s"]:
+        samples = batch(cfg.vocab_size, args.seqs, seed=s)
+        t = time.perf_counter()
+        m = trainer.update(samples)
+        m["wall_s"] = time.perf_counter() - t
+        m["tokens"] = sum(len(x) for x in samples)
+        if best is None or m["wall_s"] < best["wall_s"]:
             best = m
-    return best, trainer
+    n = matmul_params(trainer.model)
+    best.update(
+        threads=threads,
+        matmul_gflops=peak,
+        n_matmul_params=n,
+        train_gflops=6 * n * best["tokens"] / best["wall_s"] / 1e9,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        trainer=trainer,
+    )
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--seqs", type=int, default=8)
-    ap.add_argument("--len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=1, help="measured updates per dtype (best is reported)")
+    ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1, help="measured updates per variant (the fastest is reported)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--sync", action="store_true", help="also time the weight sync into a vLLM engine")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument(
-        "--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)"
-    )
+    ap.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from runtime.models import resolve_model
-
-    model_dir = resolve_model(args.model)
-    n_params = None
+    if args.one:
+        m = one(args)
+        trainer = m.pop("trainer")
+        print("RESULT " + json.dumps(m), flush=True)
+        if args.sync:
+            sync(trainer, args)
+        return
     results = {}
-    for dtype in ("float32", "bfloat16"):
-        try:
-            m, trainer = measure(model_dir, dtype, args)
-        except Exception as e:  # noqa: BLE001 - bf16 autocast may be unsupported on some CPUs
-            print(f"{dtype}: failed ({type(e).__name__}: {e})")
+    for name in args.variants:
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--seqs", str(args.seqs)]
+        cmd += ["--steps", str(args.steps), "--dtype", args.dtype] + (["--sync"] if args.sync else [])
+        env = dict(os.environ, OMP_NUM_THREADS=str(VARIANTS[name]["threads"] or len(os.sched_getaffinity(0))))
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}")
             continue
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        results[dtype] = m
-        line = (
-            f"{dtype:9s} device={trainer.device.type} tokens/s={m['actor/tokens_per_s']:.1f} "
-            f"peak_mem_mb={m['actor/peak_mem_mb']:.0f} update_s={m['timing/update']:.2f}"
+        m = results[name] = json.loads(lines[-1].removeprefix("RESULT "))
+        print(
+            f"{name:10s} threads={m['threads']} update_s={m['wall_s']:.1f} (pi_old {m['timing/old_logprobs']:.1f}) "
+            f"tokens/s={m['actor/update_tokens_per_s']:.1f} train_GFLOP/s={m['train_gflops']:.1f} "
+            f"= {100 * m['train_gflops'] / m['matmul_gflops']:.0f}% of matmul {m['matmul_gflops']:.0f} GFLOP/s "
+            f"peak_rss_mb={m['peak_rss_mb']:.0f} train_peak_mb={m['actor/peak_mem_mb']:.0f}",
+            flush=True,
         )
-        if trainer.device.type == "cuda":
-            mfu = 6 * n_params * m["actor/tokens_per_s"] / (args.peak_tflops * 1e12)
-            line += f" MFU={100 * mfu:.2f}%"
-        print(line, flush=True)
-    if len(results) == 2:
-        r = results["bfloat16"]["actor/tokens_per_s"] / results["float32"]["actor/tokens_per_s"]
-        print(f"ratio bf16/fp32 tokens/s = {r:.2f}")
-    print(f"model={model_dir} params={n_params} batch={args.seqs}x{args.len}")
-    if args.sync:
-        from runtime.engines import make_engine
-        from stages.update import sync_live_engine
+        for x in proc.stdout.splitlines():
+            if x.startswith("weight_sync") or x.startswith("engine"):
+                print("   ", x)
+    base = results.get("legacy-1t")
+    if base:
+        for name, m in results.items():
+            if name != "legacy-1t":
+                r = m["actor/update_tokens_per_s"] / base["actor/update_tokens_per_s"]
+                mem = m["peak_rss_mb"] / base["peak_rss_mb"]
+                print(f"ratio {name}/legacy-1t: tokens/s x{r:.2f}, peak RSS x{mem:.2f}")
+    any_m = next(iter(results.values()), None)
+    if any_m:
+        print(
+            f"model={args.model} matmul_params={any_m['n_matmul_params']} seqs={args.seqs} "
+            f"tokens={any_m['tokens']} trained_tokens={any_m['actor/trained_tokens']:.0f} dtype={args.dtype}"
+        )
 
-        t0 = time.perf_counter()
-        engine = make_engine(model_dir, backend="vllm", seed=0)
-        print(f"engine built in {time.perf_counter() - t0:.1f} s")
-        with tempfile.TemporaryDirectory() as d:
-            ref, plain = trainer.save(Path(d) / "checkpoint")
-            for _ in range(3):
-                secs, note = sync_live_engine(plain, Path(ref.uri))
-                print(f"weight_sync_s={secs:.3f} ({note})")
-        engine.close()
+
+def sync(trainer: Trainer, args) -> None:
+    import tempfile
+
+    from runtime.engines import make_engine
+    from stages.update import sync_live_engine
+
+    t0 = time.perf_counter()
+    engine = make_engine(trainer.source, backend="vllm", seed=0)
+    print(f"engine built in {time.perf_counter() - t0:.1f} s")
+    with tempfile.TemporaryDirectory() as d:
+        ref, plain = trainer.save(Path(d) / "checkpoint")
+        for _ in range(3):
+            secs, note = sync_live_engine(plain, Path(ref.uri))
+            print(f"weight_sync_s={secs:.3f} ({note})")
+    engine.close()
 
 
 if __name__ == "__main__":

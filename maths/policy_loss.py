@@ -194,6 +194,78 @@ def policy_loss(
 
 
 # --- log-probs and entropy from logits ---------------------------------------------------------------------------------
+LOGPROB_CHUNK = 1024  # positions per chunk of the selective log-softmax: a (chunk, V) fp32 temporary at a time
+
+
+class _SelectedLogprobs(torch.autograd.Function):
+    """log-prob of one target per selected row of (R, V) logits, and the row's entropy, chunk by chunk.
+
+    Forward: per chunk of selected rows, fp32 logsumexp, the target's logit minus it, and the entropy
+    lse − Σ p·x; nothing (R, V)-sized is kept but the logits themselves. Backward: ∂lp/∂x = onehot − softmax,
+    recomputed per chunk into the one (R, V) gradient (rows not selected get 0). Entropy has no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk: int):
+        flat = logits.reshape(-1, logits.shape[-1])
+        lp = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(lp)
+        ent = torch.empty_like(lp)
+        for a in range(0, rows.shape[0], chunk):
+            x = flat.index_select(0, rows[a : a + chunk]).float()
+            z = torch.logsumexp(x, dim=-1)
+            lse[a : a + chunk] = z
+            lp[a : a + chunk] = x.gather(-1, targets[a : a + chunk, None]).squeeze(-1) - z
+            x_lse = x.sub_(z[:, None])  # x − lse = log p, in place
+            ent[a : a + chunk] = -(x_lse.exp() * x_lse).sum(-1)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp: torch.Tensor, _grad_ent: torch.Tensor):
+        logits, rows, targets, lse = ctx.saved_tensors
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = torch.zeros_like(flat)
+        for a in range(0, rows.shape[0], ctx.chunk):
+            r, g = rows[a : a + ctx.chunk], grad_lp[a : a + ctx.chunk]
+            p = flat.index_select(0, r).float().sub_(lse[a : a + ctx.chunk, None]).exp_()
+            d = p.mul_(-g[:, None])
+            d.scatter_add_(-1, targets[a : a + ctx.chunk, None], g[:, None])
+            grad.index_copy_(0, r, d.to(grad.dtype))
+        return grad.view_as(logits), None, None, None
+
+
+def selected_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, *, chunk: int = LOGPROB_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) log-probs and (B, L) entropies (detached) of the positions where ``mask`` is non-zero; 0 elsewhere.
+
+    ``logits``: (B, K, V) for the *last* K positions of (B, L) ``input_ids`` (K ≤ L: a model called with
+    ``logits_to_keep=K``; logit row j predicts token L − K + j + 1). Position t needs logit row t − 1, so
+    every masked position must have t ≥ L − K + 1 (``logits_needed``). Equal to ``token_logprobs`` /
+    ``token_entropy`` on the masked positions (tests/test_policy_loss.py), without materialising an fp32
+    log-softmax of the whole (B, L, V) — only (chunk, V) at a time, and only for the rows the loss uses.
+    """
+    b, length = input_ids.shape
+    k = logits.shape[1]
+    bi, ti = (mask != 0).nonzero(as_tuple=True)
+    if bool((ti < length - k + 1).any()):
+        raise ValueError(f"selected_logprobs: a masked position precedes the {k} kept logit rows")
+    rows = bi * k + (ti - 1 - (length - k))
+    lp_sel, ent_sel = _SelectedLogprobs.apply(logits, rows, input_ids[bi, ti], chunk)
+    lp = torch.zeros(b, length, dtype=lp_sel.dtype, device=logits.device).index_put((bi, ti), lp_sel)
+    ent = torch.zeros(b, length, dtype=ent_sel.dtype, device=logits.device).index_put((bi, ti), ent_sel)
+    return lp, ent
+
+
+def logits_needed(mask: torch.Tensor) -> int:
+    """How many trailing logit rows ``selected_logprobs`` needs for ``mask`` (B, L): L − first masked t + 1."""
+    cols = (mask != 0).any(0).nonzero()
+    return 1 if cols.numel() == 0 else int(mask.shape[1] - int(cols[0]) + 1)
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) log π(input_ids[:, t] | input_ids[:, <t]) from (B, L, V) logits; position 0 gets 0.
 

@@ -116,6 +116,35 @@ def test_token_logprobs_and_entropy_against_log_softmax():
     assert torch.allclose(pl.token_entropy(logits)[:, 1:], -(p * p.log()).sum(-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_selected_logprobs_equal_the_full_log_softmax_values_and_gradients(chunk):
+    """The chunked selective log-softmax gives token_logprobs / token_entropy on the masked positions (0
+    elsewhere) and the same gradient of the logits, also from only the last K logit rows."""
+    torch.manual_seed(1)
+    b, length, v = 3, 9, 50
+    logits = (3 * torch.randn(b, length, v)).requires_grad_(True)
+    ids = torch.randint(0, v, (b, length))
+    mask = torch.zeros(b, length)
+    mask[0, 4:] = 1
+    mask[1, 6:8] = 1
+    mask[2, 5] = mask[2, 8] = 1
+    w = torch.randn(b, length)
+    ref = pl.token_logprobs(logits, ids) * mask
+    (ref * w).sum().backward()
+    g_ref, logits.grad = logits.grad.clone(), None
+    k = pl.logits_needed(mask)
+    assert k == length - 4 + 1
+    kept = logits[:, -k:]
+    lp, ent = pl.selected_logprobs(kept, ids, mask, chunk=chunk)
+    assert torch.allclose(lp, ref, atol=1e-6, rtol=0) and torch.all(lp[mask == 0] == 0)
+    assert torch.allclose(ent, pl.token_entropy(logits.detach()) * mask, atol=1e-5, rtol=0)
+    assert not ent.requires_grad
+    (lp * w).sum().backward()
+    assert torch.allclose(logits.grad, g_ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="precedes"):
+        pl.selected_logprobs(logits[:, -2:].detach(), ids, mask)
+
+
 floats = st.floats(-3, 3, allow_nan=False, width=32)
 
 

@@ -272,3 +272,56 @@ def test_target_kl_bounds_the_update_of_a_near_deterministic_policy(near_determi
     out = update.run(UpdateParams(**base), {"samples": uri, "checkpoint": str(start)}, tmp_path / "stage")
     assert out.metrics["actor/steps"] == m["actor/steps"]  # the default target_kl is 0.1
     assert any(n.startswith("early stop: KL to π_old") for n in out.notes), out.notes
+
+
+def _params_close(a: torch.nn.Module, b: torch.nn.Module, atol: float) -> float:
+    worst = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert worst < atol, worst
+    return worst
+
+
+def test_fast_path_gives_the_legacy_update(tiny_model, samples):
+    """Selective chunked log-softmax + the first minibatch's π_old from its own forward == the old path (full
+    log-softmax, a separate π_old pass) over several minibatches and epochs: same parameters to fp32 noise,
+    same statistics; the π_old pass skips the first minibatch's samples."""
+    uri, _ = samples
+    p = UpdateParams(lr=1e-3, minibatch_size=2, micro_batch_size=2, ppo_epochs=2, seed=4, target_kl=None)
+    new, old = update.Trainer(tiny_model, p), update.Trainer(tiny_model, p, legacy=True)
+    mn, mo = new.update(update.load_samples(uri)), old.update(update.load_samples(uri))
+    base = ckpt.load_model(tiny_model)
+    assert _params_close(new.model, base, 1.0) > 1e-3  # it moved
+    _params_close(new.model, old.model, 2e-6)
+    for k in ("actor/loss", "actor/approx_kl", "actor/entropy", "actor/clip_frac", "actor/logprob_gap_max"):
+        assert mn[k] == pytest.approx(mo[k], rel=1e-4, abs=1e-6), k
+    assert new.history[0]["approx_kl"] == 0.0  # π_old of the first minibatch is its own forward's
+
+
+def test_rollout_logprobs_stand_in_for_pi_old(tiny_model, samples):
+    """old_logprobs='rollout': no π_old pass; with the rollout log-probs the model's own (as here) and one
+    minibatch, the update is the recomputed one."""
+    uri, _ = samples
+    p = dict(FAST, target_kl=None)
+    a = update.Trainer(tiny_model, UpdateParams(**p, old_logprobs="rollout"))
+    b = update.Trainer(tiny_model, UpdateParams(**p))
+    ma, mb = a.update(update.load_samples(uri)), b.update(update.load_samples(uri))
+    assert ma["timing/old_logprobs"] < 0.05 and "actor/logprob_gap_max" not in ma
+    _params_close(a.model, b.model, 1e-5)
+    assert ma["actor/loss"] == pytest.approx(mb["actor/loss"], abs=1e-5)
+
+
+def test_pinned_threads_run_the_update_in_a_subprocess(tiny_model, samples, tmp_path, monkeypatch):
+    """When torch.set_num_threads is refused (what vLLM's CPU worker does), the update runs in a subprocess
+    with cpu_threads threads and gives the same checkpoint, bit for bit, as this process with those threads."""
+    uri, _ = samples
+    p = UpdateParams(**FAST, cpu_threads=2)
+    here = update.run(p, {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path / "here")
+    assert any("2 threads" in n for n in here.notes), here.notes
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    if before == 2:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    child = update.run(p, {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path / "child")
+    assert any("2 threads" in n for n in child.notes) and any("subprocess" in n for n in child.notes), child.notes
+    x, y = ckpt.load_model(here.uri("checkpoint")), ckpt.load_model(child.uri("checkpoint"))
+    for (name, u), v in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
+        assert torch.equal(u, v), name

@@ -124,8 +124,17 @@ def test_failing_rank_gives_a_clear_error_and_writes_nothing(tiny_model, samples
     write_table(rows, SAMPLES, bad)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(update.SamplesError, match=r"'s1'.*advantages.*\(rank \d of 2\)"):
+    with pytest.raises(update.SamplesError, match=r"'s1'.*advantages") as e:
         update.run(UpdateParams(nproc=2), {"samples": str(bad), "checkpoint": str(tiny_model)}, out)
+    assert "rank" not in str(e.value)  # the parent read the table: no process was launched
+    # a checkpoint without weights fails in the ranks (the parent does not load it): the rank's own error
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ckpt.CheckpointError, match=r"no weights.*\(rank \d of 2\)"):
+        update.run(UpdateParams(nproc=2), {"samples": samples, "checkpoint": str(broken)}, out)
     assert list(out.iterdir()) == []
 
 

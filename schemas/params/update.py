@@ -49,8 +49,22 @@ class UpdateParams(BaseModel):
         description="Early stop: when a minibatch's KL(π_old || π_θ) (k3, token mean, measured in its forward pass) "
         "exceeds this, its optimizer step and all later ones of the update are skipped (None: never stop)",
     )
+    old_logprobs: Literal["recompute", "rollout"] = Field(
+        "recompute",
+        description="log π_old: recompute (the policy before the update; the first minibatch takes it from its own "
+        "forward pass, the others from one no-grad pass) or rollout (the engine's log-probs stand in: no extra pass)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the update runs (auto: cuda if any)"
+    )
+    cpu_threads: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="CPU update: torch threads (0: every core this process may use). When the process's thread "
+        "count cannot be raised (vLLM pinned it), the update runs in a subprocess with this many. Default 1: "
+        "checkpoint bits then do not depend on the machine's core count, and a gain from more threads beside a "
+        "live vLLM engine on 2 cores was not shown (bench/bench_update.py measures it)",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",

@@ -8,8 +8,12 @@ What one call does (the loss is ``maths.policy_loss``, ALGORITHMS.md "Policy los
    and log-probs, a 0/1 loss mask with at least one trained token. Bad input: ``SamplesError``, nothing written.
 2. Loads the policy (fp32 master weights) and, when ``trainer_state.pt`` is present, its optimizer, scheduler,
    RNG state and step counters, so consecutive calls equal one uninterrupted run (resume fidelity).
-3. Recomputes log π_old with the trainer before the first gradient step; logs the gap to the rollout
-   engine's log-probs (``actor/logprob_gap_*``). With kl_beta > 0 the reference model is loaded (only then)
+3. log π_old (``old_logprobs``): "recompute" (default) takes the first minibatch's from its own forward pass
+   (no step has happened yet, so it is exact) and computes the others' in one no-grad pass before the first
+   step; "rollout" uses the rollout engine's log-probs (no pass). Logs the gap to the rollout engine's
+   log-probs (``actor/logprob_gap_*``). Log-probs come from a chunked selective log-softmax
+   (``maths.policy_loss.selected_logprobs``): logits only from the first trained position on, fp32 over
+   (chunk, V) at a time, only on trained tokens. With kl_beta > 0 the reference model is loaded (only then)
    and its log-probs computed once.
 4. ``ppo_epochs`` passes; each shuffles the samples with a generator seeded by (seed, update index, epoch),
    cuts minibatches of ``minibatch_size`` (one optimizer step each) and, inside a minibatch, sorts by length
@@ -27,6 +31,11 @@ What one call does (the loss is ``maths.policy_loss``, ALGORITHMS.md "Policy los
    (``runtime.engines.live_engine()``) when there is one of the same architecture (``timing/weight_sync``).
    When no engine is live (a single-stage rerun, or a fresh process) nothing is pushed: the next rollout loads
    the new checkpoint from disk.
+
+CPU threads (``cpu_threads``, 0: every core): the update runs with that many torch threads (restored after).
+In a process whose thread count vLLM's CPU worker pinned (it makes ``torch.set_num_threads`` a no-op), it runs
+instead as one ``python -m stages.update`` subprocess with ``OMP_NUM_THREADS`` set, and the live engine then
+loads the new checkpoint from disk.
 
 Multi-process (``nproc`` > 1, ``stages.update.distributed``): ``run`` launches ``torchrun --standalone
 --nproc-per-node N -m stages.update ...`` as a subprocess; every rank runs this same ``run`` and ``Trainer``
@@ -107,7 +116,8 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     """One policy update: samples + checkpoint -> new checkpoint (see module docstring).
 
     ``params.nproc > 1`` (outside a torchrun world): the update runs under torchrun in a subprocess
-    (``stages.update.distributed.launch``); the live engine, if any, then loads the new checkpoint from disk.
+    (``stages.update.distributed.launch``); so does a CPU update whose threads this process cannot raise to
+    ``cpu_threads``. The live engine, if any, then loads the new checkpoint from disk.
     """
     for key in ("samples", "checkpoint"):
         if key not in inputs:
@@ -115,8 +125,15 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     if params.kl_beta > 0 and not inputs.get("ref_checkpoint"):
         raise KeyError("kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)")
     t0 = time.perf_counter()
-    if params.world_size > 1 and not ddist.in_torchrun():
-        result = ddist.launch(params, inputs, Path(out))
+    samples = load_samples(inputs["samples"])  # before anything heavy: bad input fails fast, writes nothing
+    device, _ = resolve_device(params.device, params.dtype)
+    threads, before = None, torch.get_num_threads()
+    if device.type == "cpu" and params.world_size == 1 and not ddist.in_torchrun():
+        threads = ddist.wanted_threads(params)
+        if not ddist.threads_pinned(threads):
+            threads = None  # this process runs them
+    if (params.world_size > 1 or threads is not None) and not ddist.in_torchrun():
+        result = ddist.launch(params, inputs, Path(out), threads=threads)
         if not result.tables:  # node_rank > 0: node 0 holds the checkpoint and syncs its engine
             return result
         ckpt_dir = Path(result.uri("checkpoint"))
@@ -125,9 +142,19 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
             result.metrics["timing/weight_sync"] = sync_s
         result.metrics["timing/update_stage"] = time.perf_counter() - t0
         result.notes.insert(0, note)
+        if threads is not None:
+            result.notes.insert(1, f"this process's threads are pinned: the update ran in a subprocess, {threads} threads")
         return result
-    samples = load_samples(inputs["samples"])  # before anything heavy: bad input fails fast, writes nothing
-    device, _ = resolve_device(params.device, params.dtype)
+    try:
+        return _run_here(params, inputs, Path(out), samples, device, t0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_here(
+    params: UpdateParams, inputs: dict[str, str], out: Path, samples: list[Sample], device: torch.device, t0: float
+) -> StageOutput:
+    """The update in this process (one process, or one torchrun rank)."""
     with ddist.world(params, device) as world:
         trainer = Trainer(inputs["checkpoint"], params, world)
         ref_model = None
@@ -148,7 +175,9 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     notes = [
         note,
         f"{len(samples)} samples, {params.ppo_epochs} epoch(s), global step {trainer.step}, "
-        f"device {trainer.device}, {'bf16 autocast' if trainer.amp_dtype else 'fp32'}"
+        f"device {trainer.device}"
+        + (f" ({torch.get_num_threads()} threads)" if trainer.device.type == "cpu" else "")
+        + f", {'bf16 autocast' if trainer.amp_dtype else 'fp32'}"
         + (f", LoRA r={params.lora_rank}" if params.lora_rank else "")
         + (f", {world.size} processes ({world.kind})" if world.distributed else ""),
     ]

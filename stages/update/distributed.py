@@ -296,14 +296,34 @@ def torchrun_command(params: UpdateParams) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
-    """Run this node's share of the update under torchrun; rank 0's StageOutput on node 0.
+CHILD_ENV = "TURNTREE_UPDATE_CHILD"  # set in a launched update process: it never launches another
+
+
+def wanted_threads(params: UpdateParams) -> int:
+    """Torch threads of a CPU update: ``cpu_threads``, or every core this process may run on."""
+    if params.cpu_threads:
+        return params.cpu_threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_pinned(want: int) -> bool:
+    """Set torch's thread count to ``want`` in this process; True when that is refused (vLLM's CPU worker
+    replaces ``torch.set_num_threads`` with a no-op once it has bound its threads) and no launched update
+    process is already this one."""
+    torch.set_num_threads(want)
+    return torch.get_num_threads() != want and not os.environ.get(CHILD_ENV)
+
+
+def launch(params: UpdateParams, inputs: dict[str, str], out: Path, threads: int | None = None) -> StageOutput:
+    """Run this node's share of the update in a subprocess; rank 0's StageOutput on node 0: under torchrun
+    (``torchrun_command``), or, with ``threads``, as one plain process with that many OpenMP threads.
 
     On node ``node_rank > 0`` rank 0 runs elsewhere: a successful update returns a StageOutput without
     tables (node 0's ``out`` holds the checkpoint; nothing is written to this node's ``out``)."""
     with tempfile.TemporaryDirectory(prefix="turntree-update-") as tmp:
         result, log = Path(tmp) / "stage_output.json", Path(tmp) / "torchrun.log"
-        cmd = torchrun_command(params) + [
+        cmd = [
+            *(torchrun_command(params) if threads is None else [sys.executable]),
             "-m", "stages.update", str(inputs["samples"]), str(inputs["checkpoint"]), str(out),
             "--params", params.model_dump_json(), "--result", str(result),
         ]  # fmt: skip
@@ -314,6 +334,9 @@ def launch(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutp
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             **{NODE_RANK_ENV: str(params.node_rank)},
         )
+        env[CHILD_ENV] = "1"
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         with log.open("w") as f:
             proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False)
         if proc.returncode == 0 and params.node_rank > 0:
@@ -343,4 +366,4 @@ def _rank_error(result: Path, log: Path, nproc: int, rc: int) -> BaseException:
             return cls(f"{err['message']} (rank {rank} of {nproc})")
         return DistributedUpdateError(f"rank {rank} of {nproc} failed: {err['type']}: {err['message']}")
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
-    return DistributedUpdateError(f"torchrun update with {nproc} processes exited with {rc}:\n{tail}")
+    return DistributedUpdateError(f"update subprocess ({nproc} process(es)) exited with {rc}:\n{tail}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from maths.policy_loss import policy_loss, token_entropy, token_logprobs
+from maths.policy_loss import logits_needed, policy_loss, selected_logprobs, token_entropy, token_logprobs
 from runtime import checkpoint as ckpt
 from runtime.devices import PeakMemory, resolve_device
 from schemas.params.update import UpdateParams
@@ -42,10 +42,20 @@ class Trainer:
     wrapper, or the FSDP2-sharded model itself).
     """
 
-    def __init__(self, checkpoint_dir: str | Path, params: UpdateParams, world: ddist.World | None = None):
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        params: UpdateParams,
+        world: ddist.World | None = None,
+        *,
+        legacy: bool = False,
+    ):
         from runtime import lora
 
         self.params, self.source = params, ckpt.check_checkpoint(checkpoint_dir)
+        # legacy: the pre-issue-15 path (full-vocabulary fp32 log-softmax on every position, a separate π_old
+        # forward of every sample), kept for bench/bench_update.py to measure the new one against
+        self.legacy = legacy
         self.world = world or ddist.World()
         device, self.amp_dtype = resolve_device(params.device, params.dtype)
         self.device = self.world.device(device)
@@ -121,10 +131,21 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def forward(self, model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, L, V) logits of a collated micro-batch."""
+    def forward(self, model: torch.nn.Module, b: dict[str, torch.Tensor], keep: int = 0) -> torch.Tensor:
+        """(B, L, V) logits of a collated micro-batch; ``keep`` > 0: only the last ``keep`` positions'."""
         with self._autocast():
-            return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            return model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False, logits_to_keep=keep
+            ).logits
+
+    def token_logp(self, model: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) log-probs and detached entropies of a micro-batch's trained tokens (0 elsewhere): logits only
+        from the first trained position on, log-softmax chunked over those positions (``selected_logprobs``)."""
+        if self.legacy:
+            logits = self.forward(model, b)
+            return token_logprobs(logits, b["input_ids"]) * b["mask"], token_entropy(logits.detach()) * b["mask"]
+        logits = self.forward(model, b, keep=logits_needed(b["mask"]))
+        return selected_logprobs(logits, b["input_ids"], b["mask"])
 
     @torch.no_grad()
     def logprobs(self, model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
@@ -139,7 +160,7 @@ class Trainer:
         size = self.params.micro_batch_size
         for idx in ddist.rank_micro_batches(order, size, self.world, key=lambda i: len(samples[i])):
             b = collate([samples[i] for i in idx or order[:1]], self.device, self.pad_id)
-            lp = token_logprobs(self.forward(model, b), b["input_ids"]).float().cpu()
+            lp = self.token_logp(model, b)[0].float().cpu()
             for k, i in enumerate(idx or []):
                 out[i] = lp[k, : len(samples[i])]
         model.train(was_training)
@@ -159,13 +180,11 @@ class Trainer:
         if p.kl_beta > 0 and ref_model is None:
             raise ValueError("kl_beta > 0 needs a reference model")
         t0 = time.perf_counter()
-        for s, lp in zip(samples, self.logprobs(self.model, samples), strict=True):
-            s.old_logp = lp
+        first = self._old_logprobs(samples)
         if ref_model is not None:
             for s, lp in zip(samples, self.logprobs(ref_model, samples), strict=True):
                 s.ref_logp = lp
         t_old = time.perf_counter() - t0
-        metrics = self._logprob_gap(samples)
 
         sums: dict[str, float] = {}
         n_tokens_seen, steps_before, self.steps = 0, self.step, []
@@ -177,6 +196,8 @@ class Trainer:
                 for mb_idx in minibatches(len(samples), p, self.update_idx, epoch):
                     mb = [samples[i] for i in mb_idx]
                     st = self._optimizer_step(mb, ref_model is not None)
+                    if first is not None and first == mb_idx:  # its π_old came from its own forward
+                        self._share_old_logprobs(samples, mb_idx)
                     self.steps.append(self._step_record(st, epoch))
                     for k in SUMMED:
                         if k in st:
@@ -187,6 +208,7 @@ class Trainer:
                 if self.steps[-1]["early_stop"]:
                     break
         t_train = time.perf_counter() - t1
+        metrics = self._logprob_gap(samples) if p.old_logprobs == "recompute" or self.legacy else {}
         self.history.extend(self.steps)
         self.update_idx += 1
         n_steps, n_measured = self.step - steps_before, len(self.steps)
@@ -206,6 +228,7 @@ class Trainer:
                 "actor/global_step": float(self.step),
                 "actor/trained_tokens": tok,
                 "actor/tokens_per_s": n_tokens_seen / max(t_train, 1e-9),
+                "actor/update_tokens_per_s": n_tokens_seen / max(time.perf_counter() - t0, 1e-9),
                 "actor/peak_mem_mb": mem.peak_mb,
                 "timing/old_logprobs": t_old,
                 "timing/update": time.perf_counter() - t0,
@@ -218,6 +241,31 @@ class Trainer:
         if n_steps < n_measured:
             metrics["actor/early_stop_step"] = float(n_steps)
         return metrics
+
+    def _old_logprobs(self, samples: list[Sample]) -> list[int] | None:
+        """Fill ``old_logp`` (log π_old, the policy before this update) of every sample but the first minibatch's
+        (returned: their π_old is the detached log-prob of their own forward pass, before the first step, so
+        no separate pass is needed; None: every sample is filled). ``old_logprobs="rollout"``: the rollout
+        engine's log-probs stand in (no pass at all; legacy: every sample recomputed)."""
+        p = self.params
+        if p.old_logprobs == "rollout" and not self.legacy:
+            for s in samples:
+                s.old_logp = s.rollout_logp
+            return None
+        first = None if self.legacy else minibatches(len(samples), p, self.update_idx, 0)[0]
+        skip = set(first or [])
+        rest = [i for i in range(len(samples)) if i not in skip]
+        for i, lp in zip(rest, self.logprobs(self.model, [samples[i] for i in rest]) if rest else [], strict=True):
+            samples[i].old_logp = lp
+        for i in skip:
+            samples[i].old_logp = None
+        return first
+
+    def _share_old_logprobs(self, samples: list[Sample], mb_idx: list[int]) -> None:
+        """After the first minibatch: its π_old (filled by each rank's own micro-batches) on every rank."""
+        mine = {i: samples[i].old_logp for i in mb_idx if samples[i].old_logp is not None}
+        for i, lp in ddist.all_gather_dict(mine, self.world).items():
+            samples[i].old_logp = lp
 
     def _step_record(self, st: dict[str, float], epoch: int) -> dict[str, float]:
         """One minibatch's record, all floats: ``update_idx``, ``epoch``, ``step`` (global optimizer step it
@@ -252,7 +300,7 @@ class Trainer:
                 if micro is None:  # padding pass: same collectives as the other ranks, zero gradient
                     (self.forward(self.train_model, b).float().sum() * 0.0).backward()
                 else:
-                    self._micro_step(b, n_tokens, float(len(mb)), with_ref, acc)
+                    self._micro_step(b, micro, n_tokens, float(len(mb)), with_ref, acc)
         acc = ddist.all_reduce_sums(acc, w, self.device)  # every rank takes the same early-stop decision
         params = [q for q in self.model.parameters() if q.requires_grad]
         grad_norm = clip_grad_norm(params, p.max_grad_norm)
@@ -275,15 +323,21 @@ class Trainer:
     def _micro_step(
         self,
         b: dict[str, torch.Tensor],
+        micro: list[Sample],
         n_tokens: float,
         n_seqs: float,
         with_ref: bool,
         acc: dict[str, float],
     ) -> None:
-        """Loss and backward of one collated micro-batch; its token-summed statistics are added to ``acc``."""
+        """Loss and backward of one collated micro-batch; its token-summed statistics are added to ``acc``.
+        A micro-batch without π_old (the update's first minibatch) takes its own detached log-probs as π_old
+        and stores them in its samples."""
         p = self.params
-        logits = self.forward(self.train_model, b)
-        logp = token_logprobs(logits, b["input_ids"])
+        logp, entropy = self.token_logp(self.train_model, b)
+        if "old_logp" not in b:
+            b["old_logp"] = logp.detach()
+            for k, s in enumerate(micro):
+                s.old_logp = b["old_logp"][k, : len(s)].float().cpu().clone()
         loss, st = policy_loss(
             logp,
             b["old_logp"],
@@ -302,8 +356,7 @@ class Trainer:
             n_seqs=n_seqs,
             norm_tokens=float(p.loss_norm_tokens),
         )
-        acc["entropy"] += float((token_entropy(logits.detach()) * b["mask"]).sum())
-        del logits
+        acc["entropy"] += float(entropy.sum())
         (loss * self.world.size).backward()
         acc["loss"] += float(loss.detach())
         for k, v in st.items():
