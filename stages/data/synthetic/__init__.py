@@ -7,6 +7,8 @@
 - ``func-synth`` (``stages.data.synthetic.func_synth``): "write ``def name(...)`` that …" with hidden assert tests
   (the MURPHY setting). Carries a reference solution and, in ``meta.buggy_solution``, a plausible wrong first
   attempt that fails some tests, so test feedback has something to repair.
+- ``secret-tool`` / ``secret-code`` (``stages.data.synthetic.secret``): one secret digit per seed, found only through
+  the reward; tasks a tiny random model learns in a few RL updates (the learning tests).
 
 Problem i depends only on (family, seed, difficulty, i): ``generate(count=10)`` is a prefix of
 ``generate(count=20)``. Difficulty 1..5 scales the number of steps, the size of the numbers and the number of
@@ -18,12 +20,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from stages.data.synthetic import func_synth, tool_arith
+from stages.data.synthetic import func_synth, secret, tool_arith
 
 # family -> make(rng, difficulty, index, seed) -> PROBLEMS row without split
 FAMILIES: dict[str, Callable[[random.Random, int, int, int], dict]] = {
     "tool-arith": tool_arith.make_problem,
     "func-synth": func_synth.make_problem,
+    "secret-tool": secret.make_tool_problem,
+    "secret-code": secret.make_code_problem,
 }
 
 
