@@ -3,7 +3,8 @@
 The cache key covers the stage name, its parameters, its inputs (versioned URIs, or fingerprints of model
 directories), the run root and run id, and this task's source, so rerunning a pipeline with the same parameters
 skips completed stages, and a crashed run resumes from the last completed one. ``ctx`` (MLflow parent id, flow run
-id) is left out of the key: it differs between attempts of the same run.
+id) is left out of the key: it differs between attempts of the same run; so is ``upstream`` (the upstream stage
+outputs, passed only so that Prefect draws the data edges; ``inputs`` already names what they hold).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from runtime import progress
 from schemas.outputs import StageOutput
 from stages import stage_spec
 
-STAGE_CACHE = (INPUTS + TASK_SOURCE) - "ctx"
+STAGE_CACHE = (INPUTS + TASK_SOURCE) - "ctx" - "upstream"
 
 
 class _ProgressArtifact:
@@ -57,6 +58,7 @@ def stage_task(
     run_id: str,
     iteration: int | None,
     ctx: RunContext,
+    upstream: list[StageOutput] | None = None,
 ) -> StageOutput:
     logger = get_run_logger()
     model = params_model(stage).model_validate(params)
