@@ -104,7 +104,7 @@ def test_deploy_and_run_through_a_worker(tmp_path):
             "with get_client(sync_client=True) as c:\n"
             "    d = c.read_deployment_by_name('turntree-pipeline/pipeline')\n"
             "    s = c.read_deployment_by_name('turntree-stage/stage')\n"
-            "    print(json.dumps({'pull': d.pull_steps, 'tags': d.tags, 'limit': d.concurrency_limit,"
+            "    print(json.dumps({'pull': d.pull_steps, 'tags': d.tags, 'limit': d.global_concurrency_limit.limit,"
             " 'schedules': len(d.schedules), 'stage': s.parameter_openapi_schema['properties']['stage']},"
             " default=str))\n"
         )
