@@ -82,6 +82,10 @@ def stop(proc: subprocess.Popen) -> None:
                 pass
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
     """Both servers, logging to ``<root>/logs/{prefect,mlflow}-server.log``; the Prefect UI calls the API on
     ``prefect_port`` (not Prefect's default 4200)."""
@@ -93,6 +97,10 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
     api = f"http://127.0.0.1:{prefect_port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api}
     files = [open(logs / "prefect-server.log", "a"), open(logs / "mlflow-server.log", "a")]  # noqa: SIM115
+    # Ctrl-C or a TERM stops both servers (they run in their own sessions): even when started in the
+    # background, where the shell hands us SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     procs = [start_prefect_server(prefect_port, files[0], env), start_mlflow_ui(uri, mlflow_port, files[1])]
     try:
         ok_p = wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], 90)
