@@ -17,6 +17,8 @@ from typing import Any
 log = logging.getLogger("turntree.tracking")
 EXPERIMENT = "turntree"
 KIND_TAG = "mlflow.experimentKind"
+# the MLflow UI (3.x) opens in its GenAI mode unless a link asks for the model-training one (runs, models)
+UI_MODE = "workflowType=machine_learning"
 TRANSCRIPT_ROWS = 50  # trajectories / trees per logged transcript table
 # tiny tables (sample rows) are logged with log_table; these columns hold token arrays nobody reads there
 _HEAVY = ("token_ids", "logprobs", "input_ids", "loss_mask", "advantages", "turns", "nodes")
@@ -82,7 +84,7 @@ class Tracker:
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI: TURNTREE_MLFLOW_UI, else the one `turntree serve` starts."""
         base = os.environ.get("TURNTREE_MLFLOW_UI", "") or "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_MODE}"
 
     # --- logging --------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
