@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("turntree: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `turntree params | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # known user-facing failures: missing runs/checkpoints, bad tables
         from flows.runstore import RunNotFound
 
