@@ -56,7 +56,7 @@ def direct(params) -> float:
     parent = tracker.start_parent(params.run_id, params.model_dump(mode="json"), {"algo": params.algorithm})
     ctx = RunContext(root=params.run_root, run_id=params.run_id, algo=params.algorithm, mlflow_parent=parent)
 
-    def call(stage, p, inputs, ctx, it):
+    def call(stage, p, inputs, ctx, it, upstream=()):
         return run_stage(stage, getattr(p, params_field(stage)), inputs, ctx, it)
 
     drive(params, ctx, call, str(resolve_model(params.model)))

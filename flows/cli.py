@@ -8,18 +8,33 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from flows.config import UserError, build, deep_merge, load_config, parse_sets, validation_message  # noqa: F401
 
 DEFAULT_ROOT = os.environ.get("TURNTREE_RUN_ROOT", "runs")
 
 
+VERBOSE = False  # -v: library logs, bars and warnings as they come (set by main)
+
+
 def set_env_defaults(root: str) -> None:
-    """Settings that must be in place before torch/vLLM/Prefect are imported (``runtime.env``)."""
+    """Settings that must be in place before torch/vLLM/Prefect are imported (``runtime.env``); quiet
+    libraries unless -v."""
     from runtime.env import apply_defaults
 
-    apply_defaults(root)
+    apply_defaults(root, quiet=not VERBOSE)
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("turntree")
+    except metadata.PackageNotFoundError:  # run from a checkout (PYTHONPATH)
+        import tomllib
+
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -34,33 +49,30 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     run_id = preflight.pipeline(params)  # bad input: exit 2 before Prefect starts or a run dir exists
     set_env_defaults(params.run_root)
-    with run_lock(params.run_root, run_id, wait=a.wait):  # one writer per run: a second exits 2 (or waits)
-        from flows.pipeline import pipeline
+    from flows.pipeline import pipeline
+    from flows.report import progress_display, run_story
+    from flows.runstore import RunStore
+    from flows.tracking import Tracker
 
-        with _progress_bar():
+    with run_lock(params.run_root, run_id, wait=a.wait):  # one writer per run: a second exits 2 (or waits)
+        with progress_display():
             state = pipeline(params, return_state=True)
-    flow_run_id = state.state_details.flow_run_id
+    store = RunStore(params.run_root, run_id)
+    manifest = store.load() if store.exists() else {"run_id": store.run_id, "status": "not started"}
     if not state.is_completed():
         print(
             f"turntree: pipeline failed ({state.message}); rerun the same command to resume", file=sys.stderr
         )
-        _print_where(flow_run_id, None)
-        return 1
-    result = state.result()
-    print(json.dumps({k: v for k, v in result.items() if k != "iterations"}, indent=2))
-    _print_where(flow_run_id, result)
+    print(run_story(manifest, Tracker(params.run_root).experiment_id, params.run_root))
+    return 0 if state.is_completed() else 1
+
+
+def cmd_params(a: argparse.Namespace) -> int:
+    from flows.report import describe_params
+    from schemas.params import PipelineParams
+
+    print("\n".join(describe_params(build(PipelineParams, load_config(a.config, a.set)))))
     return 0
-
-
-def _print_where(flow_run_id, result: dict | None) -> None:
-    api = os.environ.get("PREFECT_API_URL", "")
-    ui = api.replace("/api", "") if api else "http://127.0.0.1:4200 (after `turntree serve`)"
-    print(f"Prefect flow run: {flow_run_id}  ->  {ui}/runs/flow-run/{flow_run_id}")
-    if result:
-        print(
-            f"MLflow run: {result['mlflow_run_id']}  (tracking URI {result['tracking_uri']}; `turntree serve` "
-            f"starts the UI)"
-        )
 
 
 def cmd_stage(a: argparse.Namespace) -> int:
@@ -105,8 +117,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         preflight.model(a.checkpoint, "checkpoint")
     set_env_defaults(a.root)
     from flows.evaluate import evaluate_flow
+    from flows.report import progress_display
 
-    with _progress_bar():
+    with progress_display():
         state = evaluate_flow(checkpoint, params, a.root, return_state=True)
     if not state.is_completed():
         print(f"turntree: evaluation failed: {state.message}", file=sys.stderr)
@@ -136,18 +149,22 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_runs(a: argparse.Namespace) -> int:
     import time
 
+    from flows.report import run_summary_cells
     from flows.runstore import list_runs
 
     runs = list_runs(a.root)
     if not runs:
         print(f"no runs under {a.root}")
         return 0
-    print(f"{'run id':<28} {'status':<12} {'algorithm':<9} {'stages':>6}  created")
+    print(
+        f"{'run id':<28} {'status':<12} {'algorithm':<9} {'iters':>5} {'reward':>7}  {'held-out':<14} created"
+    )
     for m in runs:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created_at", 0)))
         algo = m.get("params", {}).get("algorithm", "-")
+        iters, reward, held = run_summary_cells(m)
         print(
-            f"{m['run_id']:<28} {m.get('status', '?'):<12} {algo:<9} {len(m.get('stages', {})):>6}  {created}"
+            f"{m['run_id']:<28} {m.get('status', '?'):<12} {algo:<9} {iters:>5} {reward:>7}  {held:<14} {created}"
         )
     return 0
 
@@ -211,35 +228,6 @@ def cmd_model_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar():
-    """A rich progress bar fed by ``runtime.progress`` reports, when stdout is a terminal."""
-    import contextlib
-
-    if not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    from rich.progress import Progress
-
-    from runtime import progress as prog
-
-    @contextlib.contextmanager
-    def cm():
-        bars: dict[str, Any] = {}
-        with Progress(transient=True) as p:
-
-            def hook(stage: str, done: int, total: int, message: str) -> None:
-                if stage not in bars:
-                    bars[stage] = p.add_task(stage, total=total)
-                p.update(bars[stage], completed=done, total=total, description=f"{stage} {message}"[:60])
-
-            prog.add_hook(hook)
-            try:
-                yield
-            finally:
-                prog.remove_hook(hook)
-
-    return cm()
-
-
 # --- parser ---------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -247,10 +235,15 @@ def parser() -> argparse.ArgumentParser:
         description="Multi-turn RL with GRPO / GTPO / MURPHY credit "
         "assignment, as Prefect flows tracked in MLflow.",
     )
+    p.add_argument("--version", action="version", version=f"turntree {version()}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library logs, bars and warnings")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, sets=True):
         sp.add_argument("--root", default=DEFAULT_ROOT, help="run storage root (default: %(default)s)")
+        sp.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as turntree -v"
+        )
         if sets:
             sp.add_argument(
                 "--set",
@@ -267,6 +260,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--wait", action="store_true", help="wait for another process writing this run to finish")
     common(r)
     r.set_defaults(fn=cmd_run)
+
+    pp = sub.add_parser("params", help="print the resolved pipeline parameters, each with its description")
+    pp.add_argument("--config", help="YAML file of pipeline parameters")
+    common(pp)
+    pp.set_defaults(fn=cmd_params)
 
     s = sub.add_parser("stage", help="rerun one stage of an existing run from its stored inputs")
     s.add_argument("name", help="data | warmstart | rollout | score | advantages | update | evaluate")
@@ -344,7 +342,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global VERBOSE
     args = parser().parse_args(argv)
+    VERBOSE = bool(getattr(args, "verbose", False))
     from flows.locks import Terminated, install_sigterm
 
     install_sigterm()  # SIGTERM unwinds like Ctrl-C: the temporary Prefect server is stopped, the lock released
@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         term = isinstance(e, Terminated)
         print("turntree: terminated" if term else "turntree: interrupted", file=sys.stderr)
         return 143 if term else 130
+    except BrokenPipeError:  # `turntree params | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # known user-facing failures: missing runs/checkpoints, bad tables, a locked run
         from flows.locks import RunLocked
         from flows.runstore import RunNotFound

@@ -33,10 +33,19 @@ log = logging.getLogger("turntree.pipeline")
 
 
 def _call(
-    stage: str, p: PipelineParams, inputs: dict[str, str], ctx: RunContext, it: int | None
+    stage: str,
+    p: PipelineParams,
+    inputs: dict[str, str],
+    ctx: RunContext,
+    it: int | None,
+    upstream: tuple[StageOutput | None, ...] = (),
 ) -> StageOutput | None:
+    """``upstream``: the outputs this stage's inputs came from, passed to the task so that Prefect draws the
+    data edges between stages (left out of the cache key: ``inputs`` already names what they hold)."""
     params = getattr(p, params_field(stage)).model_dump(mode="json")
-    return stage_runner(stage)(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx)
+    task = stage_runner(stage)
+    ups = [u for u in upstream if u is not None]
+    return task(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, upstream=ups)
 
 
 def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
@@ -57,6 +66,8 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
         tags = {
             "algo": p.algorithm,
             "git_sha": ctx.git_sha,
+            "mlflow.source.git.commit": ctx.git_sha,
+            "mlflow.note.content": _description(p, run_id),
             "prefect.flow_run_id": ctx.flow_run_id,
             "stage": "pipeline",
             "turntree.run_id": run_id,
@@ -70,7 +81,34 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
     return store, ctx, tracker
 
 
-StageCall = Callable[[str, PipelineParams, dict[str, str], RunContext, int | None], StageOutput | None]
+def _description(p: PipelineParams, run_id: str) -> str:
+    """The MLflow run's description (shown on its page)."""
+    return (
+        f"turntree run `{run_id}`: **{p.algorithm}** ({p.advantages.estimator}) on `{p.model}`, data "
+        f"{', '.join(p.data.sources)}, {p.iterations} iteration(s) of {p.rollout.problems_per_iteration} problems "
+        f"× {p.rollout.group_size} samples; held-out evaluation on `{p.eval.benchmark}` before and after."
+    )
+
+
+def register_final(
+    store: RunStore, ctx: RunContext, tracker: Tracker, checkpoint: str, p: PipelineParams
+) -> None:
+    """Register the final checkpoint as a version of ``turntree-<algorithm>`` (once per run)."""
+    from flows.runner import model_card
+
+    if store.load().get("registered_model"):
+        return
+    name = f"turntree-{p.algorithm}"
+    try:
+        card = model_card(ctx, "update", p.iterations, checkpoint)
+        version = tracker.register(name, checkpoint, ctx.mlflow_parent, card, {"turntree.run_id": ctx.run_id})
+    except Exception as e:  # the registry is a convenience: a finished run stays finished
+        log.warning("could not register the final checkpoint in MLflow: %s", e)
+        return
+    store.update(registered_model=f"{name}/{version}")
+
+
+StageCall = Callable[..., StageOutput | None]  # (stage, params, inputs, ctx, iteration, upstream=())
 
 
 def drive(
@@ -83,7 +121,8 @@ def drive(
     """The stage sequence, independent of how a stage is called (Prefect task or plain function).
 
     Returns the final checkpoint and one metrics dict per iteration. An iteration whose samples table is empty
-    (every group tied, nothing to learn) skips the update and keeps the checkpoint.
+    (every group tied, nothing to learn) skips the update and keeps the checkpoint. The starting policy (after
+    the warm start) is evaluated as iteration 0, so the last evaluation compares with it on the same problems.
     """
     summary: list[dict[str, Any]] = []
     data = call("data", params, {}, ctx, STAGES["data"].iteration)
@@ -97,8 +136,22 @@ def drive(
             STAGES["warmstart"].iteration,
         )
         checkpoint = ws.uri("checkpoint") if ws else checkpoint
+    else:
+        ws = None
     base = checkpoint
+
+    def evaluate(k: int, ckpt_out: StageOutput | None) -> StageOutput | None:
+        ev_inputs = {"checkpoint": checkpoint}
+        if params.eval.benchmark == "heldout" and problems:
+            ev_inputs["problems"] = problems
+        return call("evaluate", params, ev_inputs, ctx, k, upstream=(ckpt_out, data))
+
+    start = evaluate(0, ws)
+    if start:
+        summary.append({"iteration": 0, **{m: round(v, 4) for m, v in sorted(start.metrics.items())}})
+        on_iteration(0, start.metrics)
     table = ALGORITHMS[params.algorithm].rollout  # the rollout kind: "trajectories" or "trees"
+    last_ckpt = ws  # the stage output that wrote the current checkpoint (None: the prepared model)
     for k in range(1, params.iterations + 1):
         done: list[StageOutput] = []
         roll = scored = adv = upd = None
@@ -109,27 +162,26 @@ def drive(
                 {"problems": problems, "checkpoint": checkpoint, "iteration": str(k)},
                 ctx,
                 k,
+                upstream=(data, last_ckpt),
             )
         if roll:
-            scored = call("score", params, {table: roll.uri(table), "problems": problems}, ctx, k)
+            scored_in = {table: roll.uri(table), "problems": problems}
+            scored = call("score", params, scored_in, ctx, k, upstream=(roll, data))
         if scored:
-            adv = call("advantages", params, {table: scored.uri(table)}, ctx, k)
+            adv = call("advantages", params, {table: scored.uri(table)}, ctx, k, upstream=(scored,))
         if adv and adv.tables["samples"].rows == 0:
             log.warning("iteration %d: no sample carries signal (all groups tied): update skipped", k)
         elif adv:
             upd_inputs = {"samples": adv.uri("samples"), "checkpoint": checkpoint}
             if params.update.kl_beta > 0:
                 upd_inputs["ref_checkpoint"] = base  # KL to the policy RL started from
-            upd = call("update", params, upd_inputs, ctx, k)
+            upd = call("update", params, upd_inputs, ctx, k, upstream=(adv, last_ckpt))
         if upd:
-            checkpoint = upd.uri("checkpoint")
+            checkpoint, last_ckpt = upd.uri("checkpoint"), upd
         done += [o for o in (roll, scored, adv, upd) if o]
         due = params.evaluate_every and k % params.evaluate_every == 0
         if due or k == params.iterations:
-            ev_inputs = {"checkpoint": checkpoint}
-            if params.eval.benchmark == "heldout" and problems:
-                ev_inputs["problems"] = problems
-            ev = call("evaluate", params, ev_inputs, ctx, k)
+            ev = evaluate(k, last_ckpt)
             done += [ev] if ev else []
         metrics = {m: v for out in done for m, v in out.metrics.items()}
         summary.append({"iteration": k, **{m: round(v, 4) for m, v in sorted(metrics.items())}})
@@ -137,8 +189,33 @@ def drive(
     return checkpoint, summary
 
 
-@flow(name="turntree-pipeline", log_prints=True)
-def pipeline(params: PipelineParams) -> dict[str, Any]:
+def run_name() -> str:
+    """The flow run's name: the turntree run id, so Prefect's and turntree's names of a run agree."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters.get("params")
+    p = p if isinstance(p, PipelineParams) else PipelineParams.model_validate(p or {})
+    return p.run_id or default_run_id(p)
+
+
+def tag_flow_run(ctx: RunContext, params: PipelineParams) -> None:
+    """Tag the flow run with the algorithm, the model and the run id (filterable in the Prefect UI)."""
+    from prefect.client.orchestration import get_client
+
+    if ctx.flow_run_id == "none":
+        return
+    model = params.model.rstrip("/").rsplit("/", 1)[-1]
+    tags = [f"algorithm:{params.algorithm}", f"model:{model}", f"run:{ctx.run_id}"]
+    try:
+        with get_client(sync_client=True) as client:
+            current = client.read_flow_run(ctx.flow_run_id).tags or []
+            client.update_flow_run(ctx.flow_run_id, tags=sorted({*current, *tags}))
+    except Exception as e:  # tags are a convenience: never fail a run over them
+        log.warning("could not tag flow run %s: %s", ctx.flow_run_id, e)
+
+
+@flow(name="turntree-pipeline", log_prints=True, flow_run_name=run_name)
+def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # Quick run: the defaults
     """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint.
     Holds the run's lock throughout (``flows.locks``): a second writer of the same run is refused."""
     with run_lock(params.run_root, params.run_id or default_run_id(params)):
@@ -148,6 +225,7 @@ def pipeline(params: PipelineParams) -> dict[str, Any]:
 def _pipeline(params: PipelineParams) -> dict[str, Any]:
     logger = get_run_logger()
     store, ctx, tracker = start_run(params)
+    tag_flow_run(ctx, params)
     logger.info("run %s under %s; MLflow: %s", ctx.run_id, store.base, tracker.run_url(ctx.mlflow_parent))
 
     def table_artifact(k: int, metrics: dict[str, float]) -> None:
@@ -164,6 +242,7 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
         tracker.end(ctx.mlflow_parent, "FAILED")
         raise
     store.update(status="completed", final_checkpoint=checkpoint)
+    register_final(store, ctx, tracker, checkpoint, params)
     tracker.log_dict(ctx.mlflow_parent, store.load(), "manifest.json")
     tracker.end(ctx.mlflow_parent, "FINISHED")
     create_markdown_artifact(
@@ -187,7 +266,7 @@ def _summary_md(ctx: RunContext, store: RunStore, tracker, summary: list[dict[st
         "",
         f"- algorithm: **{ctx.algo}**",
         f"- storage: `{store.base}`",
-        f"- MLflow: {tracker.run_url(ctx.mlflow_parent)}",
+        f"- MLflow: [run {ctx.mlflow_parent}]({tracker.run_url(ctx.mlflow_parent)}) (tracking URI `{tracker.uri}`)",
         f"- git: `{ctx.git_sha}`",
         "",
     ]

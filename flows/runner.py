@@ -167,6 +167,7 @@ def _start_child(ctx: RunContext, stage: str, iteration: int | None, params: Bas
         "stage": stage,
         "algo": ctx.algo,
         "git_sha": ctx.git_sha,
+        "mlflow.source.git.commit": ctx.git_sha,
         "prefect.flow_run_id": ctx.flow_run_id,
         "turntree.run_id": ctx.run_id,
     }
@@ -181,6 +182,40 @@ def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: Stage
     for name, ref in output.tables.items():
         if ref.uri.endswith(".parquet") and "://" not in ref.uri and os.path.exists(ref.uri):
             tracker.log_sample_table(child, ref.uri, name)
+            if name in ("trajectories", "trees"):
+                tracker.log_transcripts(child, ref.uri, name)
             if name == "problems":
-                tracker.log_dataset(child, ref.uri, name, "training")
-                tracker.log_dataset(ctx.mlflow_parent, ref.uri, name, "training")
+                for split, context in (("train", "training"), ("eval", "evaluation")):
+                    for run in (child, ctx.mlflow_parent):
+                        tracker.log_dataset(run, ref.uri, f"{name}-{split}", context, split=split)
+        if name == "checkpoint" and os.path.isdir(ref.uri):
+            tracker.log_model_card(child, ref.uri, model_card(ctx, stage, step, ref.uri))
+            steps = Path(ref.uri).parent / "steps.jsonl"
+            if steps.is_file():  # the update's per-optimizer-step records, on the global step
+                records = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
+                for run in (child, ctx.mlflow_parent):
+                    tracker.log_steps(run, records)
+
+
+def model_card(ctx: RunContext, stage: str, iteration: int, checkpoint: str) -> str:
+    """A checkpoint's card: which run, data, algorithm and stage made it, and where its weights are."""
+    params = RunStore(ctx.root, ctx.run_id).load().get("params", {})
+    made_by = (
+        "supervised warm start"
+        if stage == "warmstart"
+        else f"{ctx.algo.upper()} update, iteration {iteration}"
+    )
+    return "\n".join(
+        [
+            f"# turntree checkpoint: run `{ctx.run_id}`, {made_by}",
+            "",
+            f"- base model: `{params.get('model', '?')}`",
+            f"- algorithm: **{ctx.algo}** (estimator `{params.get('advantages', {}).get('estimator', '?')}`)",
+            f"- data: {', '.join(params.get('data', {}).get('sources', []) or ['?'])}",
+            f"- weights (Hugging Face format): `{checkpoint}`",
+            f"- git commit: `{ctx.git_sha}`; Prefect flow run: `{ctx.flow_run_id}`",
+            "",
+            "Load with `transformers.AutoModelForCausalLM.from_pretrained(<weights>)`, or evaluate with "
+            f"`turntree eval --checkpoint {checkpoint}`.",
+        ]
+    )

@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def use_installed_checkout() -> dict[str, str]:
+    """Prefect pull step (infra/prefect.yaml): work in the checkout this worker's turntree is imported from,
+    so a deployment made on one machine runs on any worker that has turntree installed."""
+    os.chdir(REPO)
+    return {"directory": str(REPO)}
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     """Poll ``url`` until it answers 200 (True), ``proc`` exits or ``timeout`` passes (False)."""
     deadline = time.monotonic() + timeout
@@ -75,18 +82,33 @@ def stop(proc: subprocess.Popen) -> None:
                 pass
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
+    """Both servers, logging to ``<root>/logs/{prefect,mlflow}-server.log``; the Prefect UI calls the API on
+    ``prefect_port`` (not Prefect's default 4200)."""
     from flows.tracking import tracking_uri
 
     uri = tracking_uri(root)
-    procs = [start_prefect_server(prefect_port), start_mlflow_ui(uri, mlflow_port)]
+    logs = (Path(root) if "://" not in root else Path("runs")) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api}
+    files = [open(logs / "prefect-server.log", "a"), open(logs / "mlflow-server.log", "a")]  # noqa: SIM115
+    # Ctrl-C or a TERM stops both servers (they run in their own sessions): even when started in the
+    # background, where the shell hands us SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    procs = [start_prefect_server(prefect_port, files[0], env), start_mlflow_ui(uri, mlflow_port, files[1])]
     try:
         ok_p = wait_healthy(f"http://127.0.0.1:{prefect_port}/api/health", procs[0], 90)
         ok_m = wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", procs[1], 90)
         if not (ok_p and ok_m):
+            which = "prefect" if not ok_p else "mlflow"
             print(
-                f"turntree: error: could not start {'Prefect' if not ok_p else 'MLflow'} "
-                f"(is the port in use?)",
+                f"turntree: error: could not start {which} (is the port in use? see {logs}/{which}-server.log)",
                 file=sys.stderr,
             )
             return 1
@@ -98,6 +120,7 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
             f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (tracking URI {uri}; export "
             f"TURNTREE_MLFLOW_UI=http://127.0.0.1:{mlflow_port} for run links)"
         )
+        print(f"Server logs: {logs}/prefect-server.log, {logs}/mlflow-server.log")
         print("Ctrl-C stops both.")
         while all(p.poll() is None for p in procs):
             time.sleep(1)
@@ -107,6 +130,8 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
     finally:
         for p in procs:
             stop(p)
+        for f in files:
+            f.close()
 
 
 def deploy(pool: str, prefect_file: str) -> int:

@@ -10,13 +10,18 @@ linked to the run's parent with the ``mlflow.parentRunId`` tag, even when the pa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prefect import flow, get_run_logger
 
 from flows.locks import run_lock
 from flows.runner import RunContext, params_model, run_stage
 from flows.runstore import RunStore
+from stages import PIPELINE_STAGES
+
+# a typed choice in the Prefect UI's run form (kept equal to stages.PIPELINE_STAGES)
+StageName = Literal["data", "warmstart", "rollout", "score", "advantages", "update", "evaluate"]
+assert get_args(StageName) == PIPELINE_STAGES, "StageName must list stages.PIPELINE_STAGES"
 
 
 def rerun(
@@ -62,7 +67,7 @@ def _key(stage: str, iteration: int | None) -> str:
 @flow(name="turntree-stage", log_prints=True)
 def stage_flow(
     run_id: str,
-    stage: str,
+    stage: StageName,
     iteration: int | None = None,
     overrides: dict[str, Any] | None = None,
     run_root: str = "runs",

@@ -7,7 +7,8 @@ and code (``flows.integrity.code_hash``: the stage's module and every project mo
 that version's files against their recorded sha256 and size. With no such version the key is None (no cache
 lookup), so a Prefect cache hit can only ever return a verified, current output; a truncated or altered output, an
 edited stage module, new weights in a model directory, or a newer version written by ``turntree stage`` all lead
-past the cache. ``ctx`` (MLflow parent id, flow run id) is not part of the key.
+past the cache. ``ctx`` (MLflow parent id, flow run id) and ``upstream`` (the upstream stage outputs, passed only
+so that Prefect draws the data edges; ``inputs`` already names what they hold) are not part of the key.
 
 Retries (the stage table's ``retries``) happen only on transient I/O errors, never on configuration errors.
 """
@@ -91,6 +92,7 @@ def stage_task(
     run_id: str,
     iteration: int | None,
     ctx: RunContext,
+    upstream: list[StageOutput] | None = None,
 ) -> StageOutput:
     logger = get_run_logger()
     model = params_model(stage).model_validate(params)

@@ -16,6 +16,10 @@ from typing import Any
 
 log = logging.getLogger("turntree.tracking")
 EXPERIMENT = "turntree"
+KIND_TAG = "mlflow.experimentKind"
+# the MLflow UI (3.x) opens in its GenAI mode unless a link asks for the model-training one (runs, models)
+UI_MODE = "workflowType=machine_learning"
+TRANSCRIPT_ROWS = 50  # trajectories / trees per logged transcript table
 # tiny tables (sample rows) are logged with log_table; these columns hold token arrays nobody reads there
 _HEAVY = ("token_ids", "logprobs", "input_ids", "loss_mask", "advantages", "turns", "nodes")
 
@@ -58,6 +62,8 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=art)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or KIND_TAG not in exp.tags:  # open on the runs table, not the GenAI traces view
+            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, "custom_model_development")
 
     # --- runs -----------------------------------------------------------------------------------------
     def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -76,10 +82,9 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def run_url(self, run_id: str) -> str:
-        base = os.environ.get("TURNTREE_MLFLOW_UI", "")
-        if base:
-            return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"mlflow run {run_id} (tracking URI {self.uri}; `turntree serve` starts the UI)"
+        """The run's page in the MLflow UI: TURNTREE_MLFLOW_UI, else the one `turntree serve` starts."""
+        base = os.environ.get("TURNTREE_MLFLOW_UI", "") or "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_MODE}"
 
     # --- logging --------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -121,15 +126,104 @@ class Tracker:
                 )
         self.client.log_table(run_id, df, f"samples/{name}.json")
 
-    def log_dataset(self, run_id: str, uri: str, name: str, context: str) -> None:
+    def log_dataset(self, run_id: str, uri: str, name: str, context: str, split: str | None = None) -> None:
+        """The table at ``uri`` (only its rows of ``split``, when given) as an MLflow dataset input."""
+        import warnings
+
         import mlflow.data
         import pyarrow.parquet as pq
         from mlflow.entities import DatasetInput, InputTag
 
         df = pq.read_table(uri).to_pandas()
-        ds = mlflow.data.from_pandas(df, source=uri, name=name)
+        if split is not None:
+            df = df[df["split"] == split].reset_index(drop=True)
+        with (
+            warnings.catch_warnings()
+        ):  # MLflow registers its local-file source twice and warns it is ambiguous
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            ds = mlflow.data.from_pandas(df, source=uri, name=name)
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset=ds._to_mlflow_entity(), tags=[tag])])
+
+    def log_transcripts(self, run_id: str, uri: str, name: str, rows: int = TRANSCRIPT_ROWS) -> None:
+        """The first ``rows`` trajectories turn by turn (text, code, observation, turn reward) or trees node
+        by node (attempt, feedback, tests, reward), as an MLflow table to read in the UI."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        records = []
+        for row in pq.read_table(uri).slice(0, rows).to_pylist():
+            if "turns" in row:
+                for t in row["turns"]:
+                    records.append(
+                        {
+                            "trajectory_id": row["trajectory_id"],
+                            "turn": t["turn_idx"],
+                            "text": t.get("text"),
+                            "code": t.get("code"),
+                            "tool_call": t.get("tool_call"),
+                            "exec_status": t.get("exec_status"),
+                            "observation": t.get("exec_output"),
+                            "turn_reward": t.get("turn_reward"),
+                            "reward": row.get("reward"),
+                            "correct": row.get("correct"),
+                        }
+                    )
+            elif "nodes" in row:
+                for n in row["nodes"]:
+                    records.append(
+                        {
+                            "tree_id": row["tree_id"],
+                            "node_id": n["node_id"],
+                            "parent_id": n["parent_id"],
+                            "depth": n["depth"],
+                            "text": n.get("text"),
+                            "code": n.get("code"),
+                            "feedback": n.get("exec_result"),
+                            "tests": f"{n.get('tests_passed')}/{n.get('tests_total')}",
+                            "reward": n.get("reward"),
+                            "return": n.get("ret"),
+                        }
+                    )
+        if records:
+            self.client.log_table(run_id, pd.DataFrame(records), f"transcripts/{name}.json")
+
+    def log_steps(self, run_id: str, records: list[dict[str, Any]], prefix: str = "train/") -> None:
+        """Per-optimizer-step records (``step``: the global step) as metrics on that step."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(f"{prefix}{k}", float(v), now, int(r["step"]))
+            for r in records
+            for k, v in sorted(r.items())
+            if k != "step" and _finite(v)
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_model_card(self, run_id: str, checkpoint: str, card: str) -> None:
+        """A checkpoint as a model artifact: its card, its config and where its weights are stored."""
+        self.log_text(run_id, card, "model/README.md")
+        files = sorted(p.name for p in Path(checkpoint).iterdir()) if Path(checkpoint).is_dir() else []
+        self.log_dict(run_id, {"checkpoint": checkpoint, "files": files}, "model/checkpoint.json")
+        config = Path(checkpoint) / "config.json"
+        if config.is_file():
+            self.log_artifact(run_id, str(config), "model")
+
+    def register(self, name: str, source: str, run_id: str, description: str, tags: dict[str, str]) -> str:
+        """A new version of registered model ``name`` (created if missing) whose source is ``source``."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="turntree policies (see each version)")
+        except MlflowException as e:
+            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+        version = self.client.create_model_version(
+            name, source=source, run_id=run_id, description=description, tags=tags
+        )
+        return str(version.version)
 
 
 def _finite(v: Any) -> bool:

@@ -180,6 +180,7 @@ def evaluate_code(engine: EngineLike, problems: Sequence[dict], params: EvalPara
         max_nodes_per_batch=len(problems) * n * k,
         feedback_max_chars=params.feedback_max_chars,
         exec_timeout_s=params.test_timeout_s,
+        progress_stage="evaluate",
     )
     by_id = {p["problem_id"]: p for p in problems}
     rows = []
@@ -222,6 +223,7 @@ def evaluate_math(engine: EngineLike, problems: Sequence[dict], params: EvalPara
         spec=_spec(params, stop=list(prompts.TIR_STOP)),
         observation_max_chars=params.feedback_max_chars,
         exec_timeout_s=params.test_timeout_s,
+        progress_stage="evaluate",
     )
     by_id = {p["problem_id"]: p for p in problems}
     rows = []

@@ -27,7 +27,7 @@ import torch
 
 from maths.policy_loss import aggregate, token_logprobs
 from runtime import checkpoint as ckpt
-from runtime import warmstart_cache
+from runtime import progress, warmstart_cache
 from runtime.devices import PeakMemory, resolve_device
 from runtime.tableio import read_table
 from schemas.outputs import StageOutput
@@ -147,6 +147,7 @@ def _train(params: WarmstartParams, inputs: dict[str, str], out: Path) -> StageO
             opt.step()
             sched.step()
             losses.append(step_loss)
+            progress.report("warmstart", len(losses), params.steps, f"SFT loss {step_loss:.3f}")
     t_train = time.perf_counter() - t1
     state = {"step": 0, "update_idx": 0, "lineage": str(source), "lora_base": None, "rng": ckpt.capture_rng()}
     state["warmstart"] = {"steps": params.steps, "examples": len(examples), "final_loss": losses[-1]}

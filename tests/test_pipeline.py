@@ -106,6 +106,59 @@ def test_mlflow_parent_and_child_runs(gtpo_run):
     assert data_child.inputs.dataset_inputs, "problems dataset logged with log_input"
 
 
+def test_run_tells_its_story_in_prefect_and_mlflow(gtpo_run):
+    """Prefect: the flow run is named after the run and tagged; stages are joined by data edges. MLflow: the
+    experiment opens on runs; the parent has the commit, a description, per-step curves, both splits as
+    datasets and the registered final checkpoint; checkpoints carry a model card; transcripts have turns."""
+    import json
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    params, result = gtpo_run
+    manifest = RunStore(params.run_root, result["run_id"]).load()
+    assert (
+        manifest["stages"]["iter-0/evaluate"]["current"] == "v1"
+    )  # the starting policy, for before -> after
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(manifest["prefect_flow_run_id"])
+        assert fr.name == result["run_id"]
+        assert {"algorithm:gtpo", f"run:{result['run_id']}"} <= set(fr.tags)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+    by_name = {t.name: t for t in tasks}
+    upstream = {str(i.id) for i in by_name["score[iter=1]"].task_inputs["upstream"]}
+    assert str(by_name["rollout[iter=1]"].id) in upstream
+
+    client = mlflow.MlflowClient(result["tracking_uri"])
+    exp = client.get_experiment_by_name("turntree")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_sha"]
+    assert "gtpo" in parent.data.tags["mlflow.note.content"]
+    steps = client.get_metric_history(parent.info.run_id, "train/loss")
+    assert steps and [m.step for m in steps] == sorted(m.step for m in steps)
+    contexts = {
+        (d.dataset.name, t.value)
+        for d in parent.inputs.dataset_inputs
+        for t in d.tags
+        if t.key == "mlflow.data.context"
+    }
+    assert {("problems-train", "training"), ("problems-eval", "evaluation")} <= contexts
+    name, version = manifest["registered_model"].rsplit("/", 1)
+    mv = client.get_model_version(name, version)
+    assert mv.source == result["checkpoint"] and mv.run_id == parent.info.run_id
+    children = _runs(result["tracking_uri"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    update = next(c for c in children if c.data.tags["stage"] == "update")
+    card = Path(client.download_artifacts(update.info.run_id, "model/README.md")).read_text()
+    assert result["run_id"] in card and "GTPO update" in card and "synthetic:tool-arith" in card
+    score = next(c for c in children if c.data.tags["stage"] == "score")
+    table = json.loads(
+        Path(client.download_artifacts(score.info.run_id, "transcripts/trajectories.json")).read_text()
+    )
+    assert {"turn", "text", "code", "observation", "turn_reward"} <= set(table["columns"]) and table["data"]
+
+
 def test_rerun_with_same_params_skips_completed_stages(gtpo_run):
     from flows.pipeline import pipeline
 

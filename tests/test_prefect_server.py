@@ -89,6 +89,33 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         assert entry["current"] == "v2", worker.stdout[-3000:] + worker.stderr[-3000:]
         assert (root / "served" / "data" / "v1" / "problems.parquet").is_file()
         assert (root / "served" / "data" / "v2" / "problems.parquet").is_file()
+        # what the UI shows: the pipeline deployment takes a Quick run (every parameter has a default), its
+        # pull step names no directory of the deploying machine, and it has tags, a limit and a schedule
+        quick = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "turntree-pipeline/pipeline"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert quick.returncode == 0, quick.stdout + quick.stderr
+        code = (
+            "import json\nfrom prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    d = c.read_deployment_by_name('turntree-pipeline/pipeline')\n"
+            "    s = c.read_deployment_by_name('turntree-stage/stage')\n"
+            "    print(json.dumps({'pull': d.pull_steps, 'tags': d.tags, 'limit': d.global_concurrency_limit.limit,"
+            " 'schedules': len(d.schedules), 'stage': s.parameter_openapi_schema['properties']['stage']},"
+            " default=str))\n"
+        )
+        info = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert info.returncode == 0, info.stderr[-2000:]
+        dep_info = json.loads(info.stdout.strip().splitlines()[-1])
+        assert str(REPO) not in json.dumps(dep_info["pull"]) and "turntree" in dep_info["tags"]
+        assert dep_info["limit"] == 1 and dep_info["schedules"] == 1
+        assert "score" in json.dumps(dep_info["stage"])  # a choice of stages, not free text
     finally:
         stop(server)
         log.close()
@@ -137,6 +164,10 @@ def test_serve_starts_both_uis_and_stops_them(tmp_path):
         assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp}" in out, out
         with urllib.request.urlopen(f"http://127.0.0.1:{pp}/api/health", timeout=10) as r:
             assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{pp}/ui-settings", timeout=10) as r:
+            assert json.loads(r.read())["api_url"] == f"http://127.0.0.1:{pp}/api"  # the UI calls this port
+        assert (root / "logs" / "prefect-server.log").stat().st_size > 0
+        assert (root / "logs" / "mlflow-server.log").is_file()
         exp_url = f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/get-by-name?experiment_name=turntree"
         with urllib.request.urlopen(exp_url, timeout=10) as r:
             exp_id = json.loads(r.read())["experiment"]["experiment_id"]

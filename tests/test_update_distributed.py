@@ -4,6 +4,7 @@ process on the same samples, with DDP and with FSDP2; a failing rank gives a cle
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,9 @@ def test_two_processes_give_the_one_process_update(kind, samples, single, tmp_pa
     extra = LORA if kind.endswith("lora") else {}
     p = UpdateParams(**PARAMS, **extra, nproc=2, distributed=kind.removesuffix("-lora"))
     multi = update.run(p, {"samples": samples, "checkpoint": start}, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "steps.jsonl"]
+    records = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records) and records  # rank 0's, once
     assert any(f"2 processes ({p.distributed})" in n for n in multi.notes), multi.notes
     _assert_same_update(single, multi, start)
     assert pushed == {"weights": multi.uri("checkpoint"), "source": multi.uri("checkpoint")}

@@ -47,6 +47,7 @@ class VLLMEngine(Engine):
             seed=self.seed,
             enable_prefix_caching=o.get("prefix_caching", True),
             max_model_len=self.max_model_len,
+            use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "") in ("", "0"),  # runtime.env.QUIET_ENV
         )
         if cuda:
             kw["gpu_memory_utilization"] = o.get("gpu_memory_utilization", 0.5)

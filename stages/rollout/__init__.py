@@ -124,6 +124,7 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
             exec_timeout_s=params.exec_timeout_s,
             group_prefix=prefix,
             stats=stats,
+            progress_stage="rollout",
         )
         name, ref = "trajectories", write_table(rows, TRAJECTORIES, out / "trajectories.parquet")
         turns = [len(r["turns"]) for r in rows]
@@ -148,6 +149,7 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
             exec_timeout_s=params.exec_timeout_s,
             id_prefix=prefix,
             stats=stats,
+            progress_stage="rollout",
         )
         notes += stats.notes
         name, ref = "trees", write_table(rows, TREES, out / "trees.parquet")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maths import prompts
+from runtime import progress
 from runtime.engines import SamplingSpec
 from schemas.params.rollout import RolloutParams
 
@@ -140,8 +141,10 @@ def run_turns(
     observation_max_chars: int,
     exec_timeout_s: float,
     stats: TirStats,
+    progress_stage: str | None = None,
 ) -> None:
-    """Advance every trajectory to its end, one batched generate call and one sandbox batch per turn."""
+    """Advance every trajectory to its end, one batched generate call and one sandbox batch per turn
+    (``progress_stage``: report each finished turn to ``runtime.progress`` under that name)."""
     from runtime.sandbox import execute_many
 
     tok = engine.tokenizer
@@ -153,7 +156,11 @@ def run_turns(
                 t.stop_reason = "context_limit"
         live = [t for t in live if t.stop_reason is None]
         if not live:
-            return
+            break
+        if progress_stage:
+            progress.report(
+                progress_stage, turn_idx, max_turns, f"turn {turn_idx + 1}: {len(live)} generating"
+            )
         specs = [
             SamplingSpec(
                 n=1,
@@ -214,6 +221,8 @@ def run_turns(
     for t in trajs:
         if t.stop_reason is None:
             t.stop_reason = "max_turns"
+    if progress_stage:
+        progress.report(progress_stage, max_turns, max_turns, f"{len(trajs)} trajectories")
 
 
 def _observe(t: Trajectory, turn: dict, tok, output: str, max_chars: int, opened: bool) -> None:
@@ -237,6 +246,7 @@ def tir_trajectories(
     exec_timeout_s: float = _DEFAULTS.exec_timeout_s,
     group_prefix: str = "",
     stats: TirStats | None = None,
+    progress_stage: str | None = None,
 ) -> list[dict]:
     """Rows of ``schemas.tables.TRAJECTORIES`` (reward fields None): ``group_size`` trajectories per problem.
 
@@ -262,6 +272,7 @@ def tir_trajectories(
         observation_max_chars=observation_max_chars,
         exec_timeout_s=exec_timeout_s,
         stats=stats,
+        progress_stage=progress_stage,
     )
     return [_row(t, engine.tokenizer) for t in trajs]
 

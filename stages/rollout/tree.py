@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maths import prompts
+from runtime import progress
 from runtime.engines import SamplingSpec
 from schemas.params.rollout import RolloutParams
 
@@ -116,8 +117,10 @@ def refinement_trees(
     exec_timeout_s: float = _DEFAULTS.exec_timeout_s,
     id_prefix: str = "",
     stats: TreeStats | None = None,
+    progress_stage: str | None = None,
 ) -> list[dict]:
-    """Rows of ``schemas.tables.TREES`` (reward / ret None, pruned False), one tree per problem.
+    """Rows of ``schemas.tables.TREES`` (reward / ret None, pruned False), one tree per problem
+    (``progress_stage``: report each finished depth to ``runtime.progress`` under that name).
 
     Problems must be code problems with tests (``stages.rollout.usable_problems`` filters the others).
     """
@@ -138,6 +141,8 @@ def refinement_trees(
     for d in range(1, depth + 1):
         if not requests:
             break
+        if progress_stage:
+            progress.report(progress_stage, d - 1, depth, f"depth {d}: {sum(r[3] for r in requests)} nodes")
         specs = [
             SamplingSpec(
                 n=n,
@@ -180,6 +185,8 @@ def refinement_trees(
                 tok, t.problem, n["completion_token_ids"], n["exec_result"]
             )
             requests.append((t, n["node_id"], child_prompt, k))
+    if progress_stage:
+        progress.report(progress_stage, depth, depth, f"{total_nodes} nodes")
     return [_row(t) for t in trees]
 
 

@@ -56,8 +56,10 @@ kernels; length-sorted micro-batches instead).
 Run on its own: ``python -m stages.update SAMPLES CHECKPOINT OUT [--params JSON]`` (``{"nproc": 2}``: two
 processes), or under your own launcher: ``torchrun --nproc-per-node 2 -m stages.update ...``.
 """
+
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -112,6 +114,9 @@ def sync_live_engine(weights: torch.nn.Module | Path, checkpoint_dir: Path) -> t
 
 
 # --- stage entry point -------------------------------------------------------------------------------------------------
+STEPS_FILE = "steps.jsonl"  # beside the checkpoint: Trainer.steps of this update, one JSON record per line
+
+
 def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
     """One policy update: samples + checkpoint -> new checkpoint (see module docstring).
 
@@ -166,6 +171,9 @@ def _run_here(
         t1 = time.perf_counter()
         ref, plain = trainer.save(Path(out) / "checkpoint")
         metrics["timing/save_checkpoint"] = time.perf_counter() - t1
+        if world.main:  # one record per optimizer step, on the global step (MLflow logs them as curves)
+            lines = [json.dumps(r, sort_keys=True) for r in trainer.steps]
+            (Path(out) / STEPS_FILE).write_text("\n".join(lines) + "\n" if lines else "")
     sync_s, note = None, "torchrun rank: the launching process syncs the live engine"
     if not world.distributed:
         sync_s, note = sync_live_engine(plain, Path(ref.uri))

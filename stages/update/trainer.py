@@ -1,7 +1,6 @@
 """The update's trainer: PPO-clip over minibatches of training samples, AdamW with warmup, checkpoint state
 (see ``stages.update`` for what one call does)."""
 
-
 from __future__ import annotations
 
 import math
@@ -14,6 +13,7 @@ import torch
 
 from maths.policy_loss import logits_needed, policy_loss, selected_logprobs, token_entropy, token_logprobs
 from runtime import checkpoint as ckpt
+from runtime import progress
 from runtime.devices import PeakMemory, resolve_device
 from schemas.params.update import UpdateParams
 from stages.update import distributed as ddist
@@ -199,6 +199,8 @@ class Trainer:
                     if first is not None and first == mb_idx:  # its π_old came from its own forward
                         self._share_old_logprobs(samples, mb_idx)
                     self.steps.append(self._step_record(st, epoch))
+                    if self.world.main:
+                        progress.report("update", len(self.steps), n_planned, f"loss {st['loss']:.4f}")
                     for k in SUMMED:
                         if k in st:
                             sums[k] = sums.get(k, 0.0) + st[k]

@@ -1,0 +1,268 @@
+"""What `turntree` shows on the terminal: one live progress display per long stage (``runtime.progress``
+reports) and the story of a finished run read back from its manifest: a table per iteration, the held-out
+accuracy before → after, and links that work.
+
+Imports only the standard library at module level (rich is imported when a terminal asks for bars), so the
+CLI stays fast to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+LINE_EVERY_S = 5.0  # without a terminal: at most one progress line per stage every this many seconds
+
+
+# --- live progress ------------------------------------------------------------------------------------------
+class LineProgress:
+    """``runtime.progress`` hook for logs and pipes: a stage that runs longer than ``every`` seconds prints a
+    line every ``every`` seconds (done/total, elapsed, ETA) and one when it finishes; quick stages print nothing."""
+
+    def __init__(self, stream: TextIO | None = None, every: float = LINE_EVERY_S, clock=time.monotonic):
+        self.stream, self.every, self.clock = stream or sys.stderr, every, clock
+        self.started: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.printed: set[str] = set()
+
+    def __call__(self, stage: str, done: int, total: int, message: str) -> None:
+        now = self.clock()
+        if stage not in self.started:
+            self.started[stage] = self.last[stage] = now
+        elapsed = now - self.started[stage]
+        if total and done >= total:
+            if stage in self.printed:
+                self._line(f"{stage}: done {done}/{total} in {elapsed:.0f}s {message}".rstrip())
+            self.started.pop(stage), self.last.pop(stage), self.printed.discard(stage)
+            return
+        if now - self.last[stage] >= self.every:
+            eta = f", ~{elapsed / done * (total - done):.0f}s left" if done and total else ""
+            self._line(f"{stage}: {done}/{total} {message} ({elapsed:.0f}s{eta})")
+            self.last[stage] = now
+            self.printed.add(stage)
+
+    def _line(self, text: str) -> None:
+        print(f"  {text}", file=self.stream, flush=True)
+
+
+@contextlib.contextmanager
+def progress_display(tty: bool | None = None) -> Iterator[None]:
+    """Install a progress hook for the duration: rich bars (counts, elapsed, ETA) on a terminal, else
+    ``LineProgress``. Both write to stderr, so stdout holds only the results."""
+    from runtime import progress as prog
+
+    tty = sys.stderr.isatty() if tty is None else tty
+    if not tty:
+        hook = LineProgress()
+        prog.add_hook(hook)
+        try:
+            yield
+        finally:
+            prog.remove_hook(hook)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as p:
+        bars: dict[str, Any] = {}
+
+        def hook(stage: str, done: int, total: int, message: str) -> None:
+            if stage not in bars:
+                bars[stage] = p.add_task(stage, total=total)
+            p.update(bars[stage], completed=done, total=total, description=f"{stage} {message}"[:40])
+            if total and done >= total:
+                p.remove_task(bars.pop(stage))
+
+        prog.add_hook(hook)
+        try:
+            yield
+        finally:
+            prog.remove_hook(hook)
+
+
+# --- the run's story ----------------------------------------------------------------------------------------
+_KEY = re.compile(r"^(?:iter-(\d+)/)?([a-z_]+)$")
+TIMED = ("warmstart", "rollout", "score", "advantages", "update", "evaluate")
+
+
+def iteration_metrics(manifest: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """{iteration: metrics of its stages' current versions} (0: the warm start and the starting policy's
+    evaluation; stages without an iteration, e.g. data, are left out)."""
+    out: dict[int, dict[str, float]] = {}
+    for key, rec in sorted(manifest.get("stages", {}).items()):
+        m = _KEY.match(key)
+        version = rec.get("versions", {}).get(rec.get("current") or "", {})
+        if not m or m.group(1) is None or not version.get("output"):
+            continue
+        metrics = version["output"].get("metrics", {})
+        it = out.setdefault(int(m.group(1)), {})
+        it.update(metrics)
+        it[f"seconds/{m.group(2)}"] = metrics.get(f"timing/{m.group(2)}", float("nan"))
+    return out
+
+
+def headline(metrics: dict[str, float]) -> dict[str, Any] | None:
+    """The held-out score of one evaluation: math accuracy, else code pass@1 (first attempt), with its 95% CI
+    and the number of problems; None without an evaluation."""
+    benches = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.count("/") == 2})
+    for bench in benches:
+        for name, label in (("accuracy", "accuracy"), ("pass_at_1_iter1", "pass@1")):
+            key = f"eval/{bench}/{name}"
+            if key in metrics:
+                return {
+                    "bench": bench,
+                    "label": label,
+                    "value": metrics[key],
+                    "low": metrics.get(f"{key}_ci_low"),
+                    "high": metrics.get(f"{key}_ci_high"),
+                    "problems": int(metrics.get(f"eval/{bench}/problems", 0)),
+                    "samples": int(metrics.get(f"eval/{bench}/samples_per_problem", 1)),
+                }
+    return None
+
+
+def format_headline(h: dict[str, Any] | None, ci: bool = True) -> str:
+    if h is None:
+        return "-"
+    text = f"{h['value']:.2f}"
+    if h["samples"] == 1 and h["problems"]:
+        text += f" ({round(h['value'] * h['problems'])}/{h['problems']})"
+    if ci and h["low"] is not None and h["high"] is not None:
+        text += f" [{h['low']:.2f}, {h['high']:.2f}]"
+    return text
+
+
+def _num(metrics: dict[str, float], *keys: str, fmt: str = "{:.3f}") -> str:
+    for k in keys:
+        v = metrics.get(k)
+        if v is not None and v == v:
+            return fmt.format(v)
+    return "-"
+
+
+def iteration_table(per_iter: dict[int, dict[str, float]]) -> list[str]:
+    """One row per iteration: mean reward, fraction correct, tool calls per trajectory, held-out score with
+    its 95% CI, and seconds per stage (0: warm start and the starting policy's evaluation)."""
+    stages = [s for s in TIMED if any(f"seconds/{s}" in m for m in per_iter.values())]
+    head = ["iter", "reward", "correct", "tool calls", "held-out (95% CI)", *[f"{s} s" for s in stages]]
+    rows = []
+    for k, m in sorted(per_iter.items()):
+        rows.append(
+            [
+                str(k),
+                _num(m, "reward/mean"),
+                _num(m, "reward/correct_frac", "reward/pass_frac", fmt="{:.2f}"),
+                _num(m, "rollout/tool_calls_per_trajectory", fmt="{:.2f}"),
+                format_headline(headline(m)),
+                *[_num(m, f"seconds/{s}", fmt="{:.1f}") for s in stages],
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return [line(head), line(["-" * w for w in widths]), *[line(r) for r in rows]]
+
+
+def before_after(per_iter: dict[int, dict[str, float]]) -> str | None:
+    """'held-out accuracy on <bench> (N problems): 0.10 -> 0.25 (+0.15)' from the first and last evaluation."""
+    evals = [(k, headline(m)) for k, m in sorted(per_iter.items())]
+    evals = [(k, h) for k, h in evals if h is not None]
+    if len(evals) < 2 or evals[0][1]["bench"] != evals[-1][1]["bench"]:
+        return None
+    (k0, a), (k1, b) = evals[0], evals[-1]
+    start = "starting policy" if k0 == 0 else f"iteration {k0}"
+    return (
+        f"held-out {a['label']} on {a['bench']} ({a['problems']} problems): {start} {format_headline(a, ci=False)}"
+        f" -> iteration {k1} {format_headline(b, ci=False)} ({b['value'] - a['value']:+.2f})"
+    )
+
+
+def links(manifest: dict[str, Any], experiment_id: str | None, root: str) -> list[str]:
+    """Where to look next. A Prefect link only when the flow ran on a server that outlives the command
+    (PREFECT_API_URL); an MLflow link to the UI that `turntree serve` starts (or TURNTREE_MLFLOW_UI)."""
+    out = []
+    flow_run = manifest.get("prefect_flow_run_id")
+    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if flow_run and api:
+        out.append(f"Prefect: {api.removesuffix('/api')}/runs/flow-run/{flow_run}")
+    elif flow_run:
+        out.append(
+            "Prefect: this run used a temporary server; to browse runs, start `turntree serve` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api before `turntree run`"
+        )
+    run = manifest.get("mlflow_run_id")
+    if run and experiment_id:
+        ui = os.environ.get("TURNTREE_MLFLOW_UI", "").rstrip("/")
+        # the model-training view of the MLflow UI (its default is the GenAI traces view)
+        url = f"{ui or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run}?workflowType=machine_learning"
+        out.append(f"MLflow:  {url}" + ("" if ui else f"   (after `turntree serve --root {root}`)"))
+    return out
+
+
+def run_story(manifest: dict[str, Any], experiment_id: str | None, root: str) -> str:
+    """The end of `turntree run`: the table per iteration, before -> after, the checkpoint and the links."""
+    per_iter = iteration_metrics(manifest)
+    lines = [
+        f"run {manifest.get('run_id')}  ({manifest.get('params', {}).get('algorithm', '?')}, "
+        f"{manifest.get('status', '?')})",
+        "",
+    ]
+    lines += iteration_table(per_iter) + [""]
+    ba = before_after(per_iter)
+    if ba:
+        lines.append(ba)
+    if manifest.get("final_checkpoint"):
+        lines.append(f"checkpoint: {manifest['final_checkpoint']}")
+    if manifest.get("registered_model"):
+        name, version = manifest["registered_model"].rsplit("/", 1)
+        lines.append(f"MLflow model registry: {name} version {version}")
+    return "\n".join(lines + links(manifest, experiment_id, root))
+
+
+def run_summary_cells(manifest: dict[str, Any]) -> tuple[str, str, str]:
+    """(iterations done, last mean reward, last held-out score) for `turntree runs`."""
+    per_iter = iteration_metrics(manifest)
+    done = [k for k, m in per_iter.items() if k > 0 and "reward/mean" in m]
+    reward = _num(per_iter[max(done)], "reward/mean") if done else "-"
+    evals = [headline(m) for _, m in sorted(per_iter.items())]
+    evals = [h for h in evals if h is not None]
+    return str(len(done)), reward, format_headline(evals[-1], ci=False) if evals else "-"
+
+
+# --- `turntree params` ----------------------------------------------------------------------------------------
+def describe_params(model: Any, prefix: str = "") -> list[str]:
+    """The resolved parameters as ``key: value  # description`` lines, sections nested by indentation."""
+    import json
+
+    from pydantic import BaseModel
+
+    lines: list[str] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        desc = f"  # {field.description}" if field.description else ""
+        if isinstance(value, BaseModel):
+            lines.append(f"{prefix}{name}:{desc}")
+            lines += describe_params(value, prefix + "  ")
+        else:
+            shown = json.dumps(
+                value.model_dump(mode="json") if hasattr(value, "model_dump") else value, default=str
+            )
+            lines.append(f"{prefix}{name}: {shown}{desc}")
+    return lines

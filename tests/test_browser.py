@@ -1,0 +1,172 @@
+"""The UIs in a real browser (Debian's chromium, driven by Playwright): `turntree serve`, deploy, start the
+tiny pipeline from the Prefect UI's deployment page with Quick run, watch it complete through a worker, then find
+its metrics and its registered model in the MLflow UI. Screenshots go to ``$TURNTREE_TEST_ARTIFACTS`` (default
+``test-artifacts/browser``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("TURNTREE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "browser"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, data: dict | None = None) -> dict:
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(data).encode() if data is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from schemas.params.presets import tiny_pipeline
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    root = tmp_path / "runs"
+    pp, mp = _free_port(), _free_port()
+    api = f"http://127.0.0.1:{pp}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "TURNTREE_MLFLOW_UI": f"http://127.0.0.1:{mp}",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # the deployment a user would make for a quick look: infra/prefect.yaml's pipeline with tiny parameters
+    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    pipe = next(d for d in spec["deployments"] if d["name"] == "pipeline")
+    pipe.pop("schedules", None)
+    tiny = tiny_pipeline(str(tiny_model), str(root))
+    spec["deployments"] = [{**pipe, "name": "pipeline-tiny", "parameters": {"params": tiny}}]
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec))
+
+    serve = subprocess.Popen(
+        [
+            str(BIN / "turntree"),
+            "serve",
+            "--root",
+            str(root),
+            "--prefect-port",
+            str(pp),
+            "--mlflow-port",
+            str(mp),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "Ctrl-C" not in (serve.stdout.readline() or "Ctrl-C"):
+            pass
+        dep = subprocess.run(
+            [str(BIN / "turntree"), "deploy", "--pool", "tt-ui", "--prefect-file", str(prefect_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert dep.returncode == 0, dep.stdout[-3000:] + dep.stderr[-3000:]
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "tt-ui"],
+            env=env,
+            stdout=open(tmp_path / "worker.log", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=tmp_path,
+        )
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            # Prefect: the deployments list -> the tiny pipeline -> Run -> Quick run
+            page.goto(f"http://127.0.0.1:{pp}/deployments", timeout=120_000)
+            page.get_by_text("pipeline-tiny").first.click(timeout=60_000)
+            run_button = page.get_by_role("button", name="Run", exact=True)
+            run_button.wait_for(timeout=60_000)
+            page.screenshot(path=ARTIFACTS / "prefect-deployment.png")
+            run_button.click()
+            page.get_by_text("Quick run", exact=True).click(timeout=30_000)
+            page.wait_for_timeout(2000)
+            page.screenshot(path=ARTIFACTS / "prefect-quick-run.png")
+            runs = _get(f"{api}/flow_runs/filter", {"limit": 10})
+            assert len(runs) == 1, runs
+            flow_run = runs[0]
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                flow_run = _get(f"{api}/flow_runs/{flow_run['id']}")
+                if flow_run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    break
+                time.sleep(5)
+            page.goto(f"http://127.0.0.1:{pp}/runs/flow-run/{flow_run['id']}", timeout=60_000)
+            page.wait_for_timeout(3000)
+            page.screenshot(path=ARTIFACTS / "prefect-flow-run.png", full_page=True)
+            assert flow_run["state_type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
+            run_id = flow_run["name"]
+            assert run_id.startswith("gtpo-") and "algorithm:gtpo" in flow_run["tags"]
+            expect(page.get_by_text(run_id).first).to_be_visible(timeout=30_000)
+
+            # MLflow: the run's page shows its metrics; the model registry its registered checkpoint
+            manifest = json.loads((root / run_id / "manifest.json").read_text())
+            exp = _get(
+                f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/get-by-name?experiment_name=turntree"
+            )
+            exp_id = exp["experiment"]["experiment_id"]
+            ml = "workflowType=machine_learning"  # the UI's model-training view, as our links ask for
+            page.goto(f"http://127.0.0.1:{mp}/#/experiments/{exp_id}?{ml}", timeout=60_000)
+            expect(page.get_by_text(run_id).first).to_be_visible(timeout=60_000)  # the runs table
+            page.screenshot(path=ARTIFACTS / "mlflow-experiment.png")
+            page.goto(f"http://127.0.0.1:{mp}/#/experiments/{exp_id}/runs/{manifest['mlflow_run_id']}?{ml}")
+            expect(page.get_by_text("reward/mean").first).to_be_visible(timeout=60_000)
+            page.screenshot(path=ARTIFACTS / "mlflow-run.png", full_page=True)
+            name, version = manifest["registered_model"].rsplit("/", 1)
+            page.goto(f"http://127.0.0.1:{mp}/#/models/{name}?{ml}", timeout=60_000)
+            expect(page.get_by_text(f"Version {version}").first).to_be_visible(timeout=60_000)
+            page.screenshot(path=ARTIFACTS / "mlflow-registered-model.png", full_page=True)
+            browser.close()
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(serve)
