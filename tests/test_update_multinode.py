@@ -101,7 +101,7 @@ def test_two_nodes_give_the_one_process_update(tiny_model, samples, tmp_path):  
         second.kill()
     assert second.returncode == 0, log[-3000:]
     assert "node 1 of 2: node 0 wrote the checkpoint" in log
-    assert sorted(p.name for p in out0.iterdir()) == ["checkpoint"]
+    assert sorted(p.name for p in out0.iterdir()) == ["checkpoint", "steps.jsonl"]  # steps: MLflow curves
     assert list(out1.iterdir()) == []
     assert any("2 processes (ddp)" in n for n in two.notes), two.notes
     _assert_same_update(one, two, str(tiny_model))

@@ -92,7 +92,7 @@ def test_reuse_is_verified_and_follows_the_manifest(tiny_model, tmp_path, monkey
             f.write("\n# an edit\n")
         pipeline(params)
         v3 = _versions(store)
-        assert _new(v2, v3) == {"iter-1/evaluate"}
+        assert _new(v2, v3) == {"iter-0/evaluate", "iter-1/evaluate"}  # the starting policy's too
 
         # 4. new weights written into the model directory, mtimes restored: the rollout and all after it rerun
         weights = next(model.glob("*.safetensors"))
@@ -106,5 +106,5 @@ def test_reuse_is_verified_and_follows_the_manifest(tiny_model, tmp_path, monkey
         os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
         pipeline(params)
         v4 = _versions(store)
-        assert _new(v3, v4) == {"iter-1/rollout", *all_after_rollout}
+        assert _new(v3, v4) == {"iter-0/evaluate", "iter-1/rollout", *all_after_rollout}
         assert not _new(v3, v4) & {"data"}
