@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (each installs what it needs into .venv first):
-#   make run    - the training pipeline on its embedded default (SmolLM2-135M prepared offline, synthetic data,
-#                 local SQLite MLflow, Prefect without a server)
+#   make run    - the training pipeline on its embedded default, configs/default.yaml (SmolLM2-135M prepared
+#                 offline, a cached warm start, GTPO on synthetic tool-arith, local SQLite MLflow, Prefect
+#                 without a server)
 #   make test   - the test suite
 .PHONY: setup run test lint bench
 
@@ -8,7 +9,7 @@ setup:
 	bash infra/setup.sh
 
 run: setup
-	.venv/bin/turntree run $(ARGS)
+	.venv/bin/turntree run --config configs/default.yaml $(ARGS)
 
 test: setup
 	bash infra/test.sh

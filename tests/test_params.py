@@ -44,3 +44,18 @@ def test_json_schema_documents_every_field():
                 missing.append(f"{name}.{field}")
     assert not missing, f"fields without a description: {missing}"
     assert schema["properties"]["algorithm"]["enum"] == ["grpo", "gtpo", "murphy"]
+
+
+def test_shipped_configs_are_valid_pipeline_parameters():
+    """configs/*.yaml (the main job and the learning recipes) load as they are, with no unknown key."""
+    from pathlib import Path
+
+    from flows.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"default.yaml", "gtpo-tool-arith.yaml", "grpo-tool-arith.yaml"}
+    for c in configs:
+        p = PipelineParams.model_validate(load_config(str(c), []))
+        assert p.model == "smollm2" and p.warmstart.enabled, c.name
+    default = PipelineParams.model_validate(load_config(str(configs[0].parent / "default.yaml"), []))
+    assert default.algorithm == "gtpo" and default.iterations >= 3 and default.rollout.group_size == 8
