@@ -12,6 +12,7 @@ from maths.eval_metrics import paired_bootstrap_diff, problem_scores, sample_rec
 from runtime.tableio import read_table
 from schemas.tables import EVAL_RESULTS
 
+
 def scores(root, run, it):
     uri = RunStore(root, run).current_output("evaluate", it).uri("eval_results")
     return problem_scores(sample_records(read_table(uri, EVAL_RESULTS)))
