@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.serving import start_serve
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -80,23 +82,7 @@ def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(spec))
 
-    serve = subprocess.Popen(
-        [
-            str(BIN / "turntree"),
-            "serve",
-            "--root",
-            str(root),
-            "--prefect-port",
-            str(pp),
-            "--mlflow-port",
-            str(mp),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    serve = start_serve(root, pp, mp, env)
     worker = None
     try:
         deadline = time.monotonic() + 240

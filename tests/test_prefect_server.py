@@ -16,6 +16,7 @@ from flows.runner import RunContext, run_stage
 from flows.runstore import RunStore
 from flows.serve import start_prefect_server, stop, wait_healthy
 from schemas.params import DataParams
+from tests.serving import start_serve
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -135,23 +136,7 @@ def test_serve_starts_both_uis_and_stops_them(tmp_path):
     pp, mp = _free_port(), _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [
-            str(BIN / "turntree"),
-            "serve",
-            "--root",
-            str(root),
-            "--prefect-port",
-            str(pp),
-            "--mlflow-port",
-            str(mp),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_serve(root, pp, mp, env)
     lines = []
     try:
         deadline = time.monotonic() + 240
