@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from schemas.params.presets import merge
+
 
 class UserError(Exception):
     """Bad input: printed as one line, exit status 2."""
@@ -35,11 +37,7 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+deep_merge = merge  # one nested merge for configs, --set overrides and the presets (schemas.params.presets)
 
 
 def load_config(path: str | None, sets: list[str]) -> dict[str, Any]:
