@@ -1,0 +1,187 @@
+"""Ray fan-out on a real local Ray cluster (``ray.init(num_cpus=2)`` in this process): the rollout's engine actors
+(``rollout.workers``) write the table the in-process stage writes for the same seed, and sandbox batches run as
+Ray tasks give the in-process results, hostile programs still contained by the bubblewrap sandbox. The checks
+without a cluster (seeds, shards, bad input) run in the quick suite; the cluster ones are ``slow``."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from runtime.tableio import read_table, write_table
+from schemas.params.rewards import ScoreParams
+from schemas.params.rollout import RolloutParams
+from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
+from stages.rollout.fanout import shard_problems
+from stages.rollout.seeding import request_seeds
+
+ray = pytest.importorskip("ray")
+
+
+def problem_rows() -> list[dict]:
+    base = {k: None for k in PROBLEMS.names}
+    rows = []
+    for i in range(3):
+        rows.append({**base, "problem_id": f"m/{i}", "kind": "math", "prompt": f"What is {i + 2} * 7?",
+                     "answer": str((i + 2) * 7), "source": "t", "test_format": "none", "split": "train"})  # fmt: skip
+        rows.append({**base, "problem_id": f"c/{i}", "kind": "code", "entry_point": f"f{i}", "source": "t",
+                     "prompt": f"Write a function f{i}(x) that returns x + {i}.", "test_format": "asserts",
+                     "tests": [f"assert f{i}(1) == {1 + i}"], "split": "train"})  # fmt: skip
+    # the same prompt under another id: its samples must stay in the shard of the first (seeding by rank)
+    rows.append({**rows[0], "problem_id": "m/dup"})
+    return rows
+
+
+# --- without a cluster ---------------------------------------------------------------------------------------
+def test_request_seeds_follow_the_request_not_the_batch():
+    rng = random.Random(0)
+    prompts_ = [[rng.randrange(100) for _ in range(rng.randrange(1, 9))] for _ in range(12)]
+    prompts_ += [prompts_[3], prompts_[3]]  # identical requests: told apart by their rank
+    seeds = request_seeds(7, prompts_)
+    assert len(set(seeds)) == len(seeds)
+    # any split that keeps identical prompts together (in order) gives each request the same seed
+    first, second = [0, 1, 3, 5, 12, 13, 8], [2, 4, 6, 7, 9, 10, 11]
+    split = dict(zip(first, request_seeds(7, [prompts_[i] for i in first]), strict=True))
+    split |= dict(zip(second, request_seeds(7, [prompts_[i] for i in second]), strict=True))
+    assert [split[i] for i in range(len(prompts_))] == seeds
+    assert request_seeds(8, prompts_) != seeds  # the run's seed and iteration still matter
+
+
+def test_shards_keep_equal_prompts_together_and_cover_every_problem():
+    rows = problem_rows()
+    for n in (1, 2, 3, 7, 50):
+        shards = shard_problems(rows, n)
+        assert sorted(i for s in shards for i in s) == list(range(len(rows)))
+        assert 1 <= len(shards) <= n and all(shards)
+        assert any(0 in s and len(rows) - 1 in s for s in shards)  # m/0 and m/dup share a shard
+    assert [len(s) for s in shard_problems(rows, 2)] == [4, 3]
+
+
+def test_bad_scale_out_settings_fail_in_one_line_before_any_work(tmp_path):
+    for bad in ({"workers": 0}, {"workers": 2, "seeding": "batch"}, {"ray_address": " "},
+                {"backend": "transformers", "tensor_parallel_size": 2}, {"worker_cpus": 0}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            RolloutParams(**bad)
+    from runtime.rayfan import RayUnavailable
+    from stages.rollout import run
+
+    if ray.is_initialized():
+        ray.shutdown()
+    params = RolloutParams(workers=2, ray_address="127.0.0.1:9")  # nothing listens on the discard port
+    out = tmp_path / "out"
+    with pytest.raises(RayUnavailable) as e:
+        run(params, {"problems": str(tmp_path / "absent.parquet"), "checkpoint": "x"}, out)
+    assert "127.0.0.1:9" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() and not ray.is_initialized()
+    with pytest.raises(RayUnavailable, match="expected 'auto'"):
+        run(RolloutParams(workers=2, ray_address="no-port"), {"problems": "x", "checkpoint": "x"}, out)
+
+
+# --- on a local Ray cluster ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    from stages.rollout import fanout
+
+    fanout.release()
+    ray.shutdown()
+
+
+HOSTILE = {
+    "plain": "print(sum(range(10)))",
+    "error": "raise ValueError('no')",
+    "timeout": "while True:\n    pass",
+    "pid": "import os\nprint(os.getpid(), os.getuid() != 0)",
+    "fork_bomb": (
+        "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30)\n"
+        "            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('stopped by', type(e).__name__, n > 0)"
+    ),
+}
+
+
+def _same(r) -> tuple:
+    return (r.stdout, r.stderr, r.returncode, r.timed_out, r.memory_exceeded, r.truncated, r.isolation, r.error)
+
+
+@pytest.mark.slow
+def test_sandbox_batches_on_ray_tasks_match_in_process(cluster, tmp_path):
+    from runtime.sandbox import RayBatches, execute_many, run_tests_many
+
+    outside = tmp_path / "escaped.txt"
+    codes = {**HOSTILE, "write_outside": f"open({str(outside)!r}, 'w').write('x')\nprint('wrote')"}
+    names = list(codes)
+    local = execute_many([codes[k] for k in names], timeout_s=3)
+    remote = execute_many([codes[k] for k in names], timeout_s=3, pool=RayBatches(chunks=2))
+    assert [_same(r) for r in remote] == [_same(r) for r in local]
+    got = dict(zip(names, remote, strict=True))
+    assert got["plain"].stdout == "45\n" and got["error"].returncode != 0 and got["timeout"].timed_out
+    assert got["fork_bomb"].stdout.startswith("stopped by") and not got["fork_bomb"].timed_out
+    assert not outside.exists()  # the write landed in the run's private filesystem, if anywhere
+    if got["pid"].isolation == "bwrap":
+        assert got["pid"].stdout.split()[1] == "True"  # never the Ray worker's root
+    workers = remote.workers
+    assert len(workers) == 2 and all(w["pid"] != os.getpid() for w in workers)
+    assert {w["node_id"] for w in workers} == {n["NodeID"] for n in ray.nodes()}
+
+    programs = ["def f(x):\n    return x + 1", "def f(x):\n    return x", "import os\nos._exit(3)"]
+    tests = [["assert f(1) == 2", "assert f(0) == 1"]] * 3
+    local_reports = run_tests_many(programs, tests)
+    remote_reports = run_tests_many(programs, tests, pool=RayBatches())
+    assert [(r.passed, r.total, r.results, r.tampered) for r in remote_reports] == [
+        (r.passed, r.total, r.results, r.tampered) for r in local_reports
+    ]
+    assert [r.passed for r in remote_reports] == [2, 0, 0]
+    assert ScoreParams(sandbox_ray=True).sandbox_ray  # what the score stage passes to run_tests_batch
+
+
+def _rows(out, kind) -> list[dict]:
+    return read_table(out.uri(kind), TRAJECTORIES if kind == "trajectories" else TREES).to_pylist()
+
+
+def _split_logprobs(value, found: list):
+    """``value`` with every list of log-probs taken out (into ``found``): compared with a tolerance."""
+    if isinstance(value, dict):
+        return {
+            k: (found.append(v) or "lp") if "logprob" in k else _split_logprobs(v, found) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_split_logprobs(v, found) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_rollout_on_ray_engine_actors_matches_in_process(cluster, tiny_engine, tiny_model, tmp_path):
+    import numpy as np
+
+    from stages.rollout import run
+
+    src = write_table(problem_rows(), PROBLEMS, tmp_path / "problems.parquet")
+    inputs = {"problems": src.uri, "checkpoint": str(tiny_model), "iteration": "2"}
+    common = dict(group_size=2, child_group_size=2, max_turns=2, tree_depth=2, problems_per_iteration=20,
+                  max_new_tokens=10, temperature=1.0, seed=5)  # fmt: skip
+    tables = {}
+    for kind in ("trajectories", "trees"):
+        local = run(RolloutParams(kind=kind, seeding="request", **common), inputs, tmp_path / f"local-{kind}")
+        fanned = run(RolloutParams(kind=kind, workers=2, worker_cpus=0.5, **common), inputs, tmp_path / kind)
+        assert fanned.metrics["rollout/ray_workers"] == 2.0
+        shard_notes = [n for n in fanned.notes if n.startswith("rollout shard")]
+        pids = {int(n.split(" pid ")[1].split()[0]) for n in shard_notes}
+        assert len(pids) == 2 and os.getpid() not in pids
+        a_lp, b_lp = [], []
+        a, b = _split_logprobs(_rows(local, kind), a_lp), _split_logprobs(_rows(fanned, kind), b_lp)
+        assert a == b  # ids, token ids, texts, stop reasons, tree shapes: exactly
+        np.testing.assert_allclose(np.concatenate(a_lp), np.concatenate(b_lp), atol=1e-4)
+        assert fanned.metrics["rollout/tokens"] == local.metrics["rollout/tokens"]
+        tables[kind] = _rows(local, kind)
+    # every tree node was graded in the sandbox (in the actors too: the tables are equal)
+    assert all(n["tests_total"] == 1 and n["exec_result"] for t in tables["trees"] for n in t["nodes"])
+    groups = {}
+    for r in tables["trajectories"]:
+        groups.setdefault(r["group_id"], []).append(r["turns"][0]["completion_token_ids"])
+    assert all(g[0] != g[1] for g in groups.values())  # samples of a group differ (seeded by rank)
