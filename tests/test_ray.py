@@ -60,6 +60,29 @@ def test_shards_keep_equal_prompts_together_and_cover_every_problem():
     assert [len(s) for s in shard_problems(rows, 2)] == [4, 3]
 
 
+def test_request_seeding_makes_shards_sample_like_the_whole_batch(tiny_engine):
+    """In one process, on the real engine: the shards' rows concatenated are the whole batch's rows with
+    request seeding, and are not with batch seeding (why workers > 1 needs it)."""
+    from stages.rollout.shard import rollout_rows
+
+    problems = [p for p in problem_rows() if p["kind"] == "math"]
+    shards = shard_problems(problems, 2)
+    assert len(shards) == 2
+
+    def rows(seeding: str) -> tuple[dict, dict]:
+        params = RolloutParams(group_size=2, max_turns=1, max_new_tokens=8, seed=1, seeding=seeding)
+        whole, _ = rollout_rows(tiny_engine, problems, params, 1, progress_stage=None)
+        parts = [rollout_rows(tiny_engine, [problems[i] for i in s], params, 1, None)[0] for s in shards]
+        ids = lambda rs: {r["trajectory_id"]: r["turns"][0]["completion_token_ids"] for r in rs}  # noqa: E731
+        return ids(whole), ids([r for part in parts for r in part])
+
+    whole, split = rows("request")
+    assert whole == split and len(whole) == 2 * len(problems)
+    assert whole["it1/m/0/0"] != whole["it1/m/0/1"] != whole["it1/m/dup/0"]  # same prompt, other samples
+    whole, split = rows("batch")
+    assert whole != split
+
+
 def test_bad_scale_out_settings_fail_in_one_line_before_any_work(tmp_path):
     for bad in ({"workers": 0}, {"workers": 2, "seeding": "batch"}, {"ray_address": " "},
                 {"backend": "transformers", "tensor_parallel_size": 2}, {"worker_cpus": 0}):  # fmt: skip
