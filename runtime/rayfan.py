@@ -6,8 +6,11 @@ the sandbox's Ray batches (``runtime.sandbox.raybatch``). Ray is imported only w
     connect("10.0.0.5:6379") # a head node (host:port; or ray://host:10001 through Ray Client)
     where()                  # {"pid", "node_id"} of the calling process (driver or worker)
 
-A cluster that cannot be reached is a ``RayUnavailable`` with one line naming the address, raised before any
-work is sent (a host:port is first probed with a plain TCP connect, so a wrong address fails in seconds).
+Token authentication (Ray's default for the clusters it starts): Ray sends the token (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) on its own only to a cluster it finds itself (None, 'auto');
+for an explicit address set ``RAY_AUTH_MODE=token`` too. A cluster that cannot be reached is a
+``RayUnavailable`` with one line naming the address, raised before any work is sent (a host:port is first
+probed with a plain TCP connect, so a wrong address fails in seconds).
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
         ray.init(**kw)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RayUnavailable(f"Ray cluster at {target or 'a new local cluster'!r}: {first}") from None
+        hint = "" if target is None or os.environ.get("RAY_AUTH_MODE") else " (token auth: set RAY_AUTH_MODE=token)"
+        raise RayUnavailable(f"Ray cluster at {target or 'a new local cluster'!r}: {first}{hint}") from None
     gcs = ray.get_runtime_context().gcs_address
     log.info("connected to Ray at %s (%s)", gcs, "new local cluster" if target is None else target)
     return gcs
