@@ -81,6 +81,9 @@ def run_tests_batch(
         )
 
     reports = batch(list(range(len(programs)))) if programs else []
+    if ray and programs:
+        where = sorted({(w["host"], w["pid"]) for w in reports.workers})
+        log.info("score: %d test runs as %d Ray tasks on workers %s", len(programs), len(reports.workers), where)
     failed = [i for i, r in enumerate(reports) if r.sandbox_failed]
     if failed:
         log.warning(

@@ -160,7 +160,40 @@ def test_sandbox_batches_on_ray_tasks_match_in_process(cluster, tmp_path):
         (r.passed, r.total, r.results, r.tampered) for r in local_reports
     ]
     assert [r.passed for r in remote_reports] == [2, 0, 0]
-    assert ScoreParams(sandbox_ray=True).sandbox_ray  # what the score stage passes to run_tests_batch
+
+
+@pytest.mark.slow
+def test_score_stage_test_batches_on_ray_match_in_process(cluster, tmp_path, caplog):
+    import logging
+
+    from stages import score
+    from tests.scored_tables import problem, trajectory, turn
+
+    tests = ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]
+    programs = {
+        "right": "def add(a, b):\n    return a + b\n",
+        "half": "def add(a, b):\n    return 3\n",
+        "tamper": "import os\nos.system('kill -9 -1')\ndef add(a, b):\n    return a + b\n",
+        "escape": f"open({str(tmp_path / 'escaped')!r}, 'w').write('x')\ndef add(a, b):\n    return a + b\n",
+        "spin": "while True:\n    pass\n",
+    }
+    rows = [
+        trajectory(k, "add", "g", [turn([i + 1], code=code)], final_answer=code, idx=i)
+        for i, (k, code) in enumerate(programs.items())
+    ]
+    write_table([problem("add", "code", tests=tests, entry_point="add")], PROBLEMS, tmp_path / "p.parquet")
+    write_table(rows, TRAJECTORIES, tmp_path / "t.parquet")
+    inputs = {"trajectories": str(tmp_path / "t.parquet"), "problems": str(tmp_path / "p.parquet")}
+    local = score.run(ScoreParams(shaping=False, test_timeout_s=3), inputs, tmp_path / "local")
+    with caplog.at_level(logging.INFO, logger="stages.score"):
+        remote = score.run(ScoreParams(shaping=False, test_timeout_s=3, sandbox_ray=True), inputs, tmp_path / "r")
+    said = [r.getMessage() for r in caplog.records if "Ray tasks on workers" in r.getMessage()]
+    assert said and "5 test runs as 2 Ray tasks" in said[0] and f", {os.getpid()})" not in said[0]
+    a, b = (read_table(o.uri("trajectories"), TRAJECTORIES).to_pylist() for o in (local, remote))
+    assert a == b
+    rewards = {r["trajectory_id"]: r["reward"] for r in b}
+    assert (rewards["right"], rewards["half"], rewards["spin"]) == (1.0, 0.5, 0.0)
+    assert not (tmp_path / "escaped").exists()
 
 
 def _rows(out, kind) -> list[dict]:
