@@ -29,7 +29,7 @@ class RayUnavailable(RuntimeError):
     """No Ray cluster at the configured address (or Ray is not installed)."""
 
 
-def _probe(address: str, timeout_s: float = 5.0) -> None:
+def probe(address: str, timeout_s: float = 5.0) -> None:
     """A plain TCP connect to ``host:port`` (``ray://host:port`` too); 'auto' and others are Ray's to resolve."""
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
@@ -63,7 +63,7 @@ def connect(address: str | None = None, *, num_cpus: float | None = None) -> str
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
     else:
-        _probe(target)
+        probe(target)
         kw["address"] = target
     try:
         ray.init(**kw)

@@ -103,6 +103,25 @@ def test_bad_scale_out_settings_fail_in_one_line_before_any_work(tmp_path):
         run(RolloutParams(workers=2, ray_address="no-port"), {"problems": "x", "checkpoint": "x"}, out)
 
 
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["rollout.workers=2", "rollout.ray_address=127.0.0.1:9"], "Ray cluster at '127.0.0.1:9' is not reachable"),
+        (["score.sandbox_ray=true", "rollout.ray_address=127.0.0.1:9"], "is not reachable"),
+        (["rollout.workers=0"], "rollout.workers: Input should be greater than or equal to 1"),
+        (["rollout.workers=2", "rollout.seeding=batch"], "cannot be split over workers > 1"),
+    ],
+)
+def test_turntree_run_refuses_bad_scale_out_in_one_line(sets, message, tmp_path, capsys):
+    from flows.cli import main
+
+    argv = ["run", *[x for s in sets for x in ("--set", s)], "--root", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 # --- on a local Ray cluster ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
