@@ -139,7 +139,12 @@ def fan_out(
     per_problem = params.group_size if params.kind == "trajectories" else 1
     by_problem: list[list[dict] | None] = [None] * len(problems)
     parts, workers = [], []
-    for shard, (rows, stats, info) in zip(shards, ray.get(calls), strict=True):
+    try:
+        results = ray.get(calls)
+    except Exception:
+        release()  # a dead or failed actor is not reused: the next rollout builds fresh ones
+        raise
+    for shard, (rows, stats, info) in zip(shards, results, strict=True):
         if len(rows) != per_problem * len(shard):
             raise RuntimeError(f"rollout worker {info}: {len(rows)} rows for {len(shard)} problems")
         for j, i in enumerate(shard):
