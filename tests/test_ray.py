@@ -230,20 +230,34 @@ def _split_logprobs(value, found: list):
     return value
 
 
+def _perturbed_copy(model_dir, dest):
+    """A checkpoint of the same architecture with other weights (every float tensor scaled)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, dest)
+    for f in dest.glob("*.safetensors"):
+        tensors = {k: (v * 1.5 if v.is_floating_point() else v) for k, v in load_file(str(f)).items()}
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return dest
+
+
 @pytest.mark.slow
 def test_rollout_on_ray_engine_actors_matches_in_process(cluster, tiny_engine, tiny_model, tmp_path):
+    """Both kinds on the tiny model, then the next iteration's checkpoint pushed into the same actors."""
     import numpy as np
 
     from stages.rollout import run
 
     src = write_table(problem_rows(), PROBLEMS, tmp_path / "problems.parquet")
-    inputs = {"problems": src.uri, "checkpoint": str(tiny_model), "iteration": "2"}
     common = dict(group_size=2, child_group_size=2, max_turns=2, tree_depth=2, problems_per_iteration=20,
                   max_new_tokens=10, temperature=1.0, seed=5)  # fmt: skip
-    tables = {}
-    for kind in ("trajectories", "trees"):
-        local = run(RolloutParams(kind=kind, seeding="request", **common), inputs, tmp_path / f"local-{kind}")
-        fanned = run(RolloutParams(kind=kind, workers=2, worker_cpus=0.5, **common), inputs, tmp_path / kind)
+
+    def both(kind: str, checkpoint, tag: str):
+        inputs = {"problems": src.uri, "checkpoint": str(checkpoint), "iteration": "2"}
+        local = run(RolloutParams(kind=kind, seeding="request", **common), inputs, tmp_path / f"local-{tag}")
+        fanned = run(RolloutParams(kind=kind, workers=2, worker_cpus=0.5, **common), inputs, tmp_path / tag)
         assert fanned.metrics["rollout/ray_workers"] == 2.0
         shard_notes = [n for n in fanned.notes if n.startswith("rollout shard")]
         pids = {int(n.split(" pid ")[1].split()[0]) for n in shard_notes}
@@ -253,10 +267,21 @@ def test_rollout_on_ray_engine_actors_matches_in_process(cluster, tiny_engine, t
         assert a == b  # ids, token ids, texts, stop reasons, tree shapes: exactly
         np.testing.assert_allclose(np.concatenate(a_lp), np.concatenate(b_lp), atol=1e-4)
         assert fanned.metrics["rollout/tokens"] == local.metrics["rollout/tokens"]
-        tables[kind] = _rows(local, kind)
+        return _rows(fanned, kind), pids
+
+    tables = {kind: both(kind, tiny_model, kind) for kind in ("trajectories", "trees")}
     # every tree node was graded in the sandbox (in the actors too: the tables are equal)
-    assert all(n["tests_total"] == 1 and n["exec_result"] for t in tables["trees"] for n in t["nodes"])
+    assert all(n["tests_total"] == 1 and n["exec_result"] for t in tables["trees"][0] for n in t["nodes"])
     groups = {}
-    for r in tables["trajectories"]:
+    for r in tables["trajectories"][0]:
         groups.setdefault(r["group_id"], []).append(r["turns"][0]["completion_token_ids"])
     assert all(g[0] != g[1] for g in groups.values())  # samples of a group differ (seeded by rank)
+
+    # the next iteration: new weights pushed into the live engines, the actors' as this process's
+    newer = _perturbed_copy(tiny_model, tmp_path / "newer")
+    try:
+        rows, pids = both("trajectories", newer, "newer")
+    finally:
+        tiny_engine.update_weights(tiny_model)  # the session engine serves the tiny model again
+    assert pids == tables["trajectories"][1]  # the same actors
+    assert rows != tables["trajectories"][0]
