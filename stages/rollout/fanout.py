@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 from maths import prompts
@@ -49,8 +50,6 @@ class EngineWorker:
 
 def connect(params: RolloutParams) -> str:
     """Connect to the configured cluster; a new local one gets this machine's CPUs plus the actors' own."""
-    import os
-
     extra = params.workers * params.worker_cpus
     return rayfan.connect(params.ray_address, num_cpus=len(os.sched_getaffinity(0)) + extra)
 
