@@ -105,6 +105,7 @@ def pipeline(params: Any) -> str:
     the run id."""
     from flows.runner import default_run_id
 
+    ray_cluster(params)
     run_root(params.run_root)
     run_id(params.run_id)
     model(params.model)
@@ -112,6 +113,25 @@ def pipeline(params: Any) -> str:
     rid = params.run_id or default_run_id(params)
     existing_run(params.run_root, rid, params.model_dump(mode="json", exclude={"run_id"}))
     return rid
+
+
+def ray_cluster(params: Any) -> None:
+    """With ``rollout.workers`` > 1 or ``score.sandbox_ray``: Ray is installed and a configured cluster address
+    (``rollout.ray_address`` or RAY_ADDRESS) answers (``runtime.rayfan``; no Ray import here)."""
+    import importlib.util
+
+    from runtime.rayfan import RayUnavailable, probe
+
+    if params.rollout.workers <= 1 and not params.score.sandbox_ray:
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise PreflightError("rollout.workers > 1 / score.sandbox_ray need Ray: install turntree's 'ray' extra")
+    address = params.rollout.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            probe(address)
+        except RayUnavailable as e:
+            raise PreflightError(str(e)) from None
 
 
 def existing_run(root: str, rid: str, params: dict[str, Any]) -> None:

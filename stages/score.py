@@ -56,15 +56,18 @@ def run(params: ScoreParams, inputs: dict[str, str], out: Path) -> StageOutput:
 
 
 def run_tests_batch(
-    programs: list[str], problems: list[dict], timeout_s: float
+    programs: list[str], problems: list[dict], timeout_s: float, ray: bool = False
 ) -> list[tuple[int, int, bool]]:
-    """(passed, total, sandbox_error) of each program against its problem's tests, through the sandbox's pool.
+    """(passed, total, sandbox_error) of each program against its problem's tests, through the sandbox's pool
+    (``ray``: as Ray tasks, ``runtime.sandbox.RayBatches``, on the cluster this process is connected to or
+    RAY_ADDRESS's or a new local one).
 
     A job whose sandbox failed (``TestReport.sandbox_failed``: launch failed, worker died, ...) got no
     verdict: it runs once more; if the sandbox fails again the job comes back with ``sandbox_error`` True (and
     0 passed), which the caller must keep out of every reward statistic."""
-    from runtime.sandbox import run_tests_many
+    from runtime.sandbox import RayBatches, run_tests_many
 
+    pool = RayBatches() if ray else None
     tests = [list(p["tests"] or []) for p in problems]
     entry_points = [p.get("entry_point") for p in problems]
 
@@ -74,9 +77,13 @@ def run_tests_batch(
             [tests[i] for i in rows],
             entry_points=[entry_points[i] for i in rows],
             timeout_s=timeout_s,
+            pool=pool,
         )
 
     reports = batch(list(range(len(programs)))) if programs else []
+    if ray and programs:
+        where = sorted({(w["host"], w["pid"]) for w in reports.workers})
+        log.info("score: %d test runs as %d Ray tasks on workers %s", len(programs), len(reports.workers), where)
     failed = [i for i, r in enumerate(reports) if r.sandbox_failed]
     if failed:
         log.warning(
@@ -152,6 +159,7 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
         [rows[i]["program"] for i in code_rows],
         [problems[rows[i]["problem_id"]] for i in code_rows],
         params.test_timeout_s,
+        params.sandbox_ray,
     )
     sandbox_error = np.zeros(n, bool)
     for i, (passed, total, failed) in zip(code_rows, counts, strict=True):
@@ -212,7 +220,9 @@ def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: P
         probs = [
             _problem(problems, problem_ids[tree_of[i]], f"tree {tree_ids[tree_of[i]]!r}") for i in missing
         ]
-        counts = run_tests_batch([node_code[i] or "" for i in missing], probs, params.test_timeout_s)
+        counts = run_tests_batch(
+            [node_code[i] or "" for i in missing], probs, params.test_timeout_s, params.sandbox_ray
+        )
         passed[missing] = [c[0] for c in counts]
         total[missing] = [c[1] for c in counts]
         no_verdict[missing] = [c[2] for c in counts]

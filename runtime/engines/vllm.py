@@ -49,6 +49,9 @@ class VLLMEngine(Engine):
             max_model_len=self.max_model_len,
             use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "") in ("", "0"),  # runtime.env.QUIET_ENV
         )
+        for key in ("tensor_parallel_size", "data_parallel_size"):  # rollout.* (stages/rollout/shard.py)
+            if int(o.get(key, 1)) > 1:
+                kw[key] = int(o[key])
         if cuda:
             kw["gpu_memory_utilization"] = o.get("gpu_memory_utilization", 0.5)
         else:

@@ -58,10 +58,12 @@ from collections.abc import Sequence
 
 from runtime.sandbox.feedback import feedback_text
 from runtime.sandbox.pool import SandboxPool, default_pool
+from runtime.sandbox.raybatch import RayBatches
 from runtime.sandbox.records import ExecutionResult, TestReport, TestResult
 
 __all__ = [
     "ExecutionResult",
+    "RayBatches",
     "SandboxPool",
     "TestReport",
     "TestResult",
@@ -113,14 +115,17 @@ def execute_many(
     stdins: Sequence[str | None] | None = None,
     timeout_s: float = 5,
     memory_mb: int = 1024,
-    pool: SandboxPool | None = None,
+    pool: SandboxPool | RayBatches | None = None,
 ) -> list[ExecutionResult]:
     """``execute`` for each code on the bounded pool; results in input order, one per code, never raising
-    (a failed run has ``error`` set). For a non-blocking form use ``pool.submit_execute``."""
+    (a failed run has ``error`` set). For a non-blocking form use ``pool.submit_execute``. A ``RayBatches``
+    pool runs the batch as Ray tasks, each through its node's own pool (``runtime.sandbox.raybatch``)."""
     _check_limits(timeout_s, memory_mb)
     stdins = list(stdins) if stdins is not None else [None] * len(codes)
     if len(stdins) != len(codes):
         raise ValueError(f"execute_many: {len(codes)} codes but {len(stdins)} stdins")
+    if isinstance(pool, RayBatches):
+        return pool.execute_many(codes, stdins=stdins, timeout_s=timeout_s, memory_mb=memory_mb)
     pool = pool or default_pool()
     kw = {"timeout_s": timeout_s, "memory_mb": memory_mb}
     futures = [
@@ -136,16 +141,20 @@ def run_tests_many(
     entry_points: Sequence[str | None] | None = None,
     timeout_s: float = 10,
     memory_mb: int = 1024,
-    pool: SandboxPool | None = None,
+    pool: SandboxPool | RayBatches | None = None,
 ) -> list[TestReport]:
     """``run_tests`` for each (program, tests, entry point) on the bounded pool; reports in input order, one per
     program, never raising (bad tests give a report whose results say why). Non-blocking:
-    ``pool.submit_run_tests``."""
+    ``pool.submit_run_tests``; as Ray tasks: a ``RayBatches`` pool."""
     _check_limits(timeout_s, memory_mb)
     entry_points = list(entry_points) if entry_points is not None else [None] * len(programs)
     if not len(programs) == len(tests) == len(entry_points):
         raise ValueError(
             f"run_tests_many: {len(programs)} programs, {len(tests)} test lists, {len(entry_points)} entry points"
+        )
+    if isinstance(pool, RayBatches):
+        return pool.run_tests_many(
+            programs, tests, entry_points=entry_points, timeout_s=timeout_s, memory_mb=memory_mb
         )
     pool = pool or default_pool()
     kw = {"timeout_s": timeout_s, "memory_mb": memory_mb}

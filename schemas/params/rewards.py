@@ -41,6 +41,11 @@ class ScoreParams(BaseModel):
         None, description="Local encoder directory for similarity 'embedding' (nothing is downloaded)"
     )
     test_timeout_s: float = Field(10.0, gt=0, le=300, description="Sandbox limit per test run")
+    sandbox_ray: bool = Field(
+        False,
+        description="Run the test batches as Ray tasks (each through its node's sandbox) on the cluster this "
+        "process is connected to, else RAY_ADDRESS's, else a new local one",
+    )
 
 
 class AdvantageParams(BaseModel):

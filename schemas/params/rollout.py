@@ -41,6 +41,31 @@ class RolloutParams(BaseModel):
     stop_after_code: bool = Field(
         True, description="tree mode: end an attempt at the end of its first closed code block (saves tokens)"
     )
+    # --- scale-out (stages/rollout/fanout.py, docs: infra/README.md "Ray") ---
+    workers: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Engine actors on a Ray cluster, each rolling out a shard of the problems (1: in this "
+        "process, no Ray)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster of the workers: None: RAY_ADDRESS, else a new local cluster sized to this "
+        "machine; 'auto', 'host:port' or 'ray://host:port': an existing one",
+    )
+    worker_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine actor")
+    worker_gpus: float = Field(
+        0.0, ge=0, description="Ray GPUs reserved per engine actor (tensor x data parallel size on GPUs)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="vLLM tensor parallelism of each engine")
+    data_parallel_size: int = Field(1, ge=1, le=64, description="vLLM data parallelism of each engine")
+    seeding: Literal["batch", "request"] | None = Field(
+        None,
+        description="batch: a request's sampling seed also depends on its place in the generate batch; "
+        "request: only on (seed, iteration, the request's tokens, its rank among identical requests), so "
+        "any split of the problems over workers samples the same; None: request when workers > 1, else batch",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -52,3 +77,21 @@ class RolloutParams(BaseModel):
                 raise ValueError(f"rollout.mode {v['mode']!r}: valid: tir, tree (now rollout.kind)")
             v = {**{k: x for k, x in v.items() if k != "mode"}, "kind": legacy[v["mode"]]}
         return v
+
+    @model_validator(mode="after")
+    def _scale_out(self):
+        if self.workers > 1 and self.seeding == "batch":
+            raise ValueError(
+                "rollout.seeding 'batch' cannot be split over workers > 1 (a shard's batch positions differ): "
+                "use seeding 'request' or leave it unset"
+            )
+        if self.backend != "vllm" and (self.tensor_parallel_size > 1 or self.data_parallel_size > 1):
+            raise ValueError("rollout.tensor_parallel_size / data_parallel_size > 1 need backend 'vllm'")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("rollout.ray_address is empty: leave it unset (null) or give 'auto' / host:port")
+        return self
+
+    @property
+    def request_seeding(self) -> bool:
+        """Whether each request's seed is keyed by its content (see ``seeding``)."""
+        return (self.seeding or ("request" if self.workers > 1 else "batch")) == "request"

@@ -7,13 +7,18 @@ Steps: read the problems table, take ``problems_per_iteration`` train problems c
 (seed, iteration), drop the ones this rollout kind cannot use (empty prompt, unknown problem kind, trees without tests:
 each named in a note, never a crash), get an engine (the process's live one when it serves this checkpoint or
 one of the same architecture — weights pushed in place — else a new one, ``runtime.engines.engine_for``), roll
-out (``tir.tir_trajectories`` / ``tree.refinement_trees``), write ``trajectories.parquet`` / ``trees.parquet``
+out (``tir.tir_trajectories`` / ``tree.refinement_trees``, through ``shard.rollout_rows``), write ``trajectories.parquet`` / ``trees.parquet``
 through ``runtime.tableio`` with reward fields left null.
+
+``rollout.workers`` > 1: the problems are split into shards rolled out by that many engine actors on a Ray
+cluster (``fanout``), each running the same ``shard.rollout_rows``; the rows come back in problem order and
+with per-request seeding (``seeding``) they are the rows this process would write for the same seed.
 
 Metrics: rollout/tokens, rollout/tokens_per_s (generated tokens per second of generate calls),
 rollout/sandbox_s, rollout/turns_mean, rollout/tool_valid_rate (TIR: valid tool calls / tool calls; tree:
 nodes with a code block / nodes), rollout/pass_rate_depth_<d> (tree), rollout/problems,
-rollout/problems_skipped, rollout/nodes (tree), timing/rollout, timing/rollout_engine.
+rollout/problems_skipped, rollout/nodes (tree), timing/rollout, timing/rollout_engine (the slowest actor's with
+workers), rollout/ray_workers (distinct Ray worker processes; workers > 1 only, each named in a note).
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from maths import prompts
-from runtime.engines import SamplingSpec
 from schemas.outputs import StageOutput
 from schemas.params.rollout import RolloutParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
-from stages.rollout.tir import TirStats, tir_trajectories
-from stages.rollout.tree import TreeStats, refinement_trees
+from stages.rollout.shard import build_engine, rollout_rows
+from stages.rollout.tir import tir_trajectories
+from stages.rollout.tree import refinement_trees
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +75,6 @@ def usable_problems(problems: list[dict], kind: str) -> tuple[list[dict], list[s
     return keep, notes
 
 
-def _engine(params: RolloutParams, checkpoint: str):
-    from runtime.engines import engine_for
-    from runtime.models import resolve_model
-
-    options = {"prefix_caching": params.prefix_caching}
-    if params.backend == "vllm":
-        options["kv_cache_gib"] = params.kv_cache_gib
-    return engine_for(resolve_model(checkpoint), backend=params.backend, seed=params.seed, **options)
-
-
-def _spec(params: RolloutParams, stop: list[str], iteration: int) -> SamplingSpec:
-    return SamplingSpec(
-        n=1,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        max_tokens=params.max_new_tokens,
-        stop=stop,
-        seed=params.seed * 1_000_003 + iteration * 10_007,
-    )
-
-
 def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput:
     """Roll out one iteration's problems with the checkpoint; see the module docstring."""
     from runtime.tableio import read_table, write_table
@@ -98,6 +82,10 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
     for key in ("problems", "checkpoint"):
         if key not in inputs:
             raise KeyError(f"rollout stage needs input {key!r}; got {sorted(inputs)}")
+    if params.workers > 1:  # the cluster first: an unreachable address fails before any work
+        from stages.rollout.fanout import connect
+
+        connect(params)
     t_start = time.perf_counter()
     iteration = int(inputs.get("iteration", "0"))
     problems = read_table(inputs["problems"], PROBLEMS).to_pylist()
@@ -105,27 +93,24 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
     usable, notes = usable_problems(chosen, params.kind)
     if not usable:
         raise ValueError(f"rollout: none of the {len(chosen)} selected problems is usable: {notes}")
-    t0 = time.perf_counter()
-    engine = _engine(params, inputs["checkpoint"])
-    t_engine = time.perf_counter() - t0
-    limit = min(params.max_context_tokens, engine.max_model_len)
-    prefix = f"it{iteration}/"
+    workers: list[dict] = []
+    if params.workers > 1:
+        from stages.rollout.fanout import fan_out
+
+        rows, stats, workers = fan_out(params, usable, inputs["checkpoint"], iteration)
+        t_engine = max(w["engine_s"] for w in workers)
+        notes += [
+            f"rollout shard {k}: {w['problems']} problems on Ray worker pid {w['pid']} node {w['node_id']} "
+            f"({w['host']})"
+            for k, w in enumerate(workers)
+        ]
+    else:
+        t0 = time.perf_counter()
+        engine = build_engine(params, inputs["checkpoint"])
+        t_engine = time.perf_counter() - t0
+        rows, stats = rollout_rows(engine, usable, params, iteration)
     out = Path(out)
     if params.kind == "trajectories":
-        stats = TirStats()
-        rows = tir_trajectories(
-            engine,
-            usable,
-            group_size=params.group_size,
-            max_turns=params.max_turns,
-            spec=_spec(params, list(prompts.TIR_STOP), iteration),
-            max_context_tokens=limit,
-            observation_max_chars=params.observation_max_chars,
-            exec_timeout_s=params.exec_timeout_s,
-            group_prefix=prefix,
-            stats=stats,
-            progress_stage="rollout",
-        )
         name, ref = "trajectories", write_table(rows, TRAJECTORIES, out / "trajectories.parquet")
         turns = [len(r["turns"]) for r in rows]
         metrics = {
@@ -134,23 +119,6 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
             "rollout/tool_calls_per_trajectory": stats.tool_calls / len(rows) if rows else 0.0,
         }
     else:
-        stats = TreeStats()
-        rows = refinement_trees(
-            engine,
-            usable,
-            group_size=params.group_size,
-            child_group_size=params.child_group_size,
-            depth=params.tree_depth,
-            spec=_spec(params, list(prompts.CODE_STOP) if params.stop_after_code else [], iteration),
-            max_nodes_per_tree=params.max_nodes_per_tree,
-            max_nodes_per_batch=params.max_nodes_per_batch,
-            max_context_tokens=limit,
-            feedback_max_chars=params.observation_max_chars,
-            exec_timeout_s=params.exec_timeout_s,
-            id_prefix=prefix,
-            stats=stats,
-            progress_stage="rollout",
-        )
         notes += stats.notes
         name, ref = "trees", write_table(rows, TREES, out / "trees.parquet")
         metrics = {
@@ -175,4 +143,6 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
             "timing/rollout": time.perf_counter() - t_start,
         }
     )
+    if workers:
+        metrics["rollout/ray_workers"] = float(len({(w["node_id"], w["pid"]) for w in workers}))
     return StageOutput(stage="rollout", tables={name: ref}, metrics=metrics, notes=notes)
