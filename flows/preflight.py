@@ -25,8 +25,16 @@ def is_remote(root: str) -> bool:
 
 
 def run_root(root: str) -> None:
-    """A local run root must be a directory this user can write (or be creatable under one)."""
+    """A local run root must be a directory this user can write (or be creatable under one); a remote one
+    (``s3://bucket/prefix``) needs a reachable tracking server and an existing bucket. Either way a configured
+    tracking server must answer."""
+    tracking(root)
     if is_remote(root):
+        from flows.remote import check_root
+
+        why = check_root(root)
+        if why:
+            raise PreflightError(f"run_root {root}: {why}")
         return
     p = Path(root.removeprefix("file://")).expanduser().absolute()
     probe = p
@@ -38,6 +46,33 @@ def run_root(root: str) -> None:
         raise PreflightError(f"run_root {root} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PreflightError(f"run_root {root} is not writable ({probe} does not allow this user to write)")
+
+
+def tracking(root: str) -> None:
+    """Where MLflow tracking goes must be usable: a remote root needs ``MLFLOW_TRACKING_URI`` (no quiet local
+    file), and an http(s) tracking server must answer its health check."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        if is_remote(root):
+            from flows.tracking import TrackingNotConfigured, tracking_uri
+
+            try:
+                tracking_uri(root)
+            except TrackingNotConfigured as e:
+                raise PreflightError(str(e)) from None
+        return
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
+                ok = r.status == 200
+        except OSError as e:
+            ok, why = False, getattr(e, "reason", e)
+        else:
+            why = "its /health did not answer 200"
+        if not ok:
+            raise PreflightError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {why}")
 
 
 def run_id(value: str | None) -> None:
@@ -133,6 +168,7 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
     from flows.runner import check_inputs
     from flows.runstore import RunStore
 
+    tracking(root)
     stage_overrides(name, record["params"], overrides)
     try:
         check_inputs(RunStore(root, rid), record["inputs"])

@@ -37,3 +37,17 @@ def test_flatten_nested_params():
         "a.c.d": "[1, 2]",
         "e": "None",
     }
+
+
+def test_remote_root_without_a_tracking_server_is_refused_not_tracked_locally(tmp_path, monkeypatch):
+    import pytest
+
+    from flows.tracking import TrackingNotConfigured, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrackingNotConfigured, match="MLFLOW_TRACKING_URI is not set"):
+        Tracker("s3://bucket/runs")
+    assert list(tmp_path.iterdir()) == []  # no ./runs/mlflow.db fallback
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking_uri("s3://bucket/runs") == "http://mlflow.example:5000"
