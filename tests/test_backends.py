@@ -151,7 +151,7 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> sub
 @pytest.mark.timeout(1800)
 def test_pipeline_on_postgres_backed_servers_and_s3(tiny_model, tmp_path):
     """One tiny-model pipeline run with Prefect and MLflow servers on PostgreSQL, run storage and MLflow
-    artifacts in a bucket; then a stage rerun and `turntree verify` against the bucket."""
+    artifacts in a bucket; then an evaluate rerun as from another machine and `turntree verify` on the bucket."""
     if postgres_bin() is None:
         pytest.skip("PostgreSQL binaries not installed (/usr/lib/postgresql/*/bin; .ci/run installs them)")
     from flows.serve import start_prefect_server, stop, wait_healthy
@@ -209,6 +209,9 @@ def _check_run(endpoint: str, pg: str, env: dict[str, str], run_id: str) -> None
     manifest = json.loads(_get(endpoint, f"runs/{run_id}/manifest.json"))
     assert manifest["status"] == "completed" and manifest["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
     assert manifest["final_checkpoint"].startswith(f"s3://{BUCKET}/runs/{run_id}/iter-1/update/v1/")
+    assert manifest["registered_model"] == "turntree-gtpo/1"  # its source: the checkpoint's URI
+    sources = _psql(pg + "/mlflow", "SELECT name, version, source FROM model_versions")
+    assert sources == [("turntree-gtpo", 1, manifest["final_checkpoint"])], sources
     parquet = 0
     for key, entry in manifest["stages"].items():
         for version, record in entry["versions"].items():
@@ -254,15 +257,22 @@ def _check_run(endpoint: str, pg: str, env: dict[str, str], run_id: str) -> None
 
 
 def _check_rerun_and_verify(endpoint: str, pg: str, env: dict, work: Path, root: str, run_id: str) -> None:
-    res = _cli(["stage", "score", "--run", run_id, "--iter", "1", "--root", root], env, work, 600)
+    """``turntree stage evaluate --iter 1`` as on another machine (an empty mirror): the trained checkpoint is
+    downloaded from the bucket, checked, loaded and evaluated; then ``turntree verify`` on the bucket."""
+    fresh = {**env, "TURNTREE_REMOTE_CACHE": str(work.parent / "other-machine")}
+    res = _cli(["stage", "evaluate", "--run", run_id, "--iter", "1", "--root", root], fresh, work, 600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     manifest = json.loads(_get(endpoint, f"runs/{run_id}/manifest.json"))
-    assert manifest["stages"]["iter-1/score"]["current"] == "v2"
-    rerun = manifest["stages"]["iter-1/score"]["versions"]["v2"]["output"]["tables"]
-    assert all(
-        ref["uri"].startswith(f"s3://{BUCKET}/runs/{run_id}/iter-1/score/v2/") for ref in rerun.values()
+    entry = manifest["stages"]["iter-1/evaluate"]
+    assert entry["current"] == "v2" and entry["versions"]["v2"]["inputs"] == entry["versions"]["v1"]["inputs"]
+    assert entry["versions"]["v2"]["inputs"]["checkpoint"] == manifest["final_checkpoint"]  # an s3:// URI
+    rerun = entry["versions"]["v2"]["output"]["tables"]
+    assert rerun and all(
+        r["uri"].startswith(f"s3://{BUCKET}/runs/{run_id}/iter-1/evaluate/v2/") for r in rerun.values()
     )
-    assert _keys(endpoint, f"runs/{run_id}/iter-1/score/v1/")  # the first version is still there
+    assert _keys(endpoint, f"runs/{run_id}/iter-1/evaluate/v1/")  # the first version is still there
+    downloaded = list((work.parent / "other-machine").rglob("iter-1/update/v1/checkpoint/config.json"))
+    assert len(downloaded) == 1, "the checkpoint was not fetched into the second machine's mirror"
     flows = _psql(pg + "/prefect", "SELECT flow.name FROM flow JOIN flow_run ON flow.id = flow_run.flow_id")
     assert ("turntree-stage",) in flows
     res = _cli(["verify", run_id, "--root", root], env, work, 300)
