@@ -43,6 +43,14 @@ def tracking_uri(run_root: str) -> str:
     return f"sqlite:///{root.resolve()}/mlflow.db"
 
 
+def ui_base() -> str:
+    """Where the MLflow UI is, when known: TURNTREE_MLFLOW_UI, else a tracking server (MLFLOW_TRACKING_URI
+    http(s)://…, which serves its UI too); "" otherwise."""
+    ui = os.environ.get("TURNTREE_MLFLOW_UI", "")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return (ui or (uri if uri.startswith(("http://", "https://")) else "")).rstrip("/")
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings, at most 6000 chars)."""
     out: dict[str, str] = {}
@@ -93,8 +101,8 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def run_url(self, run_id: str) -> str:
-        """The run's page in the MLflow UI: TURNTREE_MLFLOW_UI, else the one `turntree serve` starts."""
-        base = os.environ.get("TURNTREE_MLFLOW_UI", "") or "http://127.0.0.1:5000"
+        """The run's page in the MLflow UI: ``ui_base()``, else the one `turntree serve` starts."""
+        base = ui_base() or "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_MODE}"
 
     # --- logging --------------------------------------------------------------------------------------

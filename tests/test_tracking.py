@@ -51,3 +51,16 @@ def test_remote_root_without_a_tracking_server_is_refused_not_tracked_locally(tm
     assert list(tmp_path.iterdir()) == []  # no ./runs/mlflow.db fallback
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking_uri("s3://bucket/runs") == "http://mlflow.example:5000"
+
+
+def test_links_point_at_the_tracking_server_the_run_logged_to(monkeypatch):
+    from flows.report import links
+    from flows.tracking import ui_base
+
+    monkeypatch.delenv("TURNTREE_MLFLOW_UI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    assert ui_base() == "http://mlflow.example:5000"
+    out = links({"mlflow_run_id": "abc"}, "7", "s3://bucket/runs")
+    assert out == ["MLflow:  http://mlflow.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")  # no UI of its own: the one `turntree serve` starts
+    assert ui_base() == "" and "after `turntree serve" in links({"mlflow_run_id": "abc"}, "7", "runs")[0]
