@@ -97,6 +97,12 @@ def test_run_store_on_s3_records_uris_verifies_and_mirrors_checkpoints(s3_env_se
     local = localize({"checkpoint": done.uri("checkpoint"), "problems": uri}, lambda u: ckpt.sha256)
     assert local == {"checkpoint": str(mirror), "problems": uri}
     assert (mirror / "config.json").is_file() and (mirror / "tok" / "vocab.json").is_file()
+    # `turntree compare` of a run on S3 evaluates this machine's (downloaded, checked) copy of its checkpoint
+    from flows.compare import _target
+
+    shutil.rmtree(mirror)
+    store.update(final_checkpoint=done.uri("checkpoint"), mlflow_run_id="m1")
+    assert _target(store.root, "r1") == (str(mirror), "m1") and (mirror / "tok" / "vocab.json").is_file()
     # a changed object is caught by sha256, never reused
     s3_client(s3_env_set).put_object(
         Bucket=BUCKET, Key="unit/r1/iter-1/update/v1/problems.parquet", Body=body[:-1] + b"x"
