@@ -62,17 +62,21 @@ def tracking(root: str) -> None:
                 raise PreflightError(str(e)) from None
         return
     if uri.startswith(("http://", "https://")):
+        import ssl
+        import urllib.error
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as r:
-                ok = r.status == 200
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered (behind a proxy or auth, /health may not be 200): MLflow will say more
         except OSError as e:
-            ok, why = False, getattr(e, "reason", e)
-        else:
-            why = "its /health did not answer 200"
-        if not ok:
-            raise PreflightError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {why}")
+            why = getattr(e, "reason", e)
+            if not isinstance(why, ssl.SSLError):  # a private CA that MLflow is told about but urllib is not
+                raise PreflightError(
+                    f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {why}"
+                ) from None
 
 
 def run_id(value: str | None) -> None:

@@ -100,6 +100,24 @@ def localize(inputs: dict[str, str], sha256_of=lambda uri: None) -> dict[str, st
     return out
 
 
+def check_stored(uri: str, sha256: str, size: int | None) -> str | None:
+    """``flows.integrity.check_ref`` for deciding what a stage may read: a remote directory (a checkpoint) is
+    what the stage reads through this machine's mirror, so the mirror is what is checked, fetched once when
+    missing or different, instead of downloading the whole directory to hash it at every check.
+    ``turntree verify`` checks the store itself (``check_ref``)."""
+    from flows.integrity import check_ref
+
+    if is_remote(uri):
+        fs, path = resolve(uri)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            try:
+                local_dir(uri, sha256)
+            except ValueError:
+                return "sha256 differs from the recorded one"
+            return None
+    return check_ref(uri, sha256, size)
+
+
 def local_view(uri: str) -> str | None:
     """A local path holding ``uri``'s content, without downloading: the path itself, or its mirror."""
     if not is_remote(uri):

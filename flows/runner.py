@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from flows.integrity import IntegrityError, check_ref, code_hash, dir_fingerprint
-from flows.remote import is_remote, local_view, localize
+from flows.integrity import IntegrityError, code_hash, dir_fingerprint
+from flows.remote import check_stored, is_remote, local_view, localize
 from flows.runstore import RunStore, git_sha
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
@@ -85,7 +85,7 @@ def check_inputs(store: RunStore, inputs: dict[str, str]) -> None:
         if found is None:
             continue
         key, version, ref = found
-        why = check_ref(ref.uri, ref.sha256, ref.size)
+        why = check_stored(ref.uri, ref.sha256, ref.size)  # a remote checkpoint: through the local mirror
         if why:
             raise IntegrityError(
                 f"{ref.uri} ({key} {version}) is corrupt: {why}; rewrite it with `{store.repair_command(key)}`"

@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 
 from flows.integrity import check_ref, content_size
 from flows.locks import manifest_lock, pid_alive
-from flows.remote import keep_mirror, to_uri
+from flows.remote import check_stored, keep_mirror, to_uri
 from runtime.engines.live import relabel
 from runtime.tableio import resolve
 from schemas.outputs import StageOutput, TableRef
@@ -313,10 +313,11 @@ class RunStore:
         return None
 
     def verify_output(self, out: StageOutput) -> list[str]:
-        """``uri: why`` for each output of ``out`` whose size or sha256 differs from the record (or is gone)."""
+        """``uri: why`` for each output of ``out`` whose size or sha256 differs from the record (or is gone); a
+        remote checkpoint is checked as this machine will read it (``flows.remote.check_stored``)."""
         bad = []
         for ref in out.tables.values():
-            why = check_ref(ref.uri, ref.sha256, ref.size)
+            why = check_stored(ref.uri, ref.sha256, ref.size)
             if why:
                 bad.append(f"{ref.uri}: {why}")
         return bad

@@ -103,6 +103,10 @@ def test_run_store_on_s3_records_uris_verifies_and_mirrors_checkpoints(s3_env_se
     shutil.rmtree(mirror)
     store.update(final_checkpoint=done.uri("checkpoint"), mlflow_run_id="m1")
     assert _target(store.root, "r1") == (str(mirror), "m1") and (mirror / "tok" / "vocab.json").is_file()
+    # reuse checks a remote checkpoint as it will be read: through the mirror, fetched again when it differs
+    (mirror / "config.json").write_text("tampered")
+    assert store.find_completed("update", 1, {}, {"p": 1}) is not None
+    assert (mirror / "config.json").read_text() == '{"x": 1}'
     # a changed object is caught by sha256, never reused
     s3_client(s3_env_set).put_object(
         Bucket=BUCKET, Key="unit/r1/iter-1/update/v1/problems.parquet", Body=body[:-1] + b"x"
