@@ -109,7 +109,6 @@ class RunStore:
         self.fs, root_path = resolve(self.root)
         self.base = f"{root_path.rstrip('/')}/{self.run_id}"
         self.remote = not isinstance(self.fs, pafs.LocalFileSystem)
-        self.base_uri = to_uri(self.root, self.base)  # what the manifest records (``s3://…`` when remote)
 
     # --- manifest -------------------------------------------------------------------------------------
     @property
