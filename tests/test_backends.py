@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,7 @@ def test_pipeline_on_postgres_backed_servers_and_s3(tiny_model, tmp_path):
             assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
             _check_run(endpoint, pg, env, run_id)
             _check_rerun_and_verify(endpoint, pg, env, work, root, run_id)
+            _check_serve_beside_the_tracking_server(env, work, root)
         finally:
             for proc in servers:
                 stop(proc)
@@ -291,3 +293,35 @@ def _check_rerun_and_verify(endpoint: str, pg: str, env: dict, work: Path, root:
     s3_client(endpoint).put_object(Bucket=BUCKET, Key=key, Body=_get(endpoint, key)[:-8])
     res = _cli(["verify", run_id, "--root", root], env, work, 300)
     assert res.returncode == 1 and f"s3://{BUCKET}/{key}" in res.stdout, res.stdout + res.stderr
+
+
+def _check_serve_beside_the_tracking_server(env: dict, work: Path, root: str) -> None:
+    """`turntree serve` with MLFLOW_TRACKING_URI set starts Prefect only and points at the tracking server."""
+    import signal
+
+    pport, mport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--root", root, "--prefect-port", str(pport)]
+    cmd += ["--mlflow-port", str(mport)]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        while not any("Ctrl-C" in x for x in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        out = "".join(lines)
+        assert f"MLflow UI:  {env['MLFLOW_TRACKING_URI']}" in out and f"127.0.0.1:{pport}" in out, out
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", mport)) != 0  # no MLflow server of its own
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
