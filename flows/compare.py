@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.evaluate import evaluate_checkpoint
+from flows.remote import is_remote, local_dir
 from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model
 from flows.tracking import Tracker
@@ -36,6 +37,9 @@ def _target(run_root: str, target: str) -> tuple[str, str | None]:
     ckpt = manifest.get("final_checkpoint")
     if not ckpt:
         raise ValueError(f"run {target!r} has no final checkpoint (status {manifest.get('status')!r})")
+    if is_remote(ckpt):  # a run on S3: this machine's copy of its checkpoint, checked against the manifest
+        found = store.recorded_ref(ckpt)
+        ckpt = str(local_dir(ckpt, found[2].sha256 if found else None))
     return ckpt, manifest.get("mlflow_run_id")
 
 

@@ -25,8 +25,16 @@ def is_remote(root: str) -> bool:
 
 
 def run_root(root: str) -> None:
-    """A local run root must be a directory this user can write (or be creatable under one)."""
+    """A local run root must be a directory this user can write (or be creatable under one); a remote one
+    (``s3://bucket/prefix``) needs a reachable tracking server and an existing bucket. Either way a configured
+    tracking server must answer."""
+    tracking(root)
     if is_remote(root):
+        from flows.remote import check_root
+
+        why = check_root(root)
+        if why:
+            raise PreflightError(f"run_root {root}: {why}")
         return
     p = Path(root.removeprefix("file://")).expanduser().absolute()
     probe = p
@@ -38,6 +46,37 @@ def run_root(root: str) -> None:
         raise PreflightError(f"run_root {root} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PreflightError(f"run_root {root} is not writable ({probe} does not allow this user to write)")
+
+
+def tracking(root: str) -> None:
+    """Where MLflow tracking goes must be usable: a remote root needs ``MLFLOW_TRACKING_URI`` (no quiet local
+    file), and an http(s) tracking server must answer its health check."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        if is_remote(root):
+            from flows.tracking import TrackingNotConfigured, tracking_uri
+
+            try:
+                tracking_uri(root)
+            except TrackingNotConfigured as e:
+                raise PreflightError(str(e)) from None
+        return
+    if uri.startswith(("http://", "https://")):
+        import ssl
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered (behind a proxy or auth, /health may not be 200): MLflow will say more
+        except OSError as e:
+            why = getattr(e, "reason", e)
+            if not isinstance(why, ssl.SSLError):  # a private CA that MLflow is told about but urllib is not
+                raise PreflightError(
+                    f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is not reachable: {why}"
+                ) from None
 
 
 def run_id(value: str | None) -> None:
@@ -153,6 +192,7 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
     from flows.runner import check_inputs
     from flows.runstore import RunStore
 
+    tracking(root)
     stage_overrides(name, record["params"], overrides)
     try:
         check_inputs(RunStore(root, rid), record["inputs"])

@@ -209,7 +209,9 @@ def links(manifest: dict[str, Any], experiment_id: str | None, root: str) -> lis
         )
     run = manifest.get("mlflow_run_id")
     if run and experiment_id:
-        ui = os.environ.get("TURNTREE_MLFLOW_UI", "").rstrip("/")
+        from flows.tracking import ui_base
+
+        ui = ui_base()  # TURNTREE_MLFLOW_UI, or the tracking server the run logged to
         # the model-training view of the MLflow UI (its default is the GenAI traces view)
         url = f"{ui or 'http://127.0.0.1:5000'}/#/experiments/{experiment_id}/runs/{run}?workflowType=machine_learning"
         out.append(f"MLflow:  {url}" + ("" if ui else f"   (after `turntree serve --root {root}`)"))

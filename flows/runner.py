@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from flows.integrity import IntegrityError, check_ref, code_hash, dir_fingerprint
+from flows.integrity import IntegrityError, code_hash, dir_fingerprint
+from flows.remote import check_stored, is_remote, local_view, localize
 from flows.runstore import RunStore, git_sha
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
@@ -84,7 +85,7 @@ def check_inputs(store: RunStore, inputs: dict[str, str]) -> None:
         if found is None:
             continue
         key, version, ref = found
-        why = check_ref(ref.uri, ref.sha256, ref.size)
+        why = check_stored(ref.uri, ref.sha256, ref.size)  # a remote checkpoint: through the local mirror
         if why:
             raise IntegrityError(
                 f"{ref.uri} ({key} {version}) is corrupt: {why}; rewrite it with `{store.repair_command(key)}`"
@@ -113,7 +114,7 @@ def run_stage(
     tracker, child = _start_child(ctx, stage, iteration, params)
     t0 = time.perf_counter()
     try:
-        output: StageOutput = module.run(params, dict(inputs), scratch)
+        output: StageOutput = module.run(params, _local_inputs(store, inputs), scratch)
     except BaseException as e:
         if tracker and child:
             tracker.log_text(child, traceback.format_exc(), "error.txt")
@@ -150,6 +151,19 @@ def run_stage(
     return output
 
 
+def _local_inputs(store: RunStore, inputs: dict[str, str]) -> dict[str, str]:
+    """What the stage is given: ``inputs``, with a model directory on a remote root replaced by this machine's
+    copy (``flows.remote``: checked against the sha256 the manifest recorded); the manifest keeps the URIs."""
+    if not store.remote:
+        return dict(inputs)
+
+    def recorded_sha(uri: str) -> str | None:
+        found = store.recorded_ref(uri)
+        return found[2].sha256 if found else None
+
+    return localize(inputs, recorded_sha)
+
+
 def _cleanup(scratch: Path) -> None:
     import shutil
 
@@ -180,7 +194,7 @@ def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: Stage
     tracker.log_metrics(ctx.mlflow_parent, output.metrics, step)
     tracker.log_dict(child, output.model_dump(mode="json"), "stage_output.json")
     for name, ref in output.tables.items():
-        if ref.uri.endswith(".parquet") and "://" not in ref.uri and os.path.exists(ref.uri):
+        if ref.uri.endswith(".parquet") and (is_remote(ref.uri) or os.path.exists(ref.uri)):
             tracker.log_sample_table(child, ref.uri, name)
             if name in ("trajectories", "trees"):
                 tracker.log_transcripts(child, ref.uri, name)
@@ -188,9 +202,10 @@ def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: Stage
                 for split, context in (("train", "training"), ("eval", "evaluation")):
                     for run in (child, ctx.mlflow_parent):
                         tracker.log_dataset(run, ref.uri, f"{name}-{split}", context, split=split)
-        if name == "checkpoint" and os.path.isdir(ref.uri):
-            tracker.log_model_card(child, ref.uri, model_card(ctx, stage, step, ref.uri))
-            steps = Path(ref.uri).parent / "steps.jsonl"
+        local = local_view(ref.uri)  # a remote checkpoint: this machine's mirror of what it uploaded
+        if name == "checkpoint" and local and os.path.isdir(local):
+            tracker.log_model_card(child, local, model_card(ctx, stage, step, ref.uri), ref.uri)
+            steps = Path(local).parent / "steps.jsonl"
             if steps.is_file():  # the update's per-optimizer-step records, on the global step
                 records = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
                 for run in (child, ctx.mlflow_parent):

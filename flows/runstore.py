@@ -13,7 +13,9 @@ time (``flows.locks``): manifest updates are read-modify-write under a lock, the
 directory carries its owner's pid and is only removed once that process is dead.
 
 The root is a local directory, or any pyarrow filesystem URI (``s3://bucket/prefix``); stages themselves write
-to a local directory, which is uploaded for a remote root.
+to a local directory, which is uploaded for a remote root (and kept in this machine's mirror, ``flows.remote``);
+the manifest records full URIs (``s3://…``) and is written with one PUT, which an object store makes visible
+all at once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import pyarrow.fs as pafs
 
 from flows.integrity import check_ref, content_size
 from flows.locks import manifest_lock, pid_alive
+from flows.remote import check_stored, keep_mirror, to_uri
 from runtime.engines.live import relabel
 from runtime.tableio import resolve
 from schemas.outputs import StageOutput, TableRef
@@ -132,13 +135,14 @@ class RunStore:
         manifest["updated_at"] = time.time()
         data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
         self.fs.create_dir(self.base, recursive=True)
+        if self.remote:  # an object appears whole when its upload completes: no temp + copy + delete
+            with self.fs.open_output_stream(self.manifest_path) as f:
+                f.write(data)
+            return
         tmp = f"{self.base}/.{MANIFEST}.{uuid.uuid4().hex}.tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
-        if self.remote:
-            self.fs.move(tmp, self.manifest_path)
-        else:
-            os.replace(tmp, self.manifest_path)
+        os.replace(tmp, self.manifest_path)
 
     def create_or_open(self, params: dict[str, Any]) -> dict[str, Any]:
         """Open the run (checking its parameters match) or create its manifest."""
@@ -232,15 +236,16 @@ class RunStore:
     def _commit(self, stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints):
         version = self.next_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
+        prefix = str(scratch)
         if self.remote:
             pafs.copy_files(
                 str(scratch), final, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs
             )
-            shutil.rmtree(scratch, ignore_errors=True)
+            final = to_uri(self.root, final)
+            # weights pushed from the scratch checkpoint are now served from this machine's mirror of `final`
+            relabel(scratch, keep_mirror(scratch, final))
         else:
             os.replace(scratch, final)
-        prefix = str(scratch)
-        if not self.remote:
             relabel(scratch, final)  # weights pushed from the scratch checkpoint now live at `final`
         tables = {}
         for name, ref in output.tables.items():
@@ -307,10 +312,11 @@ class RunStore:
         return None
 
     def verify_output(self, out: StageOutput) -> list[str]:
-        """``uri: why`` for each output of ``out`` whose size or sha256 differs from the record (or is gone)."""
+        """``uri: why`` for each output of ``out`` whose size or sha256 differs from the record (or is gone); a
+        remote checkpoint is checked as this machine will read it (``flows.remote.check_stored``)."""
         bad = []
         for ref in out.tables.values():
-            why = check_ref(ref.uri, ref.sha256, ref.size)
+            why = check_stored(ref.uri, ref.sha256, ref.size)
             if why:
                 bad.append(f"{ref.uri}: {why}")
         return bad

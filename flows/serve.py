@@ -86,14 +86,30 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
-    """Both servers, logging to ``<root>/logs/{prefect,mlflow}-server.log``; the Prefect UI calls the API on
-    ``prefect_port`` (not Prefect's default 4200)."""
+def mlflow_store(root: str) -> str | None:
+    """The store `turntree serve` starts an MLflow UI on, or None when ``MLFLOW_TRACKING_URI`` names a tracking
+    server (it has its own UI; ``mlflow server`` cannot take it as a backend store)."""
     from flows.tracking import tracking_uri
 
     uri = tracking_uri(root)
-    logs = (Path(root) if "://" not in root else Path("runs")) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    return None if uri.startswith(("http://", "https://")) else uri
+
+
+def log_dir(root: str) -> Path:
+    """Where `turntree serve` writes the servers' logs: ``<root>/logs``, or for a remote root (no local
+    directory of its own) ``~/.cache/turntree/logs``; created."""
+    d = Path(root) / "logs" if "://" not in root else Path.home() / ".cache" / "turntree" / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
+    """Both servers, logging to ``<root>/logs/{prefect,mlflow}-server.log``; the Prefect UI calls the API on
+    ``prefect_port`` (not Prefect's default 4200). With a tracking server configured, only Prefect."""
+    uri = mlflow_store(root)
+    if uri is None:
+        return serve_prefect_only(root, prefect_port)
+    logs = log_dir(root)
     api = f"http://127.0.0.1:{prefect_port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api}
     files = [open(logs / "prefect-server.log", "a"), open(logs / "mlflow-server.log", "a")]  # noqa: SIM115
@@ -132,6 +148,38 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
             stop(p)
         for f in files:
             f.close()
+
+
+def serve_prefect_only(root: str, prefect_port: int) -> int:
+    """`turntree serve` beside a tracking server (``MLFLOW_TRACKING_URI``): the Prefect server alone."""
+    logs = log_dir(root)
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with open(logs / "prefect-server.log", "a") as log:
+        proc = start_prefect_server(prefect_port, log, env)
+        try:
+            if not wait_healthy(f"{api}/health", proc, 90):
+                print(
+                    f"turntree: error: could not start prefect (see {logs}/prefect-server.log)",
+                    file=sys.stderr,
+                )
+                return 1
+            print(
+                f"Prefect UI: http://127.0.0.1:{prefect_port}   (export PREFECT_API_URL={api} to send runs there)"
+            )
+            print(
+                f"MLflow UI:  {os.environ['MLFLOW_TRACKING_URI']}   (the tracking server in MLFLOW_TRACKING_URI)"
+            )
+            print("Ctrl-C stops the Prefect server.")
+            while proc.poll() is None:
+                time.sleep(1)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop(proc)
 
 
 def deploy(pool: str, prefect_file: str) -> int:

@@ -1,8 +1,10 @@
 """MLflow tracking for pipeline runs: one parent run per pipeline run, one child run per stage invocation.
 
 Uses ``MlflowClient`` with explicit run ids (no fluent active-run stack, which is thread-local and would tangle
-with Prefect's task threads). Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else a SQLite file under the run
-root (``<root>/mlflow.db``) with artifacts beside it.
+with Prefect's task threads). Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else a SQLite file under a local
+run root (``<root>/mlflow.db``) with artifacts beside it. A remote run root (``s3://…``) has no local place for
+that file: it needs ``MLFLOW_TRACKING_URI`` (a tracking server), and without one ``tracking_uri`` refuses
+(``flows.preflight`` says so before any work starts) instead of tracking into a file on whichever machine ran it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,29 @@ TRANSCRIPT_ROWS = 50  # trajectories / trees per logged transcript table
 _HEAVY = ("token_ids", "logprobs", "input_ids", "loss_mask", "advantages", "turns", "nodes")
 
 
+class TrackingNotConfigured(ValueError):
+    """A remote run root without a tracking server to go with it."""
+
+
 def tracking_uri(run_root: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(run_root) if "://" not in run_root else Path("runs")
+    if "://" in run_root and not run_root.startswith("file://"):
+        raise TrackingNotConfigured(
+            f"run_root {run_root} is remote but MLFLOW_TRACKING_URI is not set: point it at your MLflow tracking "
+            "server (e.g. export MLFLOW_TRACKING_URI=http://mlflow:5000); a remote run is not tracked in a local file"
+        )
+    root = Path(run_root.removeprefix("file://"))
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root.resolve()}/mlflow.db"
+
+
+def ui_base() -> str:
+    """Where the MLflow UI is, when known: TURNTREE_MLFLOW_UI, else a tracking server (MLFLOW_TRACKING_URI
+    http(s)://…, which serves its UI too); "" otherwise."""
+    ui = os.environ.get("TURNTREE_MLFLOW_UI", "")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return (ui or (uri if uri.startswith(("http://", "https://")) else "")).rstrip("/")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -82,8 +101,8 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def run_url(self, run_id: str) -> str:
-        """The run's page in the MLflow UI: TURNTREE_MLFLOW_UI, else the one `turntree serve` starts."""
-        base = os.environ.get("TURNTREE_MLFLOW_UI", "") or "http://127.0.0.1:5000"
+        """The run's page in the MLflow UI: ``ui_base()``, else the one `turntree serve` starts."""
+        base = ui_base() or "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_MODE}"
 
     # --- logging --------------------------------------------------------------------------------------
@@ -202,11 +221,12 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
-    def log_model_card(self, run_id: str, checkpoint: str, card: str) -> None:
-        """A checkpoint as a model artifact: its card, its config and where its weights are stored."""
+    def log_model_card(self, run_id: str, checkpoint: str, card: str, stored_at: str | None = None) -> None:
+        """A checkpoint as a model artifact: its card, its config and where its weights are stored
+        (``stored_at``: the URI, when ``checkpoint`` is a local copy of a remote one)."""
         self.log_text(run_id, card, "model/README.md")
         files = sorted(p.name for p in Path(checkpoint).iterdir()) if Path(checkpoint).is_dir() else []
-        self.log_dict(run_id, {"checkpoint": checkpoint, "files": files}, "model/checkpoint.json")
+        self.log_dict(run_id, {"checkpoint": stored_at or checkpoint, "files": files}, "model/checkpoint.json")
         config = Path(checkpoint) / "config.json"
         if config.is_file():
             self.log_artifact(run_id, str(config), "model")

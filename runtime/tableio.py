@@ -2,7 +2,8 @@
 
 ``write_table`` checks a table against its schema (columns, types, non-null fields, nested ones included),
 writes it to a temporary name beside the target and renames it into place, so a crash never leaves a
-half-written file under the final name. ``read_table`` refuses a file whose ``schema_version`` this code
+half-written file under the final name (on an object store, ``s3://…``, the one upload is that guarantee: an
+object appears only once it is complete). ``read_table`` refuses a file whose ``schema_version`` this code
 cannot read. Paths may be local or any URI pyarrow's filesystems understand (``s3://…``).
 """
 
@@ -110,21 +111,23 @@ def write_table(rows: Iterable[Mapping] | pa.Table, schema: pa.Schema, uri: str 
     fs, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store shows an object only once it is complete
+        buf = pa.BufferOutputStream()  # encoded first: a failure while encoding uploads nothing
+        pq.write_table(table, buf)
+        with fs.open_output_stream(path) as f:
+            f.write(buf.getvalue())
+        return TableRef(uri=os.fspath(uri), sha256=sha256_file(uri), rows=table.num_rows)
     tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
     try:
         with fs.open_output_stream(tmp) as f:
             pq.write_table(table, f)
-            if isinstance(fs, pafs.LocalFileSystem):
-                f.flush()
-        if isinstance(fs, pafs.LocalFileSystem):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        else:
-            fs.move(tmp, path)
+            f.flush()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     except BaseException:
         try:
             fs.delete_file(tmp)

@@ -37,3 +37,47 @@ def test_flatten_nested_params():
         "a.c.d": "[1, 2]",
         "e": "None",
     }
+
+
+def test_remote_root_without_a_tracking_server_is_refused_not_tracked_locally(tmp_path, monkeypatch):
+    import pytest
+
+    from flows.tracking import TrackingNotConfigured, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrackingNotConfigured, match="MLFLOW_TRACKING_URI is not set"):
+        Tracker("s3://bucket/runs")
+    assert list(tmp_path.iterdir()) == []  # no ./runs/mlflow.db fallback
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking_uri("s3://bucket/runs") == "http://mlflow.example:5000"
+
+
+def test_links_point_at_the_tracking_server_the_run_logged_to(monkeypatch):
+    from flows.report import links
+    from flows.tracking import ui_base
+
+    monkeypatch.delenv("TURNTREE_MLFLOW_UI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    assert ui_base() == "http://mlflow.example:5000"
+    out = links({"mlflow_run_id": "abc"}, "7", "s3://bucket/runs")
+    assert out == [
+        "MLflow:  http://mlflow.example:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
+    ]
+    # no UI of its own: links go to the one `turntree serve` starts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
+    assert ui_base() == "" and "after `turntree serve" in links({"mlflow_run_id": "abc"}, "7", "runs")[0]
+
+
+def test_serve_starts_no_mlflow_server_on_top_of_a_tracking_server(tmp_path, monkeypatch):
+    import pytest
+
+    from flows.serve import mlflow_store
+    from flows.tracking import TrackingNotConfigured
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example")
+    assert mlflow_store("s3://bucket/runs") is None and mlflow_store(str(tmp_path)) is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert mlflow_store(str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingNotConfigured):
+        mlflow_store("s3://bucket/runs")
