@@ -234,6 +234,10 @@ def tag_flow_run(ctx: RunContext, params: PipelineParams) -> None:
 def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # Quick run: the defaults
     """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint.
     Holds the run's lock throughout (``flows.locks``): a second writer of the same run is refused."""
+    from flows.preflight import dispatch
+
+    # the pools and their stage steps exist: checked here too for runs started from a deployment, not the CLI
+    dispatch(params)
     with run_lock(params.run_root, params.run_id or default_run_id(params)):
         return _pipeline(params)
 
