@@ -51,7 +51,7 @@ def direct(params) -> float:
 
     t = time.perf_counter()
     store = RunStore(params.run_root, params.run_id)
-    store.create_or_open(params.model_dump(mode="json", exclude={"run_id"}))
+    store.create_or_open(params.identity())
     tracker = Tracker(params.run_root)
     parent = tracker.start_parent(params.run_id, params.model_dump(mode="json"), {"algo": params.algorithm})
     ctx = RunContext(root=params.run_root, run_id=params.run_id, algo=params.algorithm, mlflow_parent=parent)

@@ -95,9 +95,11 @@ def cmd_stage(a: argparse.Namespace) -> int:
         from flows.stage import stage_flow
 
         state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
-    if not state.is_completed():
+    if not state.is_completed():  # exit 2 bad input, 75 transient (retry), 1 failed (flows.tasks.exit_code)
+        from flows.tasks import exit_code
+
         print(f"turntree: stage rerun failed: {state.message}", file=sys.stderr)
-        return 1
+        return exit_code(state.result(raise_on_failure=False))
     print(json.dumps(state.result(), indent=2))
     return 0
 
@@ -187,7 +189,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_deploy(a: argparse.Namespace) -> int:
     from flows.serve import deploy
 
-    return deploy(a.pool, a.prefect_file)
+    return deploy(a.pool or ["turntree"], a.prefect_file)
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> int:
@@ -309,7 +311,12 @@ def parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     dp = sub.add_parser("deploy", help="register infra/prefect.yaml's deployments to a work pool")
-    dp.add_argument("--pool", default="turntree", help="process work pool (created if missing)")
+    dp.add_argument(
+        "--pool",
+        action="append",
+        help="process work pool (created if missing; default turntree); repeat for more pools: the first gets "
+        "every deployment, each gets the stage step that dispatch.pools sends stages to",
+    )
     dp.add_argument(
         "--prefect-file", default=str(Path(__file__).resolve().parents[1] / "infra" / "prefect.yaml")
     )

@@ -5,6 +5,12 @@
 - the **manifest lock** (``<run dir>/.manifest.lock``, held for one read-modify-write of the manifest or one
   commit): short, always waited for, so concurrent committers never lose each other's versions.
 
+The run lock file names its holder: ``<pid>\n<token>\n``, the token a random string made when the lock is taken.
+A stage the pipeline dispatches to a Prefect work pool runs in another process while the pipeline keeps the lock;
+the pipeline gives it the token (``held_token``) and the stage step writes only while that very lock is held
+with that token (``authorised``): any other writer is still refused, and a stage step left over from a pipeline
+that has since stopped writes nothing.
+
 Both are re-entrant within a process (flock conflicts between two descriptors of one process). A run root that
 is a remote URI (``s3://…``) gets a local lock file keyed by the URI under ``~/.cache/turntree/locks``: it keeps
 writers on this machine apart, not writers on other machines.
@@ -17,10 +23,11 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-_HELD: dict[str, tuple[int, int]] = {}  # path -> (fd, depth)
+_HELD: dict[str, tuple[int, int, str]] = {}  # path -> (fd, depth, token)
 _GUARD = threading.RLock()
 
 
@@ -46,10 +53,17 @@ def lock_path(root: str, run_id: str, name: str) -> Path:
     return base / run_id / f".{name}.lock"
 
 
+def _holder(path: Path) -> list[str]:
+    try:
+        return path.read_text().split()
+    except OSError:
+        return []
+
+
 def holder_pid(path: Path) -> int | None:
     try:
-        return int(path.read_text().strip() or 0) or None
-    except (OSError, ValueError):
+        return int((_holder(path) or ["0"])[0]) or None
+    except ValueError:
         return None
 
 
@@ -59,8 +73,8 @@ def file_lock(path: Path, *, wait: bool, run_id: str = "", poll: float = 0.2):
     key = str(path)
     with _GUARD:
         if key in _HELD:
-            fd, depth = _HELD[key]
-            _HELD[key] = (fd, depth + 1)
+            fd, depth, token = _HELD[key]
+            _HELD[key] = (fd, depth + 1, token)
             held = True
         else:
             held = False
@@ -77,17 +91,18 @@ def file_lock(path: Path, *, wait: bool, run_id: str = "", poll: float = 0.2):
                     os.close(fd)
                     raise RunLocked(run_id, pid) from None
                 time.sleep(poll)
+        token = uuid.uuid4().hex
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}\n{token}\n".encode(), 0)
         with _GUARD:
-            _HELD[key] = (fd, 1)
+            _HELD[key] = (fd, 1, token)
     try:
         yield
     finally:
         with _GUARD:
-            fd, depth = _HELD[key]
+            fd, depth, token = _HELD[key]
             if depth > 1:
-                _HELD[key] = (fd, depth - 1)
+                _HELD[key] = (fd, depth - 1, token)
             else:
                 del _HELD[key]
                 os.ftruncate(fd, 0)
@@ -98,6 +113,53 @@ def file_lock(path: Path, *, wait: bool, run_id: str = "", poll: float = 0.2):
 def run_lock(root: str, run_id: str, *, wait: bool = False):
     """The run's writer lock: raises ``RunLocked`` naming the holder's pid unless ``wait``."""
     return file_lock(lock_path(root, run_id, "run"), wait=wait, run_id=run_id)
+
+
+def held_token(root: str, run_id: str) -> str | None:
+    """The token of the run lock this process holds (None: it holds none), for the stages it dispatches."""
+    with _GUARD:
+        held = _HELD.get(str(lock_path(root, run_id, "run")))
+    return held[2] if held else None
+
+
+class NotAuthorised(RunLocked):
+    """A stage step whose token is not the one of the run lock's current holder."""
+
+    def __init__(self, run_id: str, pid: int | None):
+        RuntimeError.__init__(
+            self,
+            f"run {run_id!r} is being written by process {pid}, which did not dispatch this stage step (its "
+            "lock token differs): nothing written"
+            if pid
+            else f"run {run_id!r} is no longer locked by the pipeline that dispatched this stage step (it has "
+            "stopped): nothing written",
+        )
+        self.pid = pid
+
+
+@contextmanager
+def authorised(root: str, run_id: str, token: str | None):
+    """Write access for a stage step: with no token, the run lock itself (``run_lock``); with a token, only
+    while another process holds the run lock under that token (the pipeline that dispatched the step)."""
+    if not token:
+        with run_lock(root, run_id):
+            yield
+        return
+    path = lock_path(root, run_id, "run")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: by whom?
+        held = _holder(path)
+        if len(held) < 2 or held[1] != token:
+            raise NotAuthorised(run_id, holder_pid(path)) from None
+    else:  # nobody holds it: the pipeline that dispatched this step has stopped
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        raise NotAuthorised(run_id, None) from None
+    finally:
+        os.close(fd)
+    yield
 
 
 def manifest_lock(root: str, run_id: str):

@@ -6,13 +6,17 @@ Run locally (no server needed; Prefect starts a temporary one):
     turntree run --set algorithm=murphy --set data.sources='["synthetic:func-synth"]'
 Deploy (schedule from the Prefect UI): `turntree deploy` registers infra/prefect.yaml's deployments.
 
-Simplifications: everything runs in one process (vLLM engine and trainer colocated, the engine reused across
-iterations through ``runtime.engines``).
+By default every stage runs in the pipeline's process (vLLM engine and trainer colocated, the engine reused
+across iterations through ``runtime.engines``). ``dispatch`` (``--set dispatch.pools.rollout=gpu``, ``--set
+dispatch.default=cpu``) runs stages as flow runs of their own on Prefect work pools instead (``flows.step``):
+each loads its model from the stored checkpoint, and the pipeline keeps the run lock while they write.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +47,14 @@ def _call(
     """``upstream``: the outputs this stage's inputs came from, passed to the task so that Prefect draws the
     data edges between stages (left out of the cache key: ``inputs`` already names what they hold)."""
     params = getattr(p, params_field(stage)).model_dump(mode="json")
+    pool = p.dispatch.pool_for(stage)
+    if pool:  # a flow run of its own on that work pool (flows.step)
+        from flows.step import StageRequest, dispatch_stage
+
+        req = StageRequest(
+            stage=stage, run_id=ctx.run_id, run_root=ctx.root, iteration=it, params=params, inputs=inputs
+        )
+        return dispatch_stage(req, pool)
     task = stage_runner(stage)
     ups = [u for u in upstream if u is not None]
     return task(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, upstream=ups)
@@ -54,7 +66,7 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
 
     run_id = p.run_id or default_run_id(p)
     store = RunStore(p.run_root, run_id)
-    manifest = store.create_or_open(p.model_dump(mode="json", exclude={"run_id"}))
+    manifest = store.create_or_open(p.identity())
     if store.clean_scratch():  # scratch dirs whose owner process is dead: never read, dropped
         get_run_logger().info("removed unfinished stage outputs of an earlier, killed attempt")
     ctx = RunContext(root=p.run_root, run_id=run_id, algo=p.algorithm, flow_run_id=str(flow_run.id or "none"))
@@ -76,7 +88,11 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
         tracker.log_dict(parent, p.model_dump(mode="json"), "config.json")
     ctx.mlflow_parent = parent
     store.update(
-        status="running", mlflow_run_id=parent, tracking_uri=tracker.uri, prefect_flow_run_id=ctx.flow_run_id
+        status="running",
+        mlflow_run_id=parent,
+        tracking_uri=tracker.uri,
+        prefect_flow_run_id=ctx.flow_run_id,
+        driver={"host": socket.gethostname(), "pid": os.getpid()},  # stages record theirs (made_by)
     )
     return store, ctx, tracker
 
@@ -218,6 +234,10 @@ def tag_flow_run(ctx: RunContext, params: PipelineParams) -> None:
 def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # Quick run: the defaults
     """Train a policy with GRPO, GTPO or MURPHY from its parameters; returns the run id and final checkpoint.
     Holds the run's lock throughout (``flows.locks``): a second writer of the same run is refused."""
+    from flows.preflight import dispatch
+
+    # the pools and their stage steps exist: checked here too for runs started from a deployment, not the CLI
+    dispatch(params)
     with run_lock(params.run_root, params.run_id or default_run_id(params)):
         return _pipeline(params)
 

@@ -150,7 +150,8 @@ def pipeline(params: Any) -> str:
     model(params.model)
     sources(list(params.data.sources))
     rid = params.run_id or default_run_id(params)
-    existing_run(params.run_root, rid, params.model_dump(mode="json", exclude={"run_id"}))
+    dispatch(params)
+    existing_run(params.run_root, rid, params.identity())
     return rid
 
 
@@ -243,3 +244,52 @@ def compare_entries(root: str, entries: list[str]) -> dict[str, str]:
             model(target, f"compare entry {name}:")
         out[name] = target
     return out
+
+
+def dispatch(params: Any) -> None:
+    """``dispatch``: the stages it puts on work pools need a Prefect server the workers reach, a run root they
+    see at the same path, and on each pool its stage-step deployment (``turntree deploy --pool <pool>``)."""
+    from stages import PIPELINE_STAGES
+
+    pools = params.dispatch.used_pools(PIPELINE_STAGES)
+    if not pools:
+        return
+    if not is_remote(params.run_root) and not Path(params.run_root.removeprefix("file://")).is_absolute():
+        raise PreflightError(
+            f"dispatch: run_root {params.run_root!r} is relative; give a path the workers see too (--root /abs/path)"
+        )
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise PreflightError(
+            "dispatch needs a Prefect server the workers poll: start one (`turntree serve`) and export "
+            "PREFECT_API_URL=http://HOST:4200/api"
+        )
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10):
+            pass
+    except OSError as e:
+        raise PreflightError(f"dispatch: the Prefect server at {url} does not answer ({e})") from None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                have = ", ".join(sorted(p.name for p in client.read_work_pools())) or "none"
+                raise PreflightError(
+                    f"dispatch: no work pool {pool!r} on the Prefect server at {url} (pools: {have}); create "
+                    f"it and register the stage step with `turntree deploy --pool {pool}`"
+                ) from None
+            try:
+                client.read_deployment_by_name(params.dispatch.deployment(pool))
+            except ObjectNotFound:
+                raise PreflightError(
+                    f"dispatch: work pool {pool!r} has no stage-step deployment "
+                    f"{params.dispatch.deployment(pool)!r}; register it with `turntree deploy --pool {pool}`"
+                ) from None

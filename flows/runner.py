@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ def params_model(stage: str) -> type[BaseModel]:
 
 def default_run_id(params: PipelineParams) -> str:
     """Same parameters -> same run id, so rerunning a pipeline resumes it instead of starting over."""
-    body = params.model_dump(exclude={"run_id", "run_root"})
+    body = params.model_dump(exclude={"run_id", "run_root", "dispatch"})
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
     return f"{params.algorithm}-{digest}"
 
@@ -134,6 +135,7 @@ def run_stage(
         params_field=params_field(stage),
         code=code,
         fingerprints=prints,
+        made_by={"host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": ctx.flow_run_id},
     )
     if tracker and child:
         try:

@@ -225,15 +225,19 @@ class RunStore:
         params_field: str,
         code: str = "",
         fingerprints: dict[str, str] | None = None,
+        made_by: dict[str, Any] | None = None,
     ) -> StageOutput:
         """Move a finished stage's scratch dir to the next version and record it as current (under the manifest
-        lock, so concurrent committers each get their own version and all of them are recorded)."""
+        lock, so concurrent committers each get their own version and all of them are recorded). ``made_by``:
+        where it ran (host, pid, Prefect flow run)."""
         with manifest_lock(self.root, self.run_id):
             return self._commit(
-                stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints
+                stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints, made_by
             )
 
-    def _commit(self, stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints):
+    def _commit(
+        self, stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints, made_by=None
+    ):
         version = self.next_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
         prefix = str(scratch)
@@ -264,6 +268,7 @@ class RunStore:
             "code": code,
             "fingerprints": fingerprints if fingerprints is not None else dict(inputs),
             "output": output.model_dump(),
+            **({"made_by": made_by} if made_by else {}),
         }
         entry["current"] = version
         self.save(manifest)

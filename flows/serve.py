@@ -182,9 +182,13 @@ def serve_prefect_only(root: str, prefect_port: int) -> int:
             stop(proc)
 
 
-def deploy(pool: str, prefect_file: str) -> int:
-    """Create the process work pool if missing (an existing pool of any type, e.g. Kubernetes, is kept),
-    then `prefect deploy --all` with the repo as working dir."""
+STEP_ENTRYPOINT = "flows/step.py:stage_step"
+
+
+def deploy(pools: list[str], prefect_file: str) -> int:
+    """Create each process work pool if missing (an existing pool of any type, e.g. Kubernetes, is kept), then
+    `prefect deploy --all` with the repo as working dir: every deployment to the first pool, and the stage step
+    (``step-<pool>``, where ``dispatch`` sends stages) to each further pool."""
     if not os.environ.get("PREFECT_API_URL"):
         print(
             "turntree: error: PREFECT_API_URL is not set: start a server (`turntree serve`) and export "
@@ -192,19 +196,42 @@ def deploy(pool: str, prefect_file: str) -> int:
             file=sys.stderr,
         )
         return 2
+    import tempfile
+
+    import yaml
+
     prefect = str(BIN / "prefect")
-    # TURNTREE_REPO: where the flow runs find the repository (the images' /opt/turntree when deploying from
-    # a checkout elsewhere to a Kubernetes pool); default: this checkout.
-    env = {**os.environ, "TURNTREE_REPO": os.environ.get("TURNTREE_REPO") or str(REPO), "TURNTREE_POOL": pool}
-    inspect = subprocess.run([prefect, "work-pool", "inspect", pool], capture_output=True, text=True, env=env)
-    if inspect.returncode != 0:
-        subprocess.run([prefect, "work-pool", "create", pool, "--type", "process"], check=True, env=env)
-    res = subprocess.run(
-        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", prefect_file], cwd=REPO, env=env
-    )
-    if res.returncode == 0:
-        print(
-            f"deployments registered to work pool {pool!r}; start a worker with "
-            f"`prefect worker start --pool {pool}`"
-        )
-    return res.returncode
+    config = yaml.safe_load(Path(prefect_file).read_text())
+    steps_only = {
+        **config,
+        "deployments": [d for d in config["deployments"] if d["entrypoint"] == STEP_ENTRYPOINT],
+    }
+    with tempfile.TemporaryDirectory(prefix="turntree-deploy-") as tmp:
+        step_file = Path(tmp) / "prefect.yaml"
+        step_file.write_text(yaml.safe_dump(steps_only, sort_keys=False))
+        for i, pool in enumerate(dict.fromkeys(pools)):
+            # TURNTREE_REPO: where the flow runs find the repository (the images' /opt/turntree when deploying
+            # from a checkout elsewhere to a Kubernetes pool); default: this checkout.
+            env = {
+                **os.environ,
+                "TURNTREE_REPO": os.environ.get("TURNTREE_REPO") or str(REPO),
+                "TURNTREE_POOL": pool,
+            }
+            inspect = subprocess.run(
+                [prefect, "work-pool", "inspect", pool], capture_output=True, text=True, env=env
+            )
+            if inspect.returncode != 0:
+                subprocess.run(
+                    [prefect, "work-pool", "create", pool, "--type", "process"], check=True, env=env
+                )
+            file = prefect_file if i == 0 else str(step_file)
+            res = subprocess.run(
+                [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", file], cwd=REPO, env=env
+            )
+            if res.returncode != 0:
+                return res.returncode
+            what = "deployments" if i == 0 else "the stage step"
+            print(
+                f"{what} registered to work pool {pool!r}; start a worker with `prefect worker start --pool {pool}`"
+            )
+    return 0

@@ -10,17 +10,16 @@ linked to the run's parent with the ``mlflow.parentRunId`` tag, even when the pa
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from prefect import flow, get_run_logger
 
 from flows.locks import run_lock
 from flows.runner import RunContext, params_model, run_stage
 from flows.runstore import RunStore
+from schemas.params import StageName  # a typed choice in the Prefect UI's run form
 from stages import PIPELINE_STAGES
 
-# a typed choice in the Prefect UI's run form (kept equal to stages.PIPELINE_STAGES)
-StageName = Literal["data", "warmstart", "rollout", "score", "advantages", "update", "evaluate"]
 assert get_args(StageName) == PIPELINE_STAGES, "StageName must list stages.PIPELINE_STAGES"
 
 

@@ -123,6 +123,24 @@ def transient(exc: BaseException | None) -> bool:
     )
 
 
+EX_TEMPFAIL = 75  # sysexits.h: a transient failure, worth retrying
+
+
+def exit_code(exc: BaseException | None) -> int:
+    """What a failed stage job exits with, for an orchestrator to act on: 2 bad input (the stage refused its
+    inputs or parameters before computing: missing inputs, bad samples, an unusable checkpoint, a corrupt
+    stored table), 75 transient (connection or rendezvous timeouts, I/O errors that may pass, CUDA out of
+    memory): retry, else 1."""
+    from flows.integrity import IntegrityError
+    from runtime.checkpoint import CheckpointError
+
+    if isinstance(exc, KeyError | IntegrityError | CheckpointError) or type(exc).__name__ == "SamplesError":
+        return 2
+    if transient(exc) or isinstance(exc, TimeoutError) or type(exc).__name__ == "OutOfMemoryError":
+        return EX_TEMPFAIL
+    return 1
+
+
 def retry_on_transient(task, task_run, state) -> bool:
     try:
         state.result()

@@ -6,7 +6,7 @@ Defaults live here and nowhere else.
 
 from schemas.params.data import DataParams
 from schemas.params.evaluate import EvalParams
-from schemas.params.pipeline import PipelineParams
+from schemas.params.pipeline import DispatchParams, PipelineParams, StageName
 from schemas.params.rewards import AdvantageParams, ScoreParams
 from schemas.params.rollout import RolloutParams
 from schemas.params.update import UpdateParams, WarmstartParams
@@ -14,10 +14,12 @@ from schemas.params.update import UpdateParams, WarmstartParams
 __all__ = [
     "AdvantageParams",
     "DataParams",
+    "DispatchParams",
     "EvalParams",
     "PipelineParams",
     "RolloutParams",
     "ScoreParams",
+    "StageName",
     "UpdateParams",
     "WarmstartParams",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -12,6 +13,56 @@ from schemas.params.evaluate import EvalParams
 from schemas.params.rewards import AdvantageParams, ScoreParams
 from schemas.params.rollout import RolloutParams
 from schemas.params.update import UpdateParams, WarmstartParams
+
+# the pipeline's stages by name (kept equal to stages.PIPELINE_STAGES: tests/test_dispatch.py checks it)
+StageName = Literal["data", "warmstart", "rollout", "score", "advantages", "update", "evaluate"]
+_POOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class DispatchParams(BaseModel):
+    """Where each stage runs: in the pipeline's own process (no pool: the default), or as a flow run of its
+    own of the ``turntree-stage-step/step-<pool>`` deployment on a Prefect work pool (``turntree deploy --pool
+    <pool>`` registers it). How a run is executed, not what it computes: left out of the run id and manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pools: dict[StageName, str] = Field(
+        default_factory=dict,
+        description="stage -> work pool, e.g. {rollout: gpu, update: gpu, score: cpu}; unlisted stages: `default`",
+    )
+    default: str | None = Field(
+        None, description="work pool of the stages not in `pools` (none: they run in the pipeline's process)"
+    )
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for stage, pool in v.items():
+            cls._pool_names_one(pool, f"pools.{stage}")
+        return v
+
+    @field_validator("default")
+    @classmethod
+    def _default_name(cls, v: str | None) -> str | None:
+        return v if v is None else cls._pool_names_one(v, "default")
+
+    @staticmethod
+    def _pool_names_one(pool: str, where: str) -> str:
+        if not isinstance(pool, str) or not _POOL.match(pool):
+            raise ValueError(f"{where}: {pool!r} is not a work pool name (letters, digits, '.', '_', '-')")
+        return pool
+
+    def pool_for(self, stage: str) -> str | None:
+        """The work pool ``stage`` is dispatched to, or None (in-process)."""
+        return self.pools.get(stage, self.default)  # type: ignore[call-overload]
+
+    @staticmethod
+    def deployment(pool: str) -> str:
+        """The stage-step deployment of ``pool`` (``turntree deploy --pool <pool>`` registers it)."""
+        return f"turntree-stage-step/step-{pool}"
+
+    def used_pools(self, stages: tuple[str, ...]) -> list[str]:
+        return sorted({p for s in stages if (p := self.pool_for(s))})
 
 
 class PipelineParams(BaseModel):
@@ -40,6 +91,15 @@ class PipelineParams(BaseModel):
         default_factory=lambda: EvalParams(benchmark="heldout"),
         description="Evaluation after iterations; default: the eval split of this run's own problems",
     )
+    dispatch: DispatchParams = Field(
+        default_factory=DispatchParams,
+        description="Run stages as flow runs on Prefect work pools (e.g. --set dispatch.pools.rollout=gpu)",
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """What the run computes, as recorded in its manifest: everything but the run id and the dispatch
+        (where stages run does not change their outputs, so a run can resume on other pools)."""
+        return self.model_dump(mode="json", exclude={"run_id", "dispatch"})
 
     @field_validator("eval", mode="before")
     @classmethod
