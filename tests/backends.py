@@ -86,23 +86,40 @@ def postgres_cluster(databases: tuple[str, ...]):
 
 @contextmanager
 def s3_server(bucket: str):
-    """moto's S3 server mode on 127.0.0.1:<free port> with ``bucket``; yields the endpoint URL."""
-    import logging
+    """moto's S3 server mode on 127.0.0.1:<free port> with ``bucket``; yields the endpoint URL.
 
-    import boto3
-    from moto.server import ThreadedMotoServer
+    In a process of its own: moto's server is a Flask app, and Flask's module-level proxies (``current_app``
+    …) raise on attribute access outside an app context; vLLM's kernel registration scans every module in
+    ``sys.modules`` with ``hasattr`` when it builds an engine, so a pytest process that had imported the
+    server could no longer build a vLLM engine."""
+    import time
+    import urllib.request
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_creds())
-        s3.create_bucket(Bucket=bucket)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on port {port}") from None
+                time.sleep(0.2)
+        s3_client(endpoint).create_bucket(Bucket=bucket)
         yield endpoint
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _boto_creds() -> dict[str, str]:
