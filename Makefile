@@ -12,7 +12,7 @@ run: setup
 	.venv/bin/turntree run --config configs/default.yaml $(ARGS)
 
 test: setup
-	bash infra/test.sh
+	bash infra/test.sh $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check flows stages maths runtime schemas tests bench

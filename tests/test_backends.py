@@ -158,6 +158,7 @@ def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> sub
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.scaleout
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_pipeline_on_postgres_backed_servers_and_s3(tiny_model, tmp_path):

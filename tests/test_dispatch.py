@@ -169,6 +169,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.scaleout
 @pytest.mark.slow
 def test_stages_run_as_flow_runs_on_two_pools_by_two_workers(tiny_model, tmp_path):
     port = _free_port()

@@ -151,6 +151,7 @@ def _same(r) -> tuple:
     return (r.stdout, r.stderr, r.returncode, r.timed_out, r.memory_exceeded, r.truncated, r.isolation, r.error)
 
 
+@pytest.mark.scaleout
 @pytest.mark.slow
 def test_sandbox_batches_on_ray_tasks_match_in_process(cluster, tmp_path):
     from runtime.sandbox import RayBatches, execute_many, run_tests_many
@@ -181,6 +182,7 @@ def test_sandbox_batches_on_ray_tasks_match_in_process(cluster, tmp_path):
     assert [r.passed for r in remote_reports] == [2, 0, 0]
 
 
+@pytest.mark.scaleout
 @pytest.mark.slow
 def test_score_stage_test_batches_on_ray_match_in_process(cluster, tmp_path, caplog):
     import logging
@@ -243,6 +245,7 @@ def _perturbed_copy(model_dir, dest):
     return dest
 
 
+@pytest.mark.scaleout
 @pytest.mark.slow
 def test_rollout_on_ray_engine_actors_matches_in_process(cluster, tiny_engine, tiny_model, tmp_path):
     """Both kinds on the tiny model, then the next iteration's checkpoint pushed into the same actors."""

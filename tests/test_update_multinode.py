@@ -75,6 +75,7 @@ def test_global_rank_is_numbered_by_node(monkeypatch):
     assert ddist.global_rank() == 0
 
 
+@pytest.mark.scaleout
 @pytest.mark.slow  # ~45 s on 2 cores: three model loads, two torchrun agents
 def test_two_nodes_give_the_one_process_update(tiny_model, samples, tmp_path):  # noqa: F811
     inputs = {"samples": samples, "checkpoint": str(tiny_model)}
