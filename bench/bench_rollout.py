@@ -72,6 +72,11 @@ def tir_workload(engine, problems, args, barrier: bool) -> tuple[dict, list[dict
     }, rows
 
 
+def ids(rows) -> list:
+    return [(r["trajectory_id"], [(t["completion_token_ids"], t["observation_token_ids"]) for t in r["turns"]])
+            for r in rows]  # fmt: skip
+
+
 def replay_requests(rows, args, limit: int) -> list[tuple[list[int], SamplingSpec]]:
     """Every turn request of ``rows`` as the rollout sent it: (context, spec with its seed)."""
     spec, out = tir_spec(args), []
@@ -157,10 +162,11 @@ def main() -> None:
     vllm = make_engine(model, backend="vllm", seed=0, prefix_caching=True)
     res["vllm_build_s"] = round(time.perf_counter() - t0, 1)
     vllm.generate([prompts.initial_prompt_ids(vllm.tokenizer, math[0])], SamplingSpec(max_tokens=4))  # warm-up
-    res["tir_barrier"], _ = tir_workload(vllm, math, args, barrier=True)
+    res["tir_barrier"], b_rows = tir_workload(vllm, math, args, barrier=True)
     show("rollout, barrier", res["tir_barrier"])
     res["tir_continuous"], rows = tir_workload(vllm, math, args, barrier=False)
     show("rollout, continuous", res["tir_continuous"])
+    res["same_tokens_continuous_vs_barrier"] = ids(rows) == ids(b_rows)
     limit = min(DEFAULTS.max_context_tokens, vllm.max_model_len)
     res["bare_same_requests"] = bare_replay(vllm, replay_requests(rows, args, limit))
     show("bare vLLM, same requests", res["bare_same_requests"])
@@ -198,7 +204,7 @@ def main() -> None:
     print(
         f"rollout tokens/s / bare vLLM tokens/s (same requests): {res['ratio_rollout_vs_bare_same_requests']:.3f}"
         f"  (vs bare first turns: {res['ratio_rollout_vs_bare_first_turns']:.3f}); continuous / barrier: "
-        f"{res['ratio_continuous_vs_barrier']:.3f}; load average {res['load_start']} -> {res['load_end']}"
+        f"{res['ratio_continuous_vs_barrier']:.3f} (same tokens: {res['same_tokens_continuous_vs_barrier']}); load average {res['load_start']} -> {res['load_end']}"
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
