@@ -307,7 +307,7 @@ def _end_turn(t: Trajectory, gen, stop, limit: int, tok, max_chars: int, stats: 
 
 
 class _Reporter:
-    """Progress in finished trajectories, at most every half second."""
+    """Progress in finished trajectories, at most every 2 s (a hook may be a Prefect API call)."""
 
     def __init__(self, stage: str | None, total: int) -> None:
         self.stage, self.total, self.finished, self.last = stage, total, 0, 0.0
@@ -315,7 +315,7 @@ class _Reporter:
     def done(self, generating: int, executing: int, final: bool = False) -> None:
         self.finished = self.total if final else self.finished + 1
         now = time.perf_counter()
-        if self.stage and (final or now - self.last >= 0.5):
+        if self.stage and (final or now - self.last >= 2.0):
             self.last = now
             message = f"{self.finished}/{self.total} trajectories done"
             if not final:
