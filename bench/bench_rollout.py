@@ -80,10 +80,10 @@ def ids(rows) -> list:
 def replay_requests(rows, args, limit: int) -> list[tuple[list[int], SamplingSpec]]:
     """Every turn request of ``rows`` as the rollout sent it: (context, spec with its seed)."""
     spec, out = tir_spec(args), []
-    for r in rows:
+    for index, r in enumerate(rows):
         ctx = list(r["prompt_token_ids"])
         for t in r["turns"]:
-            seed = turn_seed(spec.seed, r["problem_id"], r["sample_idx"], t["turn_idx"])
+            seed = turn_seed(spec.seed, index, t["turn_idx"])
             max_tokens = min(spec.max_tokens, limit - len(ctx))
             out.append((ctx, SamplingSpec(temperature=1.0, max_tokens=max_tokens, stop=spec.stop, seed=seed)))
             ctx = ctx + t["completion_token_ids"] + t["observation_token_ids"]

@@ -122,10 +122,10 @@ def test_continuous_trajectories_equal_the_barrier_loops(both):
         assert first["exec_output"] == f"```output\n{answer}\n```\n"
         assert len(second["completion_token_ids"]) >= 1
     assert stats.tool_calls == stats.valid_calls == 6 and stats.tokens > 6 * 5
-    # samples of one problem differ (their seeds do), and the seed is a function of (problem, sample, turn)
+    # samples of one problem differ (their seeds do), and the seed is a function of (trajectory, turn)
     quick = [r["turns"][1]["completion_token_ids"] for r in rows if r["problem_id"] == "quick/1"]
     assert len({tuple(q) for q in quick}) == 3
-    assert turn_seed(7, "quick/1", 0, 1) == turn_seed(7, "quick/1", 0, 1) != turn_seed(7, "quick/1", 1, 1)
+    assert len({turn_seed(7, i, k) for i in range(6) for k in range(2)}) == 12
 
 
 def test_stream_requests_added_mid_flight_sample_as_alone(tiny_engine):

@@ -4,8 +4,8 @@ Every trajectory's context so far (token ids) is one request of the engine's str
 (``runtime.engines.GenerationStream``): on vLLM, requests join the running batch step by step, so a
 trajectory whose tool result is back starts its next turn at once while the others keep generating, and tool
 calls run in the sandbox pool (threads) while the engine steps; engines that generate in rounds (transformers)
-go turn by turn (``barrier``). Each turn's seed depends only on (seed, problem, sample, turn)
-(``turn_seed``), so the trajectories do not depend on the scheduling. Generation stops at the end of a fenced
+go turn by turn (``barrier``). Each turn's seed depends only on (seed, trajectory = problem position x G +
+sample, turn) (``turn_seed``), so the trajectories do not depend on the scheduling. Generation stops at the end of a fenced
 python block (``prompts.TIR_STOP``); the block runs in the sandbox as the next cell of a notebook (earlier
 valid cells are re-run first with their output suppressed, so variables persist; a bare last expression is
 printed, as a notebook shows it); the output, truncated, comes back as a ```output block whose tokens are
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ast
 import time
-import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,13 +158,12 @@ def _final_answer(traj: Trajectory, tokenizer) -> str | None:
     return prompts.extract_boxed(text)
 
 
-def turn_seed(base: int | None, problem_id: str, sample_idx: int, turn_idx: int) -> int | None:
-    """The sampling seed of one turn: a function of (base, problem, sample, turn) only, so a trajectory
-    samples the same tokens whatever else shares the batch, in whatever order turns reach the engine."""
-    if base is None:
-        return None
-    key = f"{problem_id}\x00{sample_idx}\x00{turn_idx}".encode()
-    return (base + zlib.crc32(key)) % (1 << 31)
+def turn_seed(base: int | None, index: int, turn_idx: int) -> int | None:
+    """The sampling seed of one turn of trajectory ``index`` (problem position x G + sample): a function of
+    (base, problem, sample, turn) only, so a trajectory samples the same tokens whatever else shares the batch,
+    in whatever order turns reach the engine. (First turns keep the seeds of the old turn-by-turn loop, which
+    the learning tests' margins were measured with.)"""
+    return None if base is None else base + 7919 * turn_idx + 132 * index
 
 
 def run_turns(
@@ -187,7 +185,7 @@ def run_turns(
     goes to the sandbox pool at once, and the trajectory's next turn joins the running batch as soon as its
     observation is back, while the other trajectories keep generating. ``barrier`` (and engines that generate
     in rounds): one generation round per turn, then that turn's sandbox calls, then the next turn. Seeds are
-    per (problem, sample, turn) (``turn_seed``), so both give the same trajectories."""
+    per (trajectory, turn) (``turn_seed``), so both give the same trajectories."""
     from runtime.sandbox import default_pool
 
     if not 0 < exec_timeout_s <= 3600:
@@ -263,7 +261,7 @@ def _start_turn(stream, t: Trajectory, i: int, spec, stop, max_turns: int, limit
     if room <= 0:
         t.stop_reason = "context_limit"
         return
-    seed = turn_seed(spec.seed, t.problem["problem_id"], t.sample_idx, len(t.turns))
+    seed = turn_seed(spec.seed, i, len(t.turns))
     turn_spec = SamplingSpec(
         n=1, temperature=spec.temperature, top_p=spec.top_p, max_tokens=min(spec.max_tokens, room),
         stop=stop, seed=seed,
