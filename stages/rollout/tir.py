@@ -1,7 +1,11 @@
 """Tool-integrated reasoning (TIR) rollouts for GRPO / GTPO: G multi-turn trajectories per problem.
 
-Per turn, every unfinished trajectory of the batch (all problems x G samples) is one prompt of one
-``engine.generate`` call: its whole context so far as token ids. Generation stops at the end of a fenced
+Every trajectory's context so far (token ids) is one request of the engine's stream
+(``runtime.engines.GenerationStream``): on vLLM, requests join the running batch step by step, so a
+trajectory whose tool result is back starts its next turn at once while the others keep generating, and tool
+calls run in the sandbox pool (threads) while the engine steps; engines that generate in rounds (transformers)
+go turn by turn (``barrier``). Each turn's seed depends only on (seed, trajectory = problem position x G +
+sample, turn) (``turn_seed``), so the trajectories do not depend on the scheduling. Generation stops at the end of a fenced
 python block (``prompts.TIR_STOP``); the block runs in the sandbox as the next cell of a notebook (earlier
 valid cells are re-run first with their output suppressed, so variables persist; a bare last expression is
 printed, as a notebook shows it); the output, truncated, comes back as a ```output block whose tokens are
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import ast
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from maths import prompts
 from runtime import progress
-from runtime.engines import SamplingSpec
+from runtime.engines import GenerationStream, SamplingSpec
 from schemas.params.rollout import RolloutParams
 
 _DEFAULTS = RolloutParams()  # the one place rollout defaults are declared
@@ -50,11 +55,33 @@ class Trajectory:
 
 @dataclass
 class TirStats:
+    """``generate_s``: seconds inside engine steps; ``sandbox_s``: seconds spent only waiting for the sandbox
+    (nothing to generate meanwhile); ``wall_s``: the whole loop; ``timeline``: (trajectory index, turn,
+    "generate" | "execute", start, end) per turn and tool call, ``time.perf_counter`` seconds."""
+
     tokens: int = 0
     generate_s: float = 0.0
     sandbox_s: float = 0.0
     tool_calls: int = 0
     valid_calls: int = 0
+    wall_s: float = 0.0
+    timeline: list[tuple[int, int, str, float, float]] = field(default_factory=list)
+
+    def overlap_s(self) -> float:
+        """Seconds during which a tool call ran while another trajectory was generating."""
+        gen = _union([(a, b) for _, _, k, a, b in self.timeline if k == "generate"])
+        exe = _union([(a, b) for _, _, k, a, b in self.timeline if k == "execute"])
+        return sum(max(0.0, min(b, d) - max(a, c)) for a, b in gen for c, d in exe)
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 # --- notebook cells ------------------------------------------------------------------------------------------
@@ -131,6 +158,14 @@ def _final_answer(traj: Trajectory, tokenizer) -> str | None:
     return prompts.extract_boxed(text)
 
 
+def turn_seed(base: int | None, index: int, turn_idx: int) -> int | None:
+    """The sampling seed of one turn of trajectory ``index`` (problem position x G + sample): a function of
+    (base, problem, sample, turn) only, so a trajectory samples the same tokens whatever else shares the batch,
+    in whatever order turns reach the engine. (First turns keep the seeds of the old turn-by-turn loop, which
+    the learning tests' margins were measured with.)"""
+    return None if base is None else base + 7919 * turn_idx + 132 * index
+
+
 def run_turns(
     engine,
     trajs: list[Trajectory],
@@ -142,87 +177,148 @@ def run_turns(
     exec_timeout_s: float,
     stats: TirStats,
     progress_stage: str | None = None,
+    barrier: bool = False,
 ) -> None:
-    """Advance every trajectory to its end, one batched generate call and one sandbox batch per turn
-    (``progress_stage``: report each finished turn to ``runtime.progress`` under that name)."""
-    from runtime.sandbox import execute_many
+    """Advance every trajectory to its end (``progress_stage``: report progress to ``runtime.progress``).
 
+    Continuous (the default on an engine whose stream is continuous, i.e. vLLM): a finished turn's tool call
+    goes to the sandbox pool at once, and the trajectory's next turn joins the running batch as soon as its
+    observation is back, while the other trajectories keep generating. ``barrier`` (and engines that generate
+    in rounds): one generation round per turn, then that turn's sandbox calls, then the next turn. Seeds are
+    per (trajectory, turn) (``turn_seed``), so both give the same trajectories."""
+    from runtime.sandbox import default_pool
+
+    if not 0 < exec_timeout_s <= 3600:
+        raise ValueError(f"exec_timeout_s must be in (0, 3600], got {exec_timeout_s}")
+    pool = default_pool()
     tok = engine.tokenizer
     stop = list(spec.stop) or list(prompts.TIR_STOP)
-    for turn_idx in range(max_turns):
-        live = [t for t in trajs if t.stop_reason is None]
-        for t in live:
-            if max_context_tokens - len(t.context) <= 0:
-                t.stop_reason = "context_limit"
-        live = [t for t in live if t.stop_reason is None]
-        if not live:
-            break
-        if progress_stage:
-            progress.report(
-                progress_stage, turn_idx, max_turns, f"turn {turn_idx + 1}: {len(live)} generating"
-            )
-        specs = [
-            SamplingSpec(
-                n=1,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                max_tokens=min(spec.max_tokens, max_context_tokens - len(t.context)),
-                stop=stop,
-                seed=None if spec.seed is None else spec.seed + 7919 * turn_idx + 131 * k,
-            )
-            for k, t in enumerate(live)
-        ]
-        t0 = time.perf_counter()
-        gens = [g[0] for g in engine.generate([t.context for t in live], specs)]
-        stats.generate_s += time.perf_counter() - t0
-        jobs: list[tuple[Trajectory, dict, str, bool]] = []  # (traj, turn, code, opened)
-        for t, gen in zip(live, gens, strict=True):
-            turn = _turn(gen, turn_idx)
-            t.turns.append(turn)
-            t.context = t.context + gen.token_ids
-            stats.tokens += len(gen.token_ids)
-            if gen.finish_reason == "context_limit":
-                t.stop_reason = "context_limit"
-                continue
-            if gen.stop_str not in stop:  # eos, or cut by max_tokens
-                full = len(t.context) >= max_context_tokens
-                t.stop_reason = (
-                    "answer" if gen.finish_reason == "stop" else ("context_limit" if full else "max_tokens")
-                )
-                continue
-            opened = gen.stop_str == "```output"
-            code = prompts.extract_code(gen.text)
-            stats.tool_calls += 1
-            turn["code"] = code
-            if code is None:
-                turn.update(tool_call="invalid", exec_status="no_code")
-                _observe(t, turn, tok, NO_CODE_MESSAGE, observation_max_chars, opened)
-                continue
-            err = syntax_error_text(code)
-            if err is not None:
-                turn.update(tool_call="invalid", exec_status="syntax_error")
-                _observe(t, turn, tok, err, observation_max_chars, opened)
-                continue
-            turn["tool_call"] = "valid"
-            stats.valid_calls += 1
-            jobs.append((t, turn, code, opened))
-        if jobs:
-            t0 = time.perf_counter()
-            results = execute_many(
-                [notebook_program(t.cells, code) for t, _, code, _ in jobs], timeout_s=exec_timeout_s
-            )
-            stats.sandbox_s += time.perf_counter() - t0
-            for (t, turn, code, opened), res in zip(jobs, results, strict=True):
-                status, output = _status(res)
+    stream = engine.stream() if hasattr(engine, "stream") else GenerationStream(engine)
+    barrier = barrier or not stream.continuous
+    ready = list(range(len(trajs)))  # trajectories whose next turn may start
+    held: list[tuple[int, dict, str, bool]] = []  # valid tool calls to submit (barrier: once the turn ends)
+    running: dict[Future, tuple[int, dict, str, bool, float]] = {}
+    started: dict[int, float] = {}
+    report = _Reporter(progress_stage, len(trajs))
+    t_wall = time.perf_counter()
+    try:
+        while True:
+            if ready and (not barrier or not (stream.pending or running or held)):
+                for i in ready:
+                    _start_turn(stream, trajs[i], i, spec, stop, max_turns, max_context_tokens, started)
+                    if trajs[i].stop_reason is not None:
+                        report.done(stream.pending, len(running))
+                ready = []
+            if held and (not barrier or not stream.pending):
+                for i, turn, code, opened in held:
+                    fut = pool.submit_execute(
+                        notebook_program(trajs[i].cells, code), timeout_s=exec_timeout_s
+                    )
+                    running[fut] = (i, turn, code, opened, time.perf_counter())
+                held = []
+            if not (stream.pending or running):
+                break
+            if stream.pending:
+                t0 = time.perf_counter()
+                finished = stream.step()
+                stats.generate_s += time.perf_counter() - t0
+                for i, gens in finished:
+                    t = trajs[i]
+                    stats.timeline.append((i, len(t.turns), "generate", started.pop(i), time.perf_counter()))
+                    job = _end_turn(t, gens[0], stop, max_context_tokens, tok, observation_max_chars, stats)
+                    if job is not None:
+                        held.append((i, *job))
+                    elif t.stop_reason is None:
+                        ready.append(i)
+                    else:
+                        report.done(stream.pending, len(running) + len(held))
+            else:
+                t0 = time.perf_counter()
+                wait(running, return_when=FIRST_COMPLETED)
+                stats.sandbox_s += time.perf_counter() - t0
+            for fut in [f for f in running if f.done()]:
+                i, turn, code, opened, t0 = running.pop(fut)
+                t = trajs[i]
+                stats.timeline.append((i, turn["turn_idx"], "execute", t0, time.perf_counter()))
+                status, output = _status(fut.result())
                 turn["exec_status"] = status
                 if status != "timeout":
                     t.cells.append(code)
                 _observe(t, turn, tok, output, observation_max_chars, opened)
-    for t in trajs:
-        if t.stop_reason is None:
-            t.stop_reason = "max_turns"
-    if progress_stage:
-        progress.report(progress_stage, max_turns, max_turns, f"{len(trajs)} trajectories")
+                ready.append(i)
+    finally:
+        stream.close()
+    stats.wall_s += time.perf_counter() - t_wall
+    report.done(0, 0, final=True)
+
+
+def _start_turn(stream, t: Trajectory, i: int, spec, stop, max_turns: int, limit: int, started) -> None:
+    """Add ``t``'s next turn to the stream, or end it (``max_turns``, ``context_limit``)."""
+    if len(t.turns) >= max_turns:
+        t.stop_reason = "max_turns"
+        return
+    room = limit - len(t.context)
+    if room <= 0:
+        t.stop_reason = "context_limit"
+        return
+    seed = turn_seed(spec.seed, i, len(t.turns))
+    turn_spec = SamplingSpec(
+        n=1, temperature=spec.temperature, top_p=spec.top_p, max_tokens=min(spec.max_tokens, room),
+        stop=stop, seed=seed,
+    )  # fmt: skip
+    started[i] = time.perf_counter()
+    stream.add(i, t.context, turn_spec)
+
+
+def _end_turn(t: Trajectory, gen, stop, limit: int, tok, max_chars: int, stats: TirStats):
+    """Record a generated turn; returns (turn, code, opened) when it made a valid tool call to execute, else
+    None (the trajectory ended, or an invalid call was answered at once)."""
+    turn = _turn(gen, len(t.turns))
+    t.turns.append(turn)
+    t.context = t.context + gen.token_ids
+    stats.tokens += len(gen.token_ids)
+    if gen.finish_reason == "context_limit":
+        t.stop_reason = "context_limit"
+        return None
+    if gen.stop_str not in stop:  # eos, or cut by max_tokens
+        full = len(t.context) >= limit
+        t.stop_reason = (
+            "answer" if gen.finish_reason == "stop" else ("context_limit" if full else "max_tokens")
+        )
+        return None
+    opened = gen.stop_str == "```output"
+    code = prompts.extract_code(gen.text)
+    stats.tool_calls += 1
+    turn["code"] = code
+    if code is None:
+        turn.update(tool_call="invalid", exec_status="no_code")
+        _observe(t, turn, tok, NO_CODE_MESSAGE, max_chars, opened)
+        return None
+    err = syntax_error_text(code)
+    if err is not None:
+        turn.update(tool_call="invalid", exec_status="syntax_error")
+        _observe(t, turn, tok, err, max_chars, opened)
+        return None
+    turn["tool_call"] = "valid"
+    stats.valid_calls += 1
+    return turn, code, opened
+
+
+class _Reporter:
+    """Progress in finished trajectories, at most every 2 s (a hook may be a Prefect API call)."""
+
+    def __init__(self, stage: str | None, total: int) -> None:
+        self.stage, self.total, self.finished, self.last = stage, total, 0, 0.0
+
+    def done(self, generating: int, executing: int, final: bool = False) -> None:
+        self.finished = self.total if final else self.finished + 1
+        now = time.perf_counter()
+        if self.stage and (final or now - self.last >= 2.0):
+            self.last = now
+            message = f"{self.finished}/{self.total} trajectories done"
+            if not final:
+                message += f", {generating} generating, {executing} in the sandbox"
+            progress.report(self.stage, self.finished, self.total, message)
 
 
 def _observe(t: Trajectory, turn: dict, tok, output: str, max_chars: int, opened: bool) -> None:
@@ -247,10 +343,12 @@ def tir_trajectories(
     group_prefix: str = "",
     stats: TirStats | None = None,
     progress_stage: str | None = None,
+    barrier: bool = False,
 ) -> list[dict]:
     """Rows of ``schemas.tables.TRAJECTORIES`` (reward fields None): ``group_size`` trajectories per problem.
 
-    ``engine``: anything with ``.tokenizer`` and ``.generate(prompts, specs)`` (runtime.engines.Engine).
+    ``engine``: anything with ``.tokenizer`` and ``.generate(prompts, specs)`` (runtime.engines.Engine; its
+    ``.stream()`` when it has one). ``barrier``: turn by turn even on a continuous engine (benchmarks, tests).
     ``spec``: sampling settings of every turn (``spec.n`` is ignored: ``group_size`` samples are drawn;
     ``spec.stop`` defaults to ``prompts.TIR_STOP``). ``group_id`` = ``group_prefix + problem_id``,
     ``trajectory_id`` = ``group_id/sample_idx``. Problems whose prompt cannot be built (empty prompt,
@@ -273,6 +371,7 @@ def tir_trajectories(
         exec_timeout_s=exec_timeout_s,
         stats=stats,
         progress_stage=progress_stage,
+        barrier=barrier,
     )
     return [_row(t, engine.tokenizer) for t in trajs]
 
