@@ -60,26 +60,33 @@ def test_shards_keep_equal_prompts_together_and_cover_every_problem():
     assert [len(s) for s in shard_problems(rows, 2)] == [4, 3]
 
 
-def test_request_seeding_makes_shards_sample_like_the_whole_batch(tiny_engine):
-    """In one process, on the real engine: the shards' rows concatenated are the whole batch's rows with
-    request seeding, and are not with batch seeding (why workers > 1 needs it)."""
+def test_shards_sample_like_the_whole_batch(tiny_engine):
+    """In one process, on the real engine: the shards' trajectories are the whole batch's (a turn's seed is keyed
+    by the trajectory's global index: each shard is told its problems' positions); without the positions they
+    are not (why the fan-out passes them). Trees (request seeding) are compared with the actors' below."""
     from stages.rollout.shard import rollout_rows
 
     problems = [p for p in problem_rows() if p["kind"] == "math"]
     shards = shard_problems(problems, 2)
-    assert len(shards) == 2
+    assert len(shards) == 2 and shards[0] != list(range(len(shards[0])))  # the duplicate prompt moved up
 
-    def rows(seeding: str) -> tuple[dict, dict]:
-        params = RolloutParams(group_size=2, max_turns=1, max_new_tokens=8, seed=1, seeding=seeding)
+    def rows(positions: bool) -> tuple[dict, dict]:
+        params = RolloutParams(group_size=2, max_turns=2, max_new_tokens=8, seed=1)
         whole, _ = rollout_rows(tiny_engine, problems, params, 1, progress_stage=None)
-        parts = [rollout_rows(tiny_engine, [problems[i] for i in s], params, 1, None)[0] for s in shards]
-        ids = lambda rs: {r["trajectory_id"]: r["turns"][0]["completion_token_ids"] for r in rs}  # noqa: E731
+        parts = [
+            rollout_rows(
+                tiny_engine, [problems[i] for i in s], params, 1, None, positions=s if positions else None
+            )[0]
+            for s in shards
+        ]
+        ids = lambda rs: {r["trajectory_id"]: r["turns"] for r in rs}  # noqa: E731
         return ids(whole), ids([r for part in parts for r in part])
 
-    whole, split = rows("request")
+    whole, split = rows(positions=True)
     assert whole == split and len(whole) == 2 * len(problems)
-    assert whole["it1/m/0/0"] != whole["it1/m/0/1"] != whole["it1/m/dup/0"]  # same prompt, other samples
-    whole, split = rows("batch")
+    first = {k: v[0]["completion_token_ids"] for k, v in whole.items()}
+    assert first["it1/m/0/0"] != first["it1/m/0/1"] != first["it1/m/dup/0"]  # same prompt, other samples
+    whole, split = rows(positions=False)
     assert whole != split
 
 
@@ -106,7 +113,10 @@ def test_bad_scale_out_settings_fail_in_one_line_before_any_work(tmp_path):
 @pytest.mark.parametrize(
     "sets, message",
     [
-        (["rollout.workers=2", "rollout.ray_address=127.0.0.1:9"], "Ray cluster at '127.0.0.1:9' is not reachable"),
+        (
+            ["rollout.workers=2", "rollout.ray_address=127.0.0.1:9"],
+            "Ray cluster at '127.0.0.1:9' is not reachable",
+        ),
         (["score.sandbox_ray=true", "rollout.ray_address=127.0.0.1:9"], "is not reachable"),
         (["rollout.workers=0"], "rollout.workers: Input should be greater than or equal to 1"),
         (["rollout.workers=2", "rollout.seeding=batch"], "cannot be split over workers > 1"),
@@ -148,7 +158,16 @@ HOSTILE = {
 
 
 def _same(r) -> tuple:
-    return (r.stdout, r.stderr, r.returncode, r.timed_out, r.memory_exceeded, r.truncated, r.isolation, r.error)
+    return (
+        r.stdout,
+        r.stderr,
+        r.returncode,
+        r.timed_out,
+        r.memory_exceeded,
+        r.truncated,
+        r.isolation,
+        r.error,
+    )
 
 
 @pytest.mark.scaleout
@@ -207,7 +226,9 @@ def test_score_stage_test_batches_on_ray_match_in_process(cluster, tmp_path, cap
     inputs = {"trajectories": str(tmp_path / "t.parquet"), "problems": str(tmp_path / "p.parquet")}
     local = score.run(ScoreParams(shaping=False, test_timeout_s=3), inputs, tmp_path / "local")
     with caplog.at_level(logging.INFO, logger="stages.score"):
-        remote = score.run(ScoreParams(shaping=False, test_timeout_s=3, sandbox_ray=True), inputs, tmp_path / "r")
+        remote = score.run(
+            ScoreParams(shaping=False, test_timeout_s=3, sandbox_ray=True), inputs, tmp_path / "r"
+        )
     said = [r.getMessage() for r in caplog.records if "Ray tasks on workers" in r.getMessage()]
     assert said and "5 test runs as 2 Ray tasks" in said[0] and f", {os.getpid()})" not in said[0]
     a, b = (read_table(o.uri("trajectories"), TRAJECTORIES).to_pylist() for o in (local, remote))
@@ -225,7 +246,8 @@ def _split_logprobs(value, found: list):
     """``value`` with every list of log-probs taken out (into ``found``): compared with a tolerance."""
     if isinstance(value, dict):
         return {
-            k: (found.append(v) or "lp") if "logprob" in k else _split_logprobs(v, found) for k, v in value.items()
+            k: (found.append(v) or "lp") if "logprob" in k else _split_logprobs(v, found)
+            for k, v in value.items()
         }
     if isinstance(value, list):
         return [_split_logprobs(v, found) for v in value]

@@ -9,8 +9,9 @@ Shards: problems with the same prompt stay together (their samples are told apar
 problem list, as even as that allows (fewer shards than workers when there are fewer distinct prompts). Each
 actor builds its engine from the checkpoint path (shared storage on a multi-node cluster) and keeps it between
 iterations: the next iteration's checkpoint is pushed into it in place (``runtime.engines.engine_for``), as in
-one process. ``release()`` ends the actors. Per-request seeding makes the gathered rows the in-process rows for
-the same seed. Statistics are summed, except seconds, which are the slowest shard's (the shards run at once).
+one process. ``release()`` ends the actors. Seeds make the gathered rows the in-process rows for the same seed:
+a TIR turn's seed is keyed by its trajectory's global index (each shard is told its problems' positions),
+a tree node's by its content (``stages.rollout.seeding``). Statistics are summed, except seconds, which are the slowest shard's (the shards run at once).
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ class EngineWorker:
     def where(self) -> dict:
         return rayfan.where()
 
-    def rollout(self, params: dict, problems: list[dict], checkpoint: str, iteration: int):
+    def rollout(self, params: dict, problems: list[dict], checkpoint: str, iteration: int, positions=None):
         from stages.rollout.shard import build_engine, rollout_rows
 
         p = RolloutParams.model_validate(params)
         t0 = time.perf_counter()
         engine = build_engine(p, checkpoint)
         engine_s = time.perf_counter() - t0
-        rows, stats = rollout_rows(engine, problems, p, iteration, progress_stage=None)
+        rows, stats = rollout_rows(engine, problems, p, iteration, progress_stage=None, positions=positions)
         return rows, dataclasses.asdict(stats), {**rayfan.where(), "engine_s": engine_s}
 
 
@@ -132,7 +133,7 @@ def fan_out(
     actors = _actors(params, cluster, len(shards))
     dumped = params.model_dump()
     calls = [
-        actor.rollout.remote(dumped, [problems[i] for i in shard], checkpoint, iteration)
+        actor.rollout.remote(dumped, [problems[i] for i in shard], checkpoint, iteration, shard)
         for actor, shard in zip(actors, shards, strict=True)
     ]
     per_problem = params.group_size if params.kind == "trajectories" else 1

@@ -1,16 +1,19 @@
-"""Per-request sampling seeds: the same request gets the same seed whichever batch it is sent in.
+"""Per-request sampling seeds for MURPHY trees: the same request gets the same seed whichever batch it is sent in.
 
-The rollout loops (``tir.run_turns``, ``tree.refinement_trees``) give request k of a generate call the seed
+TIR trajectories need no help: their turns go through the engine's stream with a seed per (trajectory, turn)
+(``stages.rollout.tir.turn_seed``, keyed by the trajectory's global index; a Ray shard is told where its
+problems sit), so this wrapper's ``generate`` is never on their path. The tree loop
+(``tree.refinement_trees``) still generates depth by depth and gives request k of a generate call the seed
 ``spec.seed + 7919 * turn + 131 * k``, and the vLLM backend adds the request's place in the call once more:
 a request's seed depends on how many others are in its batch before it. That is reproducible in one process,
-but a problem rolled out in a shard (``stages.rollout.fanout``) sits at other places of other batches and
+but a tree rolled out in a shard (``stages.rollout.fanout``) sits at other places of other batches and
 would sample differently. ``RequestSeeded`` wraps an engine so that every seeded request instead gets
 
     seed = H(base, the request's prompt token ids, its rank among identical prompts of the call)
 
-(``base`` from the run's seed and iteration). A trajectory's prompt is its whole context (problem, earlier
-turns, observations), so the seed follows the trajectory, not the batch; the G samples of a problem share
-their first prompt and are told apart by their rank, which is their sample index in any split that keeps a
+(``base`` from the run's seed and iteration). A node's prompt is its whole context (problem, ancestors'
+attempts and feedback), so the seed follows the node, not the batch; the G roots of a problem share
+their prompt and are told apart by their rank, which is their sample index in any split that keeps a
 problem's group (and every problem with the same prompt) in one shard. The engine's own ``+ place`` is taken
 back out for the vLLM backend (``runtime.engines.vllm``), so the seed vLLM uses is exactly ``H(...)``.
 """

@@ -47,9 +47,15 @@ def sampling_spec(params: RolloutParams, stop: list[str], iteration: int) -> Sam
 
 
 def rollout_rows(
-    engine, problems: list[dict], params: RolloutParams, iteration: int, progress_stage: str | None = "rollout"
+    engine,
+    problems: list[dict],
+    params: RolloutParams,
+    iteration: int,
+    progress_stage: str | None = "rollout",
+    positions: list[int] | None = None,
 ) -> tuple[list[dict], TirStats | TreeStats]:
-    """Rows of the rollout table (``params.kind``) for ``problems`` and the loop's statistics."""
+    """Rows of the rollout table (``params.kind``) for ``problems`` and the loop's statistics.
+    ``positions``: where ``problems`` sit in the stage's problem list (a Ray shard's problems)."""
     limit = min(params.max_context_tokens, engine.max_model_len)
     if params.request_seeding:
         engine = RequestSeeded(engine, base_seed(params, iteration))
@@ -68,6 +74,7 @@ def rollout_rows(
             group_prefix=prefix,
             stats=stats,
             progress_stage=progress_stage,
+            positions=positions,
         )
         return rows, stats
     stats = TreeStats()

@@ -178,6 +178,7 @@ def run_turns(
     stats: TirStats,
     progress_stage: str | None = None,
     barrier: bool = False,
+    indices: list[int] | None = None,
 ) -> None:
     """Advance every trajectory to its end (``progress_stage``: report progress to ``runtime.progress``).
 
@@ -205,7 +206,17 @@ def run_turns(
         while True:
             if ready and (not barrier or not (stream.pending or running or held)):
                 for i in ready:
-                    _start_turn(stream, trajs[i], i, spec, stop, max_turns, max_context_tokens, started)
+                    _start_turn(
+                        stream,
+                        trajs[i],
+                        i,
+                        i if indices is None else indices[i],
+                        spec,
+                        stop,
+                        max_turns,
+                        max_context_tokens,
+                        started,
+                    )
                     if trajs[i].stop_reason is not None:
                         report.done(stream.pending, len(running))
                 ready = []
@@ -252,7 +263,9 @@ def run_turns(
     report.done(0, 0, final=True)
 
 
-def _start_turn(stream, t: Trajectory, i: int, spec, stop, max_turns: int, limit: int, started) -> None:
+def _start_turn(
+    stream, t: Trajectory, i: int, index: int, spec, stop, max_turns: int, limit: int, started
+) -> None:
     """Add ``t``'s next turn to the stream, or end it (``max_turns``, ``context_limit``)."""
     if len(t.turns) >= max_turns:
         t.stop_reason = "max_turns"
@@ -261,7 +274,7 @@ def _start_turn(stream, t: Trajectory, i: int, spec, stop, max_turns: int, limit
     if room <= 0:
         t.stop_reason = "context_limit"
         return
-    seed = turn_seed(spec.seed, i, len(t.turns))
+    seed = turn_seed(spec.seed, index, len(t.turns))
     turn_spec = SamplingSpec(
         n=1, temperature=spec.temperature, top_p=spec.top_p, max_tokens=min(spec.max_tokens, room),
         stop=stop, seed=seed,
@@ -344,6 +357,7 @@ def tir_trajectories(
     stats: TirStats | None = None,
     progress_stage: str | None = None,
     barrier: bool = False,
+    positions: list[int] | None = None,
 ) -> list[dict]:
     """Rows of ``schemas.tables.TRAJECTORIES`` (reward fields None): ``group_size`` trajectories per problem.
 
@@ -353,6 +367,9 @@ def tir_trajectories(
     ``spec.stop`` defaults to ``prompts.TIR_STOP``). ``group_id`` = ``group_prefix + problem_id``,
     ``trajectory_id`` = ``group_id/sample_idx``. Problems whose prompt cannot be built (empty prompt,
     unknown kind) raise ValueError naming them: filter them first (``stages.rollout.usable_problems``).
+    ``positions``: each problem's place in the stage's whole problem list, when this call rolls out one shard
+    of it (``stages.rollout.fanout``): seeds follow a trajectory's global index (place x G + sample), so a
+    shard samples exactly what the whole batch would have.
     """
     stats = stats if stats is not None else TirStats()
     limit = max_context_tokens or getattr(engine, "max_model_len", None) or 1 << 30
@@ -372,6 +389,9 @@ def tir_trajectories(
         stats=stats,
         progress_stage=progress_stage,
         barrier=barrier,
+        indices=None
+        if positions is None
+        else [q * group_size + k for q in positions for k in range(group_size)],
     )
     return [_row(t, engine.tokenizer) for t in trajs]
 
