@@ -27,6 +27,9 @@ The workload, shared by both frameworks:
 - one optimizer step per step: all ``prompts × group`` completions in one minibatch, micro-batches of
   ``--micro`` (TRL: per_device_train_batch_size=micro, gradient_accumulation_steps=prompts×group/micro);
   AdamW(β 0.9/0.999, no weight decay), constant ``--lr``, no warmup, grad clipping at 1.0, fp32 on CPU.
+  turntree runs with ``update.shared_prefix=true`` (a group's prompt runs once per micro-batch: the same loss
+  and gradient, fewer positions; ``--set update.shared_prefix=false`` measures without it) and keeps its
+  optimizer state in each checkpoint (``save_optimizer_state``), as TRL keeps its in memory.
 
 Differences that remain (both small): TRL's completion of a sequence cut by a stop string ends with one
 extra eos token, which it trains on (its pad token is the eos); turntree's rollout runs the code block of such
@@ -204,7 +207,7 @@ def run_turntree(args) -> dict:
         "lr": args.lr, "minibatch_size": batch, "micro_batch_size": args.micro, "ppo_epochs": 1,
         "clip_eps_low": 0.2, "clip_eps_high": 0.2, "kl_beta": 0.0, "loss_agg": "token-mean", "target_kl": None,
         "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "cpu_threads": args.threads,
-        "save_optimizer_state": True, "dtype": "float32",
+        "save_optimizer_state": True, "dtype": "float32", "shared_prefix": True,
     }  # fmt: skip
     for kv in args.set or []:
         key, _, value = kv.partition("=")

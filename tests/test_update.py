@@ -351,16 +351,20 @@ def group_rows(model_dir: Path, groups: int = 3, g: int = 4, seed: int = 5) -> l
     return rows
 
 
-def test_shared_prefix_gives_the_plain_update(tiny_model, tmp_path, monkeypatch):
-    """shared_prefix: each group's prompt runs once per micro-batch and its cache serves the group's rows; over
-    two minibatches and two epochs (so the no-grad π_old pass takes that path too) the parameters and the
-    statistics are those of the plain padded forward, to fp32 rounding."""
+@pytest.mark.parametrize("way", ["packed", "cache"])
+def test_shared_prefix_gives_the_plain_update(tiny_model, tmp_path, monkeypatch, way):
+    """shared_prefix: each group's prompt runs once per micro-batch (packed with a tree mask, or as a KV cache
+    repeated per row); over two minibatches and two epochs (so the no-grad π_old pass takes that path too) the
+    parameters and the statistics are those of the plain padded forward, to fp32 rounding."""
     from stages.update import prefix
 
     uri = write_table(group_rows(tiny_model), SAMPLES, tmp_path / "groups.parquet").uri
     calls = []
-    real = prefix.forward_shared
-    monkeypatch.setattr(prefix, "forward_shared", lambda m, b, n, *a: calls.append(n) or real(m, b, n, *a))
+    if way == "cache":
+        monkeypatch.setattr(prefix, "PACK_MAX", 0)
+    name = {"packed": "packed_logprobs", "cache": "forward_shared"}[way]
+    real = getattr(prefix, name)
+    monkeypatch.setattr(prefix, name, lambda m, b, n, *a: calls.append(n) or real(m, b, n, *a))
     p = dict(lr=1e-3, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, seed=1, target_kl=None)
     a = update.Trainer(tiny_model, UpdateParams(**p, shared_prefix=True))
     b = update.Trainer(tiny_model, UpdateParams(**p))

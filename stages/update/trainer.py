@@ -147,7 +147,9 @@ class Trainer:
             return token_logprobs(logits, b["input_ids"]) * b["mask"], token_entropy(logits.detach()) * b["mask"]
         keep = logits_needed(b["mask"])
         n = shared.shared_len(b) if self.params.shared_prefix and not self.world.distributed else 0
-        if n >= shared.MIN_SHARED:  # the micro-batch's common prompt runs once (stages.update.prefix)
+        if n >= shared.MIN_SHARED and shared.packed_length(b, n) <= shared.PACK_MAX:  # stages.update.prefix
+            return shared.packed_logprobs(model, b, n, self._autocast)
+        if n >= shared.MIN_SHARED:  # the micro-batch's common prompt runs once
             logits = shared.forward_shared(model, b, n, keep, self._autocast)
         else:
             logits = self.forward(model, b, keep=keep)
