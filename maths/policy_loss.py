@@ -260,6 +260,16 @@ def selected_logprobs(
     return lp, ent
 
 
+def row_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, chunk: int = LOGPROB_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) log-probs of ``targets`` (R,) and (R,) detached entropies from (…, R, V) logits whose every row is
+    used (a packed forward that kept only the rows the loss needs): the chunked log-softmax of
+    ``selected_logprobs``."""
+    rows = torch.arange(targets.shape[0], device=logits.device)
+    return _SelectedLogprobs.apply(logits, rows, targets, chunk)
+
+
 def logits_needed(mask: torch.Tensor) -> int:
     """How many trailing logit rows ``selected_logprobs`` needs for ``mask`` (B, L): L − first masked t + 1."""
     cols = (mask != 0).any(0).nonzero()

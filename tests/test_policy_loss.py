@@ -145,6 +145,24 @@ def test_selected_logprobs_equal_the_full_log_softmax_values_and_gradients(chunk
         pl.selected_logprobs(logits[:, -2:].detach(), ids, mask)
 
 
+def test_row_logprobs_of_kept_rows_equal_the_full_log_softmax():
+    """row_logprobs (every row used, as a packed forward keeps only the rows the loss reads): the log-prob of
+    each row's target, its entropy, and the gradient of the full log-softmax."""
+    torch.manual_seed(2)
+    logits = (3 * torch.randn(1, 7, 40)).requires_grad_(True)
+    targets = torch.randint(0, 40, (7,))
+    w = torch.randn(7)
+    ref = torch.log_softmax(logits[0], -1).gather(-1, targets[:, None]).squeeze(-1)
+    (ref * w).sum().backward()
+    g_ref, logits.grad = logits.grad.clone(), None
+    lp, ent = pl.row_logprobs(logits, targets, chunk=3)
+    assert torch.allclose(lp, ref, atol=1e-6, rtol=0)
+    p = torch.softmax(logits[0].detach(), -1)
+    assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5, rtol=0) and not ent.requires_grad
+    (lp * w).sum().backward()
+    assert torch.allclose(logits.grad, g_ref, atol=1e-6, rtol=0)
+
+
 floats = st.floats(-3, 3, allow_nan=False, width=32)
 
 

@@ -325,3 +325,72 @@ def test_pinned_threads_run_the_update_in_a_subprocess(tiny_model, samples, tmp_
     x, y = ckpt.load_model(here.uri("checkpoint")), ckpt.load_model(child.uri("checkpoint"))
     for (name, u), v in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
         assert torch.equal(u, v), name
+
+
+def group_rows(model_dir: Path, groups: int = 3, g: int = 4, seed: int = 5) -> list[dict]:
+    """GRPO-shaped samples: ``groups`` prompts (9-12 tokens) × ``g`` completions (3-12 tokens, one with an
+    untrained tool-output gap), advantages ±1 within a group."""
+    rng = random.Random(seed)
+    vocab = ckpt.load_model(model_dir).config.vocab_size
+    rows = []
+    for k in range(groups):
+        prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(9, 12))]
+        for j in range(g):
+            comp = [rng.randrange(10, vocab) for _ in range(rng.randint(3, 12))]
+            mask = [0] * len(prompt) + [1] * len(comp)
+            if j == 1 and len(comp) > 6:
+                mask[len(prompt) + 3 : len(prompt) + 5] = [0, 0]
+            a = 1.0 if j % 2 == 0 else -1.0
+            rows.append(
+                {
+                    "sample_id": f"s{k}-{j}", "source_id": f"t{k}-{j}", "problem_id": f"p{k}", "group_id": f"g{k}",
+                    "input_ids": prompt + comp, "loss_mask": mask, "advantages": [a * m for m in mask],
+                    "rollout_logprobs": [-2.0 * m for m in mask], "algo": "grpo",
+                }
+            )  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("way", ["packed", "cache"])
+def test_shared_prefix_gives_the_plain_update(tiny_model, tmp_path, monkeypatch, way):
+    """shared_prefix: each group's prompt runs once per micro-batch (packed with a tree mask, or as a KV cache
+    repeated per row); over two minibatches and two epochs (so the no-grad π_old pass takes that path too) the
+    parameters and the statistics are those of the plain padded forward, to fp32 rounding."""
+    from stages.update import prefix
+
+    uri = write_table(group_rows(tiny_model), SAMPLES, tmp_path / "groups.parquet").uri
+    calls = []
+    if way == "cache":
+        monkeypatch.setattr(prefix, "PACK_MAX", 0)
+    name = {"packed": "packed_logprobs", "cache": "forward_shared"}[way]
+    real = getattr(prefix, name)
+    monkeypatch.setattr(prefix, name, lambda m, b, n, *a: calls.append(n) or real(m, b, n, *a))
+    p = dict(lr=1e-3, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, seed=1, target_kl=None)
+    a = update.Trainer(tiny_model, UpdateParams(**p, shared_prefix=True))
+    b = update.Trainer(tiny_model, UpdateParams(**p))
+    ma = a.update(update.load_samples(uri))
+    assert calls and min(calls) >= 8  # the prompts (9-12 tokens, less the last one) ran once per micro-batch
+    mb = b.update(update.load_samples(uri))
+    assert _params_close(a.model, ckpt.load_model(tiny_model), 1.0) > 1e-3  # it moved
+    _params_close(a.model, b.model, 1e-5)  # Adam's lr·m/√v step turns fp32 gradient noise into ~1e-6 here
+    for k in ("actor/loss", "actor/approx_kl", "actor/entropy", "actor/clip_frac", "actor/logprob_gap_max"):
+        assert ma[k] == pytest.approx(mb[k], rel=1e-4, abs=1e-6), k
+
+
+def test_shared_prefix_length_stops_before_the_first_trained_logit():
+    """The shared part ends before the position whose logit predicts a row's first trained token, and at the
+    shortest row's last token; one row or no common start: nothing shared."""
+    from stages.update.prefix import shared_len
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 0]])
+    b = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]]), "mask": torch.zeros(2, 6)}
+    b["mask"][0, 4:], b["mask"][1, 4:5] = 1, 1
+    assert shared_len(b) == 3  # common 4 tokens, but token 4 is trained: its logit comes from position 3
+    b["mask"][:, :] = 0
+    b["mask"][:, 5:] = 1
+    b["mask"][1, 5] = 0
+    b["mask"][1, 4] = 1
+    assert shared_len(b) == 3
+    b["input_ids"] = torch.tensor([[4, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 0]])
+    assert shared_len(b) == 0
+    assert shared_len({k: v[:1] for k, v in b.items()}) == 0

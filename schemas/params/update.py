@@ -66,6 +66,12 @@ class UpdateParams(BaseModel):
         "checkpoint bits then do not depend on the machine's core count, and a gain from more threads beside a "
         "live vLLM engine on 2 cores was not shown (bench/bench_update.py measures it)",
     )
+    shared_prefix: bool = Field(
+        False,
+        description="Micro-batches by prompt, and a micro-batch's common prompt runs through the model once (its "
+        "key/value cache repeated per sample; the same loss and gradient to float rounding, fewer positions: "
+        "stages.update.prefix). One process only; ignored under nproc/nnodes > 1",
+    )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Compute dtype (bf16 = autocast over fp32 master weights); auto: fp32 CPU, bf16 CUDA",

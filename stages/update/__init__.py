@@ -50,8 +50,10 @@ Supported: DDP (CPU and CUDA, LoRA too), FSDP2 (CPU and CUDA, full fine-tune; it
 in the plain one-process form, so checkpoints move between process counts). Not supported or not tested:
 LoRA under FSDP2 (refused), a sharded reference model (each rank holds a
 full copy when kl_beta > 0), FSDP2 mixed-precision policies (bf16 is autocast over fp32 shards); the CUDA
-paths (nccl, one GPU per rank) have not run on a GPU here. Not done: sequence packing (needs varlen attention
-kernels; length-sorted micro-batches instead).
+paths (nccl, one GPU per rank) have not run on a GPU here. ``shared_prefix`` (one process): micro-batches by
+prompt, each packed into one row — the group's prompt once, a tree attention mask, no padding
+(``stages.update.prefix``). Not done: packing of samples without a common prompt (needs varlen attention
+kernels; length-sorted padded micro-batches instead).
 
 Run on its own: ``python -m stages.update SAMPLES CHECKPOINT OUT [--params JSON]`` (``{"nproc": 2}``: two
 processes), or under your own launcher: ``torchrun --nproc-per-node 2 -m stages.update ...``.

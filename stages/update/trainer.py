@@ -17,6 +17,7 @@ from runtime import progress
 from runtime.devices import PeakMemory, resolve_device
 from schemas.params.update import UpdateParams
 from stages.update import distributed as ddist
+from stages.update import prefix as shared
 from stages.update.samples import (
     Sample,
     collate,
@@ -144,7 +145,14 @@ class Trainer:
         if self.legacy:
             logits = self.forward(model, b)
             return token_logprobs(logits, b["input_ids"]) * b["mask"], token_entropy(logits.detach()) * b["mask"]
-        logits = self.forward(model, b, keep=logits_needed(b["mask"]))
+        keep = logits_needed(b["mask"])
+        n = shared.shared_len(b) if self.params.shared_prefix and not self.world.distributed else 0
+        if n >= shared.MIN_SHARED and shared.packed_length(b, n) <= shared.PACK_MAX:  # stages.update.prefix
+            return shared.packed_logprobs(model, b, n, self._autocast)
+        if n >= shared.MIN_SHARED:  # the micro-batch's common prompt runs once
+            logits = shared.forward_shared(model, b, n, keep, self._autocast)
+        else:
+            logits = self.forward(model, b, keep=keep)
         return selected_logprobs(logits, b["input_ids"], b["mask"])
 
     @torch.no_grad()
@@ -156,9 +164,10 @@ class Trainer:
         was_training = model.training
         model.eval()
         out: dict[int, torch.Tensor] = {}
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
+        by = shared.micro_key if self.params.shared_prefix and not self.world.distributed else len
+        order = sorted(range(len(samples)), key=lambda i: by(samples[i]))
         size = self.params.micro_batch_size
-        for idx in ddist.rank_micro_batches(order, size, self.world, key=lambda i: len(samples[i])):
+        for idx in ddist.rank_micro_batches(order, size, self.world, key=lambda i: by(samples[i])):
             b = collate([samples[i] for i in idx or order[:1]], self.device, self.pad_id)
             lp = self.token_logp(model, b)[0].float().cpu()
             for k, i in enumerate(idx or []):
@@ -295,7 +304,8 @@ class Trainer:
         acc.update({"tis_weight": 0.0} if p.tis_cap is not None else {})
         acc.update({"kl_ref": 0.0} if with_ref else {})
         self.optimizer.zero_grad(set_to_none=True)
-        micros = ddist.rank_micro_batches(mb, p.micro_batch_size, w)
+        key = shared.micro_key if p.shared_prefix and not w.distributed else len
+        micros = ddist.rank_micro_batches(mb, p.micro_batch_size, w, key=key)
         for j, micro in enumerate(micros):
             b = collate(micro or mb[:1], self.device, self.pad_id)
             with ddist.grad_sync(self.train_model, w, sync=j == len(micros) - 1):
