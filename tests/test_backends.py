@@ -31,6 +31,7 @@ from tests.backends import (
     s3_server,
     start_mlflow_server,
 )
+from tests.serving import banner, start_serve
 from tests.test_runstore import ROW
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,25 +302,9 @@ def _check_serve_beside_the_tracking_server(env: dict, work: Path, root: str) ->
     import signal
 
     pport, mport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "flows.cli", "serve", "--root", root, "--prefect-port", str(pport)]
-    cmd += ["--mlflow-port", str(mport)]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=work,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
+    proc = start_serve(root, pport, mport, env, cwd=work)
     try:
-        while not any("Ctrl-C" in x for x in lines):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        out = "".join(lines)
+        out = banner(proc)
         assert f"MLflow UI:  {env['MLFLOW_TRACKING_URI']}" in out and f"127.0.0.1:{pport}" in out, out
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", mport)) != 0  # no MLflow server of its own

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.serving import start_serve
+from tests.serving import banner, start_serve
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -85,9 +85,7 @@ def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
     serve = start_serve(root, pp, mp, env)
     worker = None
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and "Ctrl-C" not in (serve.stdout.readline() or "Ctrl-C"):
-            pass
+        banner(serve)
         dep = subprocess.run(
             [str(BIN / "turntree"), "deploy", "--pool", "tt-ui", "--prefect-file", str(prefect_file)],
             env=env,

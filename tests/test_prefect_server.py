@@ -16,7 +16,7 @@ from flows.runner import RunContext, run_stage
 from flows.runstore import RunStore
 from flows.serve import start_prefect_server, stop, wait_healthy
 from schemas.params import DataParams
-from tests.serving import start_serve
+from tests.serving import banner, start_serve
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -137,15 +137,8 @@ def test_serve_starts_both_uis_and_stops_them(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = start_serve(root, pp, mp, env)
-    lines = []
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not any("Ctrl-C" in x for x in lines):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        out = "".join(lines)
+        out = banner(proc)
         assert f"http://127.0.0.1:{pp}" in out and f"http://127.0.0.1:{mp}" in out, out
         with urllib.request.urlopen(f"http://127.0.0.1:{pp}/api/health", timeout=10) as r:
             assert r.status == 200
