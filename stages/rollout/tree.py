@@ -84,10 +84,11 @@ def _grade(nodes: list[tuple[Tree, dict]], timeout_s: float, max_chars: int, sta
         [list(t.problem["tests"]) for t, _ in nodes],
         entry_points=[t.problem.get("entry_point") for t, _ in nodes],
         timeout_s=timeout_s,
+        retries=1,
     )
     stats.sandbox_s += time.perf_counter() - t0
     for (_, n), rep in zip(nodes, reports, strict=True):
-        if rep.sandbox_failed:  # not the program's verdict: left null, so the score stage re-runs it
+        if rep.sandbox_failed:  # failed twice, no verdict on the program: left null (score re-runs it)
             n["tests_passed"], n["tests_total"] = None, None
         else:
             n["tests_passed"], n["tests_total"] = int(rep.passed), int(rep.total)
