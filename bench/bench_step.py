@@ -245,20 +245,28 @@ def run_turntree(args) -> dict:
 
 
 # --- parent: one subprocess per framework, peak RSS of its process tree ---------------------------------------------
-def tree_rss(proc) -> int:
+def tree_memory(proc) -> tuple[int, int, list[tuple[int, str]]]:
+    """(summed RSS, summed PSS, [(RSS, what) per process]) of ``proc`` and its descendants. RSS counts pages
+    the processes share once per process (a forked sandbox zygote, a model file two processes map); PSS
+    splits each shared page between its sharers, so its sum is the tree's real footprint."""
     import psutil
 
     try:
         ps = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0, []
+    rss = pss = 0
+    each = []
     for p in ps:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            what = " ".join(p.cmdline()[1:4])[:60] or p.name()
         except psutil.Error:
-            pass
-    return total
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+        each.append((info.rss, what))
+    return rss, pss, sorted(each, reverse=True)
 
 
 def run_child(name: str, args) -> tuple[dict | None, str]:
@@ -270,9 +278,12 @@ def run_child(name: str, args) -> tuple[dict | None, str]:
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-step-{name}-", suffix=".log", delete=False)
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    ps, peak = psutil.Process(child.pid), 0
+    ps, peak, peak_pss, at_peak = psutil.Process(child.pid), 0, 0, []
     while child.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        rss, pss, each = tree_memory(ps)
+        if rss > peak:
+            peak, at_peak = rss, each
+        peak_pss = max(peak_pss, pss)
         time.sleep(0.2)
     wall = time.perf_counter() - t0
     log.seek(0)
@@ -281,7 +292,8 @@ def run_child(name: str, args) -> tuple[dict | None, str]:
     if child.returncode != 0 or not lines:
         return None, f"{name}: failed (exit {child.returncode}), log {log.name}:\n{text[-3000:]}"
     r = json.loads(lines[-1].removeprefix("RESULT "))
-    r.update(peak_rss_mb=peak / 2**20, wall_s=wall, log=log.name)
+    r.update(peak_rss_mb=peak / 2**20, peak_pss_mb=peak_pss / 2**20, wall_s=wall, log=log.name)
+    r["at_peak"] = [f"{m / 2**20:.0f} MB {what}" for m, what in at_peak[:6]]
     return r, ""
 
 
@@ -334,7 +346,8 @@ def main() -> None:
             continue
         results[name] = r
         print(
-            f"\n{name}: torch threads {r['torch_threads']}, peak RSS (process tree) {r['peak_rss_mb']:.0f} MB, "
+            f"\n{name}: torch threads {r['torch_threads']}, peak RSS (process tree) {r['peak_rss_mb']:.0f} MB "
+            f"(PSS {r['peak_pss_mb']:.0f} MB; at the RSS peak: {'; '.join(r['at_peak'])}), "
             f"subprocess wall {r['wall_s']:.0f} s (model load and start-up included), log {r['log']}",
             flush=True,
         )
@@ -372,6 +385,8 @@ def main() -> None:
         )
         ma, mb = results["trl"]["peak_rss_mb"], results["turntree"]["peak_rss_mb"]
         print(f"  {'peak RSS MB':18s} {ma:8.0f} {mb:9.0f}   x{ma / mb:.2f}")
+        ma, mb = results["trl"]["peak_pss_mb"], results["turntree"]["peak_pss_mb"]
+        print(f"  {'peak PSS MB':18s} {ma:8.0f} {mb:9.0f}   x{ma / mb:.2f}")
         ra = [round(s.get("reward", float("nan")), 3) for s in results["trl"]["steps"]]
         rb = [round(s["reward"], 3) for s in results["turntree"]["steps"]]
         print(f"  reward per step    TRL {ra}  turntree {rb}")

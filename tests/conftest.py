@@ -48,7 +48,9 @@ def shared_data() -> Path:
     from stages.data.sources import BENCHMARKS, DataError, shared_data_dirs
 
     if not (BENCHMARKS / "SHA256SUMS").is_file():
-        pytest.fail(f"the shipped benchmark files are missing from {BENCHMARKS}; restore them with git checkout")
+        pytest.fail(
+            f"the shipped benchmark files are missing from {BENCHMARKS}; restore them with git checkout"
+        )
     try:
         return shared_data_dirs()[0]
     except DataError as e:

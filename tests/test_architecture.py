@@ -89,7 +89,9 @@ def _is_ancestor(pkg: str, mod: str) -> bool:
 def test_no_import_circles(graph):
     """Tarjan's strongly connected components over module imports; a package importing its own submodule
     (an ``__init__`` re-export) is not a circle."""
-    edges = {m: {d for d in deps if not _is_ancestor(d, m) and not _is_ancestor(m, d)} for m, deps in graph.items()}
+    edges = {
+        m: {d for d in deps if not _is_ancestor(d, m) and not _is_ancestor(m, d)} for m, deps in graph.items()
+    }
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -143,6 +145,8 @@ def test_stages_holds_only_pipeline_steps():
     """stages/ is the pipeline's steps: each top-level entry is a stage module or package in the stage table."""
     from stages import STAGES
 
-    entries = {p.stem for p in (REPO / "stages").iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    entries = {
+        p.stem for p in (REPO / "stages").iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()
+    }
     entries.discard("__init__")
     assert entries == {spec.module.split(".")[1] for spec in STAGES.values()}

@@ -84,7 +84,10 @@ def test_story_table_before_after_and_links(monkeypatch):
     assert "0.600" in row2 and "0.75 (3/4) [0.25, 1.00]" in row2
     assert any("1.50" in line for line in story if line.startswith("1 "))
     text = "\n".join(story)
-    assert "http://127.0.0.1:5000/#/experiments/7/runs/ml-1?workflowType=machine_learning" in text and "4200 (after" not in text
+    assert (
+        "http://127.0.0.1:5000/#/experiments/7/runs/ml-1?workflowType=machine_learning" in text
+        and "4200 (after" not in text
+    )
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4300/api")
     assert links(m, "7", "/r")[0] == "Prefect: http://127.0.0.1:4300/runs/flow-run/fr-1"
 

@@ -187,5 +187,7 @@ def test_paired_diff_cancels_problem_difficulty(pairs, shift):
     r2 = paired_bootstrap_diff({k: v + offset[k] for k, v in a.items()}, {k: v + offset[k] for k, v in b.items()},
                                resamples=300, seed=1)  # fmt: skip
     assert r2["diff"] == pytest.approx(r["diff"], abs=1e-9)
-    assert r2["ci_low"] == pytest.approx(r["ci_low"], abs=1e-9) and r2["ci_high"] == pytest.approx(r["ci_high"], abs=1e-9)
+    assert r2["ci_low"] == pytest.approx(r["ci_low"], abs=1e-9) and r2["ci_high"] == pytest.approx(
+        r["ci_high"], abs=1e-9
+    )
     assert r["ci_low"] - 1e-12 <= r["diff"] <= r["ci_high"] + 1e-12

@@ -44,11 +44,17 @@ def validate_k8s(obj: dict) -> None:
 
 
 def validate_pod_template(template: dict, name: str) -> None:
-    validate_k8s({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template})
+    validate_k8s(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+    )
 
 
 # --- core objects ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, obj", [o for o in k8s_objects() if o[1]["kind"] not in CRDS], ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "name, obj",
+    [o for o in k8s_objects() if o[1]["kind"] not in CRDS],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_core_objects_are_valid_kubernetes(name, obj):
     validate_k8s(obj)
     assert obj["metadata"].get("namespace") == "turntree", name
@@ -105,14 +111,25 @@ def test_work_pool_templates_render_valid_jobs(kind):
     assert any(m["mountPath"] == "/data" for m in c["volumeMounts"])
     assert ("nvidia.com/gpu" in c["resources"]["limits"]) == (kind == "gpu")
     if kind == "gpu":
-        assert render(template, gpus=4)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
-            "nvidia.com/gpu"
-        ] == 4
+        assert (
+            render(template, gpus=4)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+                "nvidia.com/gpu"
+            ]
+            == 4
+        )
 
 
 # --- CRDs: PyTorchJob, RayCluster ---------------------------------------------------------------------------------------
-_POD = {"type": "object", "required": ["spec"], "properties": {"spec": {"type": "object", "required": ["containers"]}}}
-_META = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}}}
+_POD = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {"spec": {"type": "object", "required": ["containers"]}},
+}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}},
+}
 _REPLICA = {
     "type": "object",
     "required": ["replicas", "template"],
@@ -152,7 +169,13 @@ PYTORCHJOB = {
                     "type": "object",
                     "required": ["Master"],
                     "additionalProperties": False,
-                    "properties": {"Master": {**_REPLICA, "properties": {**_REPLICA["properties"], "replicas": {"const": 1}}}, "Worker": _REPLICA},
+                    "properties": {
+                        "Master": {
+                            **_REPLICA,
+                            "properties": {**_REPLICA["properties"], "replicas": {"const": 1}},
+                        },
+                        "Worker": _REPLICA,
+                    },
                 },
             },
         },
@@ -185,8 +208,19 @@ RAYCLUSTER = {
             "properties": {
                 "rayVersion": {"type": "string"},
                 "enableInTreeAutoscaling": {"type": "boolean"},
-                "headGroupSpec": {**_GROUP, "additionalProperties": False, "properties": {k: _GROUP["properties"][k] for k in ("rayStartParams", "template")}},
-                "workerGroupSpecs": {"type": "array", "items": {**_GROUP, "required": ["groupName", "rayStartParams", "template"], "additionalProperties": False}},
+                "headGroupSpec": {
+                    **_GROUP,
+                    "additionalProperties": False,
+                    "properties": {k: _GROUP["properties"][k] for k in ("rayStartParams", "template")},
+                },
+                "workerGroupSpecs": {
+                    "type": "array",
+                    "items": {
+                        **_GROUP,
+                        "required": ["groupName", "rayStartParams", "template"],
+                        "additionalProperties": False,
+                    },
+                },
             },
         },
     },
@@ -289,7 +323,10 @@ def test_compose_stack_structure():
     assert services["worker"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     env = services["worker"]["environment"]
-    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert (
+        env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    )
 
 
 def test_compose_variables_are_all_in_env_example():
@@ -305,7 +342,9 @@ def test_compose_variables_are_all_in_env_example():
 # --- Dockerfiles ---------------------------------------------------------------------------------------------------------
 def instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n", " ", "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    )
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in text.splitlines() if ln.strip()]
 
 
@@ -325,7 +364,9 @@ def test_dockerfiles_are_pinned_and_run_as_a_user(name):
                 assert (REPO / src).exists(), src
 
 
-@pytest.mark.parametrize("name, extra", [("Dockerfile.cpu", "cpu"), ("Dockerfile.cuda", "gpu")], ids=["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "name, extra", [("Dockerfile.cpu", "cpu"), ("Dockerfile.cuda", "gpu")], ids=["cpu", "cuda"]
+)
 def test_project_images_install_like_setup_sh(name, extra):
     ins = instructions(INFRA / "docker" / name)
     args = dict(a.split("=", 1) for i, a in ins if i == "ARG" and "=" in a)

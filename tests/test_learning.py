@@ -218,4 +218,3 @@ def test_the_keep_test_catches_the_group_scope_regression(lab):
     _, after = lab.train("gtpo", "group", ckpt, KEEP_ITERS, "keep-gtpo-group", measure_each=True)
     line = _report("keep", "gtpo", "group", start, *after)
     assert min(after) < KEEP["secret-tool"], f"{line}: the group scope no longer breaks the solved policy"
-

@@ -68,6 +68,9 @@ def test_pipeline_writes_every_stage(gtpo_run):
     from runtime.engines import live_engine
 
     assert "timing/weight_sync" in out["update"].metrics
+    assert (
+        out["update"].metrics["memory/engine_cache_released_mb"] > 0
+    )  # the engine's KV pages, for the update
     assert live_engine().loaded_from == str(ckpt.resolve())
     evals = read_table(out["evaluate"].uri("eval_results"), tables.EVAL_RESULTS)
     assert evals.num_rows >= 2

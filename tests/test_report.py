@@ -112,7 +112,9 @@ def test_compare_reports_paired_differences_against_the_first_method(tables, tmp
     md = (tmp_path / "paired" / "report.md").read_text()
     assert "## Paired differences against `grpo`" in md
     paired = md.split("## Paired differences")[1]
-    assert [ln.split("|")[1].strip() for ln in paired.splitlines() if ln.startswith("| ") and "method" not in ln] == [
+    assert [
+        ln.split("|")[1].strip() for ln in paired.splitlines() if ln.startswith("| ") and "method" not in ln
+    ] == [
         "gtpo",
         "murphy",
     ]
@@ -126,4 +128,3 @@ def test_compare_reports_paired_differences_against_the_first_method(tables, tmp
     )
     assert res.metrics["eval/synthetic-func-synth/murphy_vs_grpo/diff_iter3"] == pytest.approx(want)
     assert want > 0
-

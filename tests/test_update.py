@@ -169,6 +169,10 @@ def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, mo
     class FakeEngine:
         model_dir = Path(tiny_model)
 
+        def release_cache(self):  # before training: the update needs the memory, not the KV cache
+            pushed["released_before_push"] = "weights" not in pushed
+            return 123 << 20
+
         def update_weights(self, weights, source=None):
             pushed.update(weights=weights, source=source)
             return 0.0
@@ -176,6 +180,7 @@ def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, mo
     monkeypatch.setattr(live, "ENGINES", [FakeEngine()])  # the process's live-engine registry
     out = update.run(UpdateParams(**FAST), {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path)
     assert pushed["source"] == out.uri("checkpoint") and "timing/weight_sync" in out.metrics
+    assert pushed["released_before_push"] and out.metrics["memory/engine_cache_released_mb"] == 123
     saved = ckpt.load_model(out.uri("checkpoint")).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in pushed["weights"].items() if k in saved)
 
@@ -275,7 +280,10 @@ def test_target_kl_bounds_the_update_of_a_near_deterministic_policy(near_determi
 
 
 def _params_close(a: torch.nn.Module, b: torch.nn.Module, atol: float) -> float:
-    worst = max(float((x - y).abs().max()) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    worst = max(
+        float((x - y).abs().max())
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     assert worst < atol, worst
     return worst
 
@@ -321,7 +329,9 @@ def test_pinned_threads_run_the_update_in_a_subprocess(tiny_model, samples, tmp_
     if before == 2:
         monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     child = update.run(p, {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path / "child")
-    assert any("2 threads" in n for n in child.notes) and any("subprocess" in n for n in child.notes), child.notes
+    assert any("2 threads" in n for n in child.notes) and any("subprocess" in n for n in child.notes), (
+        child.notes
+    )
     x, y = ckpt.load_model(here.uri("checkpoint")), ckpt.load_model(child.uri("checkpoint"))
     for (name, u), v in zip(x.state_dict().items(), y.state_dict().values(), strict=True):
         assert torch.equal(u, v), name
@@ -383,7 +393,11 @@ def test_shared_prefix_length_stops_before_the_first_trained_logit():
     from stages.update.prefix import shared_len
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 0]])
-    b = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]]), "mask": torch.zeros(2, 6)}
+    b = {
+        "input_ids": ids,
+        "attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]]),
+        "mask": torch.zeros(2, 6),
+    }
     b["mask"][0, 4:], b["mask"][1, 4:5] = 1, 1
     assert shared_len(b) == 3  # common 4 tokens, but token 4 is trained: its logit comes from position 3
     b["mask"][:, :] = 0

@@ -85,7 +85,9 @@ def test_two_nodes_give_the_one_process_update(tiny_model, samples, tmp_path):  
     out0, out1 = tmp_path / "node0", tmp_path / "node1"
     out0.mkdir()
     out1.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
     second = subprocess.Popen(
         [sys.executable, "-m", "stages.update", samples, str(tiny_model), str(out1),
          "--params", json.dumps({**node, "node_rank": 1})],

@@ -68,6 +68,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "transformers": {"prefix_caching": True, "batch_size": 16},
 }
 
+
 def make_engine(model_dir: str | os.PathLike, backend: str = "vllm", seed: int = 0, **options) -> Engine:
     """An engine serving ``model_dir``; reuses this process's engine of the same backend, weights source, seed
     and options. Options: see ``VLLMEngine`` / ``runtime.engines.hf.TransformersEngine``."""

@@ -209,6 +209,11 @@ class Engine:
         live.touch(self)
         return time.perf_counter() - t0
 
+    def release_cache(self) -> int:
+        """Free what the engine only needs while it generates (its KV cache), keeping the engine and its
+        weights; the next generation works as before. Bytes freed (0: nothing to free, the default)."""
+        return 0
+
     def _generate(self, prompts: list[list[int]], specs: list[SamplingSpec]) -> list[list[Generation]]:
         raise NotImplementedError
 

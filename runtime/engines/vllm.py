@@ -122,6 +122,17 @@ class VLLMEngine(Engine):
                         f"on {self.loaded_from} and serves those weights"
                     ) from e2
 
+    def release_cache(self) -> int:
+        """vLLM has no sleep mode on CPU: free the KV cache's pages ourselves. Every cached prefix block is
+        dropped first (``reset_prefix_cache``), so no block holds anything a later request would read before
+        writing it; the pages come back, zeroed, as the next generation touches them. CUDA: 0 (not done)."""
+        if _on_cuda():
+            return 0
+        self._check_idle()
+        if not self.llm.reset_prefix_cache():
+            return 0  # vLLM refuses while requests hold blocks
+        return sum(self.llm.collective_rpc(_drop_kv_cache))
+
     def _reload(self, items: list[tuple[str, Any]]) -> None:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
         self.llm.reset_prefix_cache()
@@ -155,6 +166,13 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         self._shutdown()
         super().close()
+
+
+def _drop_kv_cache(worker) -> int:
+    """Runs in the (in-process) vLLM worker: drop the pages of its KV cache buffers."""
+    from runtime.memory import drop_pages
+
+    return drop_pages(worker.model_runner.kv_caches)
 
 
 def _sampling_params(s: SamplingSpec, seed: int | None):

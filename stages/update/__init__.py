@@ -62,6 +62,7 @@ processes), or under your own launcher: ``torchrun --nproc-per-node 2 -m stages.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -70,8 +71,9 @@ import torch
 
 from runtime import checkpoint as ckpt
 from runtime.devices import PeakMemory, resolve_device  # noqa: F401 - re-exported for callers of the update stage
-from runtime.engines.base import same_architecture
+from runtime.engines.base import EngineError, same_architecture
 from runtime.engines.live import live_engine
+from runtime.memory import trim_heap
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
 from stages.update import distributed as ddist
@@ -86,6 +88,7 @@ from stages.update.samples import (  # noqa: F401 - re-exported for callers of t
 from stages.update.trainer import Trainer, clip_grad_norm  # noqa: F401
 
 STAGE = "update"
+log = logging.getLogger("turntree.update")
 
 
 # --- weight sync ---------------------------------------------------------------------------------------------------
@@ -134,6 +137,7 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
         raise KeyError("kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)")
     t0 = time.perf_counter()
     samples = load_samples(inputs["samples"])  # before anything heavy: bad input fails fast, writes nothing
+    released = release_engine_cache()
     device, _ = resolve_device(params.device, params.dtype)
     threads, before = None, torch.get_num_threads()
     if device.type == "cpu" and params.world_size == 1 and not ddist.in_torchrun():
@@ -151,16 +155,41 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
         result.metrics["timing/update_stage"] = time.perf_counter() - t0
         result.notes.insert(0, note)
         if threads is not None:
-            result.notes.insert(1, f"this process's threads are pinned: the update ran in a subprocess, {threads} threads")
-        return result
+            result.notes.insert(
+                1, f"this process's threads are pinned: the update ran in a subprocess, {threads} threads"
+            )
+    else:
+        try:
+            result = _run_here(params, inputs, Path(out), samples, device, t0)
+        finally:
+            torch.set_num_threads(before)
+            trim_heap()  # the trainer's model, gradients and optimizer state go back to the system
+    if released:
+        result.metrics["memory/engine_cache_released_mb"] = released / 2**20
+    return result
+
+
+def release_engine_cache() -> int:
+    """Free the live rollout engine's KV cache for the length of the update (bytes; 0 when there is no idle
+    engine). The update never generates, and on CPU nothing else gives that memory back: vLLM's sleep mode
+    is CUDA-only."""
+    engine = live_engine()
+    if engine is None:
+        return 0
     try:
-        return _run_here(params, inputs, Path(out), samples, device, t0)
-    finally:
-        torch.set_num_threads(before)
+        return engine.release_cache()
+    except EngineError as e:  # a stream in flight: leave the engine as it is
+        log.warning("live engine's cache not released: %s", e)
+        return 0
 
 
 def _run_here(
-    params: UpdateParams, inputs: dict[str, str], out: Path, samples: list[Sample], device: torch.device, t0: float
+    params: UpdateParams,
+    inputs: dict[str, str],
+    out: Path,
+    samples: list[Sample],
+    device: torch.device,
+    t0: float,
 ) -> StageOutput:
     """The update in this process (one process, or one torchrun rank)."""
     with ddist.world(params, device) as world:
