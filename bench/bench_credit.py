@@ -21,7 +21,9 @@ Target (issue 15): ≤ 1.05× outside generation. Printed with the load average,
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -110,6 +112,7 @@ def main() -> None:
     from runtime.models import resolve_model
 
     root = tempfile.mkdtemp(prefix="bench-credit-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # checkpoints: GBs per run
     ckpt = str(resolve_model(a.model))
     load0 = os.getloadavg()[0]
 

@@ -12,7 +12,9 @@ ephemeral Prefect server (first flow run in a process).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=1)
     a = ap.parse_args()
     root = tempfile.mkdtemp(prefix="bench-orch-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # checkpoints: GBs per run
     os.environ.setdefault("PREFECT_HOME", f"{root}/prefect-home")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", f"{root}/prefect-results")
     from prefect.testing.utilities import prefect_test_harness

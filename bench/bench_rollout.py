@@ -161,7 +161,9 @@ def main() -> None:
     t0 = time.perf_counter()
     vllm = make_engine(model, backend="vllm", seed=0, prefix_caching=True)
     res["vllm_build_s"] = round(time.perf_counter() - t0, 1)
-    vllm.generate([prompts.initial_prompt_ids(vllm.tokenizer, math[0])], SamplingSpec(max_tokens=4))  # warm-up
+    vllm.generate(
+        [prompts.initial_prompt_ids(vllm.tokenizer, math[0])], SamplingSpec(max_tokens=4)
+    )  # warm-up
     res["tir_barrier"], b_rows = tir_workload(vllm, math, args, barrier=True)
     show("rollout, barrier", res["tir_barrier"])
     res["tir_continuous"], rows = tir_workload(vllm, math, args, barrier=False)

@@ -46,9 +46,11 @@ whole-run totals are printed too. The load average before and after is printed (
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,6 +111,7 @@ def run_trl(args) -> dict:
         return [reward_of(c[0]["content"], a) for c, a in zip(completions, answer, strict=True)]
 
     out = tempfile.mkdtemp(prefix="bench-trl-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)  # checkpoints: GBs per run
     cfg = GRPOConfig(
         output_dir=out, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=1.0,
@@ -195,6 +198,7 @@ def run_turntree(args) -> dict:
     torch.set_num_threads(args.threads)
     checkpoint = str(resolve_model(args.model))
     root = Path(tempfile.mkdtemp(prefix="bench-turntree-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # checkpoints: GBs per run
     problems = write_table(arithmetic_problems(args.prompts), PROBLEMS, root / "problems.parquet").uri
     batch = args.prompts * args.group
     ro_p = RolloutParams(

@@ -127,7 +127,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--seqs", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=1, help="measured updates per variant (the fastest is reported)")
+    ap.add_argument(
+        "--steps", type=int, default=1, help="measured updates per variant (the fastest is reported)"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--sync", action="store_true", help="also time the weight sync into a vLLM engine")
