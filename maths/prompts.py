@@ -19,6 +19,7 @@ Problems are dicts with the columns of ``schemas.tables.PROBLEMS`` (kind "code" 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -72,12 +73,33 @@ def task_text(problem: dict) -> str:
 
 
 def system_text(problem: dict) -> str:
+    """The kind's system prompt, or the problem's own: a string ``"system"`` in its ``meta`` JSON object (a data
+    set written for another prompt, e.g. a model too small for tool use; rollout, warm start and evaluation all
+    render through here)."""
     kind = problem.get("kind")
     if kind not in SYSTEMS:
         raise ValueError(
             f"problem {problem.get('problem_id', '?')!r}: kind {kind!r} not in {sorted(SYSTEMS)}"
         )
+    own = _meta(problem).get("system")
+    if own is not None:
+        if not isinstance(own, str) or not own.strip():
+            raise ValueError(
+                f"problem {problem.get('problem_id', '?')!r}: meta.system must be a non-empty string"
+            )
+        return own
     return SYSTEMS[kind]
+
+
+def _meta(problem: dict) -> dict:
+    raw = problem.get("meta")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        return {}  # meta is free-form source extras; only a JSON object can carry a system prompt
+    return meta if isinstance(meta, dict) else {}
 
 
 SYSTEMS: dict[str, str] = {"math": MATH_TIR_SYSTEM, "code": CODE_SYSTEM}

@@ -129,6 +129,38 @@ def math_answer(rows: Sequence[Mapping], params: ScoreParams) -> list[float | No
     ]
 
 
+def last_number(text: str) -> str | None:
+    """The last plain number in ``text`` (thousands separators allowed), or None."""
+    found = _LAST_NUMBER.findall(text or "")
+    return found[-1].replace(",", "") if found else None
+
+
+_LAST_NUMBER = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[+-]?\d+(?:\.\d+)?")
+
+
+def lenient_answer(text: str) -> str | None:
+    """The \\boxed{} answer when there is one, else the text's last number."""
+    from maths.prompts import extract_boxed
+
+    boxed = extract_boxed(text or "")
+    return boxed if boxed is not None else last_number(text)
+
+
+@register_reward("math_answer_lenient")
+def math_answer_lenient(rows: Sequence[Mapping], params: ScoreParams) -> list[float | None]:
+    """Math, for models that do not box their answers yet (small ones, early in training): 1 if the boxed
+    answer — or, without one, the last number of the trajectory's last turn — equals the reference, else 0."""
+    out: list[float | None] = []
+    for row in rows:
+        if row["kind"] != "math":
+            out.append(None)
+            continue
+        turns = row.get("turns") or []
+        pred = row.get("final_answer") or lenient_answer((turns[-1].get("text") or "") if turns else "")
+        out.append(float(math_correct(pred, row.get("answer"), rel_tol=params.math_rel_tol)))
+    return out
+
+
 @register_reward("format")
 def format_reward(rows: Sequence[Mapping], params: ScoreParams) -> list[float | None]:
     """GTPO r_fmt summed over a trajectory's turns (≤ 0); None for a row without turns."""
@@ -288,8 +320,9 @@ def is_correct(row: Mapping, components: Mapping[str, float], params: ScoreParam
     """Success of a trajectory: all tests pass (code) / the final answer is right (math)."""
     if row["kind"] == "code":
         return bool(row.get("tests_total") and row.get("tests_passed") == row["tests_total"])
-    if "math_answer" in components:
-        return components["math_answer"] == 1.0
+    for name in ("math_answer", "math_answer_lenient"):  # the answer reward the run scores with
+        if name in components:
+            return components[name] == 1.0
     return math_correct(row.get("final_answer"), row.get("answer"), rel_tol=params.math_rel_tol)
 
 

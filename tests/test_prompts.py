@@ -101,3 +101,13 @@ def test_demonstration_layout_masks_observations(tok):
     code_ids, code_mask = prompts.demonstration_ids(tok, CODE)
     assert "return a + b" in tok.decode(code_ids) and sum(code_mask) > 0
     assert prompts.demonstration_ids(tok, MATH) == ([], [])
+
+
+def test_a_problem_may_bring_its_own_system_prompt(tok):
+    own = {**MATH, "meta": '{"system": "Reply with the number only."}'}
+    text = tok.decode(prompts.initial_prompt_ids(tok, own))
+    assert "Reply with the number only." in text and "Python interpreter" not in text
+    assert prompts.system_text({**MATH, "meta": '{"source_row": 3}'}) == prompts.MATH_TIR_SYSTEM
+    assert prompts.system_text({**MATH, "meta": "free text, not JSON"}) == prompts.MATH_TIR_SYSTEM
+    with pytest.raises(ValueError, match="meta.system must be a non-empty string"):
+        prompts.system_text({**MATH, "meta": '{"system": ""}'})

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maths.advantages import gtpo_shaping
-from maths.rewards import REWARDS, combine, format_penalties, get_reward, math_correct, turn_rewards
+from maths.rewards import (
+    REWARDS,
+    combine,
+    format_penalties,
+    get_reward,
+    last_number,
+    lenient_answer,
+    math_correct,
+    turn_rewards,
+)
 from maths.similarity import SIMILARITIES, code_tokens, get_similarity, similarity
 from schemas.params.rewards import ScoreParams
 
@@ -173,3 +182,52 @@ def test_embedding_similarity_with_a_local_model(tiny_model):
     assert shaped[0] == 1.0
     assert shaped[1] == pytest.approx(0.5, abs=1e-5)  # identical code: (1 + cos 1) / 2 = 1, times α
     assert 0.0 <= shaped[2] <= 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "last", "lenient"),
+    [
+        ("The answer is 42.", "42", "42"),
+        ("17 + 25 = 42", "42", "42"),
+        ("It costs 1,234 dollars", "1234", "1234"),
+        ("from 3 down to -7", "-7", "-7"),
+        ("about 3.50 each", "3.50", "3.50"),
+        ("\\boxed{5}, not 7", "7", "5"),  # a boxed answer wins
+        ("no digits here", None, None),
+        ("", None, None),
+    ],
+)
+def test_last_number_and_lenient_answer(text, last, lenient):
+    assert last_number(text) == last and lenient_answer(text) == lenient
+
+
+@given(
+    st.text(alphabet="abc .!?\n", max_size=20),
+    st.integers(-(10**6), 10**6),
+    st.text(alphabet="abc .!?", max_size=20),
+)
+def test_last_number_finds_the_final_integer(before, n, after):
+    assert last_number(f"{before} {n}{after}") == str(n)
+
+
+def test_lenient_math_reward_reads_the_last_turn_when_nothing_is_boxed():
+    fn = get_reward("math_answer_lenient")
+    rows = [
+        {
+            "kind": "math",
+            "answer": "42",
+            "final_answer": None,
+            "turns": [{"text": "1 + 1"}, {"text": "So 42."}],
+        },
+        {
+            "kind": "math",
+            "answer": "42",
+            "final_answer": None,
+            "turns": [{"text": "It is 42"}, {"text": "or 41"}],
+        },
+        {"kind": "math", "answer": "42", "final_answer": "42", "turns": [{"text": "\\boxed{42} 7"}]},
+        {"kind": "math", "answer": "42", "final_answer": "41", "turns": [{"text": "\\boxed{41} 42"}]},
+        {"kind": "math", "answer": "42", "final_answer": None, "turns": []},
+        {"kind": "code", "answer": None, "final_answer": None, "turns": [{"text": "42"}]},
+    ]
+    assert fn(rows, ScoreParams()) == [1.0, 0.0, 1.0, 0.0, 0.0, None]
