@@ -193,6 +193,26 @@ def test_code_records_with_bad_fields(tmp_path):
         prepare([str(_jsonl(tmp_path / "mbpp.jsonl", [mbpp]))], tmp_path / "out")
 
 
+def test_a_problem_with_its_own_system_prompt(tmp_path):
+    rec = {
+        "problem_id": "s1",
+        "kind": "math",
+        "prompt": "What is 2 + 3?",
+        "answer": "5",
+        "test_format": "none",
+    }
+    good = dict(rec, meta={"system": "Reply with the number only."})
+    row = load_source(str(_jsonl(tmp_path / "p.jsonl", [good])), fmt="problems").rows[0]
+    assert json.loads(row["meta"]) == {"system": "Reply with the number only."}
+    bad = _jsonl(
+        tmp_path / "bad.jsonl",
+        [dict(rec, meta={"system": ""}), dict(rec, problem_id="s2", meta={"system": 3})],
+    )
+    with pytest.raises(DataError, match=r"2 malformed.*s1 \(meta.system: must be a non-empty string"):
+        prepare([str(bad)], tmp_path / "out", format="problems")
+    assert not (tmp_path / "out" / "problems.parquet").exists()
+
+
 def test_format_override_and_undetectable_records(tmp_path):
     path = _jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": 2}])
     with pytest.raises(

@@ -308,6 +308,9 @@ def _problems(rec: Mapping, ctx: Context) -> dict:
     if kind == "math":
         row["answer"] = normalise_answer(rec["answer"])
     if isinstance(rec.get("meta"), dict):
+        system = rec["meta"].get("system")
+        if system is not None and (not isinstance(system, str) or not system.strip()):
+            raise BadRecord("meta.system", "must be a non-empty string (the problem's own system prompt)")
         row["meta"] = json.dumps(rec["meta"], sort_keys=True)
     return row
 
