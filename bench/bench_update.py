@@ -1,10 +1,11 @@
 """Benchmark of the update stage: tokens/s before vs after issue 15, as a fraction of the machine's matmul peak.
 
-    .venv/bin/python bench/bench_update.py [--model smollm2|tiny|DIR] [--seqs 16] [--steps 1] [--variants ...]
-        [--dtype float32] [--sync]
+    .venv/bin/python bench/bench_update.py [--model smollm2|tiny|DIR] [--seqs 16] [--group 1] [--steps 1]
+        [--variants ...] [--dtype float32] [--sync]
 
 The workload: ``--seqs`` sequences shaped like the default tool-arith run (prompt 60-200 tokens, completion
-40-300, a tool-output gap of 0-40 untrained tokens inside the completion, ±1 advantages), the default
+40-300, a tool-output gap of 0-40 untrained tokens inside the completion, ±1 advantages; ``--group G``: each
+run of G sequences shares one prompt, as a GRPO group does), the default
 UpdateParams (1 epoch, minibatches of 8, micro-batches of 4). Each variant runs in a fresh subprocess (so its
 peak RSS is its own) through ``stages.update.Trainer.update`` after a warm-up update:
 
@@ -15,6 +16,8 @@ peak RSS is its own) through ``stages.update.Trainer.update`` after a warm-up up
     new         the same with every core (what ``stages.update.run`` now does, in a subprocess if vLLM pinned
                 the process's threads)
     rollout     ``new`` with old_logprobs="rollout" (no π_old pass)
+    packed      ``new`` with shared_prefix=true: a micro-batch of one prompt's samples in one row, the prompt
+                once (it only gains when samples share prompts: ``--group G``, GRPO's shape)
 
 It first measures fp32 matmul throughput (the GEMM shapes of the model's MLP, 1 thread and all) and prints each
 variant's update tokens/s (π_old pass included), training FLOP/s (6·N·tokens over the whole update) as a
@@ -50,16 +53,19 @@ VARIANTS = {
     "new-1t": {"legacy": False, "threads": 1, "old_logprobs": "recompute"},
     "new": {"legacy": False, "threads": 0, "old_logprobs": "recompute"},
     "rollout": {"legacy": False, "threads": 0, "old_logprobs": "rollout"},
+    "packed": {"legacy": False, "threads": 0, "old_logprobs": "recompute", "shared_prefix": True},
 }
 
 
-def batch(vocab: int, seqs: int, seed: int = 0) -> list[Sample]:
+def batch(vocab: int, seqs: int, seed: int = 0, group: int = 1) -> list[Sample]:
     rng = random.Random(seed)
     out = []
     for i in range(seqs):
-        p, c, gap = rng.randint(60, 200), rng.randint(40, 300), rng.randint(0, 40)
+        if i % group == 0:
+            prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(60, 200))]
+        p, c, gap = len(prompt), rng.randint(40, 300), rng.randint(0, 40)
         n = p + c
-        ids = torch.tensor([rng.randrange(10, vocab) for _ in range(n)])
+        ids = torch.tensor(prompt + [rng.randrange(10, vocab) for _ in range(c)])
         mask = torch.zeros(n)
         mask[p:] = 1
         g0 = p + c // 3
@@ -97,14 +103,17 @@ def one(args) -> dict:
     torch.set_num_threads(threads)
     from runtime.models import resolve_model
 
-    p = UpdateParams(lr=1e-6, dtype=args.dtype, old_logprobs=v["old_logprobs"], target_kl=None)
+    p = UpdateParams(
+        lr=1e-6, dtype=args.dtype, old_logprobs=v["old_logprobs"], target_kl=None,
+        shared_prefix=v.get("shared_prefix", False),
+    )  # fmt: skip
     trainer = Trainer(resolve_model(args.model), p, legacy=v["legacy"])
     cfg = trainer.model.config
     peak = matmul_gflops(cfg.hidden_size, cfg.intermediate_size)
-    trainer.update(batch(cfg.vocab_size, min(args.seqs, 8), seed=99))  # warm-up (allocator, kernels)
+    trainer.update(batch(cfg.vocab_size, min(args.seqs, 8), 99, args.group))  # warm-up (allocator, kernels)
     best = None
     for s in range(args.steps):
-        samples = batch(cfg.vocab_size, args.seqs, seed=s)
+        samples = batch(cfg.vocab_size, args.seqs, s, args.group)
         t = time.perf_counter()
         m = trainer.update(samples)
         m["wall_s"] = time.perf_counter() - t
@@ -127,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--seqs", type=int, default=16)
+    ap.add_argument("--group", type=int, default=1, help="sequences per shared prompt (GRPO's G)")
     ap.add_argument(
         "--steps", type=int, default=1, help="measured updates per variant (the fastest is reported)"
     )
@@ -145,7 +155,8 @@ def main() -> None:
     results = {}
     for name in args.variants:
         cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--seqs", str(args.seqs)]
-        cmd += ["--steps", str(args.steps), "--dtype", args.dtype] + (["--sync"] if args.sync else [])
+        cmd += ["--steps", str(args.steps), "--dtype", args.dtype, "--group", str(args.group)]
+        cmd += ["--sync"] if args.sync else []
         env = dict(os.environ, OMP_NUM_THREADS=str(VARIANTS[name]["threads"] or len(os.sched_getaffinity(0))))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -173,7 +184,7 @@ def main() -> None:
     any_m = next(iter(results.values()), None)
     if any_m:
         print(
-            f"model={args.model} matmul_params={any_m['n_matmul_params']} seqs={args.seqs} "
+            f"model={args.model} matmul_params={any_m['n_matmul_params']} seqs={args.seqs} group={args.group} "
             f"tokens={any_m['tokens']} trained_tokens={any_m['actor/trained_tokens']:.0f} dtype={args.dtype}"
         )
 

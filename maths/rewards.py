@@ -149,14 +149,14 @@ def lenient_answer(text: str) -> str | None:
 @register_reward("math_answer_lenient")
 def math_answer_lenient(rows: Sequence[Mapping], params: ScoreParams) -> list[float | None]:
     """Math, for models that do not box their answers yet (small ones, early in training): 1 if the boxed
-    answer — or, without one, the last number of the trajectory's last turn — equals the reference, else 0."""
+    answer — or, without one, the last number of the trajectory's last turn (``last_text``) — equals the
+    reference, else 0."""
     out: list[float | None] = []
     for row in rows:
         if row["kind"] != "math":
             out.append(None)
             continue
-        turns = row.get("turns") or []
-        pred = row.get("final_answer") or lenient_answer((turns[-1].get("text") or "") if turns else "")
+        pred = row.get("final_answer") or lenient_answer(row.get("last_text") or "")
         out.append(float(math_correct(pred, row.get("answer"), rel_tol=params.math_rel_tol)))
     return out
 

@@ -125,6 +125,7 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
     exec_status = numbers(field(turns, "exec_status"), object)
     turn_code = field(turns, "code").to_pylist()
     turn_dicts = [{"tool_call": tc, "exec_status": es} for tc, es in zip(tool_call, exec_status, strict=True)]
+    last_text = field(turns, "text").take(pa.array(t_off[1:] - 1, pa.int64())).to_pylist() if n else []
 
     rows = []
     for i, m in enumerate(meta):
@@ -141,6 +142,7 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
                 "program": program,
                 "code": "\n".join(codes),
                 "turns": turn_dicts[t_off[i] : t_off[i + 1]],
+                "last_text": last_text[i] or "",
             }
         )
     code_rows = [i for i, r in enumerate(rows) if r["kind"] == "code"]

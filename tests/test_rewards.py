@@ -213,21 +213,11 @@ def test_last_number_finds_the_final_integer(before, n, after):
 def test_lenient_math_reward_reads_the_last_turn_when_nothing_is_boxed():
     fn = get_reward("math_answer_lenient")
     rows = [
-        {
-            "kind": "math",
-            "answer": "42",
-            "final_answer": None,
-            "turns": [{"text": "1 + 1"}, {"text": "So 42."}],
-        },
-        {
-            "kind": "math",
-            "answer": "42",
-            "final_answer": None,
-            "turns": [{"text": "It is 42"}, {"text": "or 41"}],
-        },
-        {"kind": "math", "answer": "42", "final_answer": "42", "turns": [{"text": "\\boxed{42} 7"}]},
-        {"kind": "math", "answer": "42", "final_answer": "41", "turns": [{"text": "\\boxed{41} 42"}]},
-        {"kind": "math", "answer": "42", "final_answer": None, "turns": []},
-        {"kind": "code", "answer": None, "final_answer": None, "turns": [{"text": "42"}]},
+        {"kind": "math", "answer": "42", "final_answer": None, "last_text": "So 42."},
+        {"kind": "math", "answer": "42", "final_answer": None, "last_text": "It is 42 or 41"},
+        {"kind": "math", "answer": "42", "final_answer": "42", "last_text": "\\boxed{42} 7"},
+        {"kind": "math", "answer": "42", "final_answer": "41", "last_text": "\\boxed{41} 42"},
+        {"kind": "math", "answer": "42", "final_answer": None, "last_text": ""},
+        {"kind": "code", "answer": None, "final_answer": None, "last_text": "42"},
     ]
     assert fn(rows, ScoreParams()) == [1.0, 0.0, 1.0, 0.0, 0.0, None]

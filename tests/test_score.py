@@ -165,3 +165,23 @@ def test_stored_reward_columns_are_float_arrays(tmp_path):
     table = read_table(out.uri("trajectories"), TRAJECTORIES)
     np.testing.assert_array_equal(table["reward"].to_numpy(), [0, 0, 1, 0])
     assert out.tables["trajectories"].rows == 4
+
+
+def test_lenient_math_reward_scores_an_unboxed_last_number(tmp_path):
+    """math_answer_lenient: with no boxed answer, the last number of the last turn is the answer; the row is
+    then correct too. The default math_answer still wants the box."""
+    texts = {"a": "7 + 5 = 12", "b": "It is 12 or 13", "c": "\\boxed{12}", "d": "no idea"}
+    rows = []
+    for tid, text in texts.items():
+        t = turn([10, 11])
+        t["text"] = text
+        rows.append(trajectory(tid, "p", "g", [t], final_answer="12" if tid == "c" else None))
+    inputs = _write(tmp_path, [problem("p", answer="12")], rows)
+    params = dict(shaping=False, format_gate=False)
+    lenient = score.run(
+        ScoreParams(reward_weights={"math_answer_lenient": 1.0}, **params), inputs, tmp_path / "l"
+    )
+    strict = score.run(ScoreParams(**params), inputs, tmp_path / "s")
+    got = {k: (r["reward"], r["correct"]) for k, r in _by_id(lenient.uri("trajectories")).items()}
+    assert got == {"a": (1.0, True), "b": (0.0, False), "c": (1.0, True), "d": (0.0, False)}
+    assert [r["reward"] for r in _by_id(strict.uri("trajectories")).values()] == [0.0, 0.0, 1.0, 0.0]

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RewardName = Literal["tests_fraction", "tests_all_pass", "math_answer", "format"]
+RewardName = Literal["tests_fraction", "tests_all_pass", "math_answer", "math_answer_lenient", "format"]
 
 
 class ScoreParams(BaseModel):
