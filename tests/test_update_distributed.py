@@ -97,6 +97,10 @@ def test_two_processes_give_the_one_process_update(kind, samples, single, tmp_pa
     class FakeEngine:
         model_dir = Path(start)
 
+        def release_cache(self):  # the launching process frees its engine's cache before the workers train
+            pushed["released"] = True
+            return 0
+
         def update_weights(self, weights, source=None):
             pushed.update(weights=weights, source=source)
             return 0.0
@@ -110,7 +114,7 @@ def test_two_processes_give_the_one_process_update(kind, samples, single, tmp_pa
     assert [r["step"] for r in records] == sorted(r["step"] for r in records) and records  # rank 0's, once
     assert any(f"2 processes ({p.distributed})" in n for n in multi.notes), multi.notes
     _assert_same_update(single, multi, start)
-    assert pushed == {"weights": multi.uri("checkpoint"), "source": multi.uri("checkpoint")}
+    assert pushed == {"released": True, "weights": multi.uri("checkpoint"), "source": multi.uri("checkpoint")}
     assert "timing/weight_sync" in multi.metrics
     # the stored optimizer state is the plain one-process form: the moments match too
     so = ckpt.load_trainer_state(single.uri("checkpoint"))["optimizer"]
