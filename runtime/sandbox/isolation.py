@@ -30,10 +30,12 @@ from runtime.sandbox.process import (  # noqa: F401  (re-exported: the sandbox's
     RUNNER_SOURCE,
     Limits,
     RawRun,
+    adopt_orphans,
     bwrap_binary,
     bwrap_command,
     interpreter,
     kill_uid,
+    process_state,
     processes_of_uid,
 )
 from runtime.sandbox.zygote import Zygote
@@ -155,8 +157,6 @@ class UidSlot:
         self._fds = []
 
 
-
-
 @functools.cache
 def detect_mode() -> str:
     """``bwrap`` if a trial run in namespaces works, else ``fallback`` (logged loudly).
@@ -225,6 +225,7 @@ def launch(
             if not WORK_BASE.exists():
                 WORK_BASE.mkdir(mode=0o711, exist_ok=True)
                 atexit.register(shutil.rmtree, WORK_BASE, ignore_errors=True)
+            adopt_orphans()  # the program's orphans come to us, to be reaped (kill_uid): not to a lazy pid 1
             workdir = tempfile.mkdtemp(dir=WORK_BASE)
             if slot.uid is not None:
                 os.chown(workdir, slot.uid, slot.uid)
@@ -302,7 +303,9 @@ def _supervise(proc, job_bytes, job_w, res_r, stdin, limits, slot, mode, start) 
                     sel.unregister(pidfd)
                     exited, drain_until = True, time.monotonic() + 0.5
                     if mode == "fallback":
-                        kill_uid(slot.uid)  # daemonised children hold the pipes open
+                        kill_uid(
+                            slot.uid, exclude=proc.pid
+                        )  # daemons hold the pipes open; proc is ours to wait
                 elif fd in pending:
                     try:
                         n = os.write(fd, pending[fd][:65536])

@@ -21,6 +21,7 @@ RUNNER_SOURCE = (Path(__file__).parent / "inside.py").read_text()
 SYSTEM_INTERPRETERS = ("/usr/bin/python3", "/usr/local/bin/python3")
 SYSTEM_BWRAP = ("/usr/bin/bwrap", "/usr/local/bin/bwrap")
 
+
 @dataclass(frozen=True)
 class Limits:
     """Per-run limits. ``timeout_s`` is wall clock from launch; CPU time is capped at ceil(timeout_s)."""
@@ -61,7 +62,6 @@ class RawRun:
     error: str | None = None
 
 
-
 def processes_of_uid(uid: int) -> list[int]:
     """Live processes owned by ``uid`` (zombies are dead and wait for their reaper: not counted)."""
     pids = []
@@ -80,21 +80,62 @@ def _state(pid: str) -> str:
         return f.read().rsplit(b")", 1)[1].split()[0].decode()
 
 
+def process_state(pid: int) -> str:
+    """The process's state letter from /proc (R, S, Z, ...)."""
+    return _state(str(pid))
+
+
 def kill_uid(uid: int | None, rounds: int = 40, exclude: int | None = None) -> None:
     """SIGKILL every process owned by ``uid`` except ``exclude``, until none is left (repeated: a fork bomb
-    may be spawning while we sweep; bounded so a zombie nobody reaps cannot hang us)."""
+    may be spawning while we sweep; bounded so a zombie nobody reaps cannot hang us), then reap the ones that
+    were orphaned to this process (``adopt_orphans``)."""
     if uid is None:
         return
     for _ in range(rounds):
         pids = [pid for pid in processes_of_uid(uid) if pid != exclude]
         if not pids:
-            return
+            break
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.005)
+    reap_orphans(uid, exclude)
+
+
+def adopt_orphans() -> None:
+    """Make this process the reaper of its descendants' orphans (PR_SET_CHILD_SUBREAPER). Without it, a
+    sandboxed program's orphans (a fork bomb's children, daemons) go to pid 1 when killed, and where pid 1 does
+    not reap them (a container or VM init) their zombies keep counting against the uid's RLIMIT_NPROC: every
+    later program on that uid slot then fails to fork — a verdict on the sandbox, not on the program."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER; best effort (an old kernel keeps the old behaviour)
+
+
+def reap_orphans(uid: int, exclude: int | None = None) -> None:
+    """Reap the zombies owned by ``uid`` whose parent is this process: orphans it adopted. ``exclude``: the
+    launcher's own child, which its ``Popen.wait`` reaps (sandbox uids run sandboxed programs only, so no other
+    child of this process is owned by ``uid``)."""
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid or int(entry.name) == exclude:
+                continue
+            if _state(entry.name) != "Z" or _ppid(entry.name) != me:
+                continue
+            os.waitpid(int(entry.name), os.WNOHANG)
+        except (FileNotFoundError, ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _ppid(pid: str) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
 
 
 # ---------------------------------------------------------------- paths
