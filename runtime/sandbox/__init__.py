@@ -47,7 +47,9 @@ can tamper with them from inside (``TestResult.split`` is False).
 Fallback (mode "fallback", logged as a warning and reported in ``ExecutionResult.isolation``): where
 namespaces are unavailable, runs get the same rlimits and dropped uid plus a seccomp filter denying non-Unix
 sockets, a fresh working directory under the temp dir (deleted after the run), a scrubbed environment, and a
-sweep that kills every process of the uid after the run; but the host filesystem stays visible (only what
+sweep that kills every process of the uid after the run and reaps their zombies (this process adopts the
+program's orphans: PR_SET_CHILD_SUBREAPER; left to a pid 1 that does not reap, a fork bomb's zombies held
+the uid at its process limit and broke the slot for every later run); but the host filesystem stays visible (only what
 other users may read; /tmp is shared) and other processes are visible in /proc.
 ``TURNTREE_SANDBOX_MODE=bwrap|fallback`` forces a mode; ``TURNTREE_SANDBOX_WORKERS`` sizes the pool.
 """
