@@ -303,9 +303,8 @@ def _supervise(proc, job_bytes, job_w, res_r, stdin, limits, slot, mode, start) 
                     sel.unregister(pidfd)
                     exited, drain_until = True, time.monotonic() + 0.5
                     if mode == "fallback":
-                        kill_uid(
-                            slot.uid, exclude=proc.pid
-                        )  # daemons hold the pipes open; proc is ours to wait
+                        # daemonised children hold the pipes open; proc itself is ours to wait for
+                        kill_uid(slot.uid, exclude=proc.pid)
                 elif fd in pending:
                     try:
                         n = os.write(fd, pending[fd][:65536])

@@ -75,9 +75,14 @@ def processes_of_uid(uid: int) -> list[int]:
     return pids
 
 
-def _state(pid: str) -> str:
+def _stat(pid: str) -> list[bytes]:
+    """/proc/PID/stat's fields after the command name: [state, ppid, ...]."""
     with open(f"/proc/{pid}/stat", "rb") as f:
-        return f.read().rsplit(b")", 1)[1].split()[0].decode()
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def _state(pid: str) -> str:
+    return _stat(pid)[0].decode()
 
 
 def process_state(pid: int) -> str:
@@ -126,16 +131,12 @@ def reap_orphans(uid: int, exclude: int | None = None) -> None:
         try:
             if entry.stat().st_uid != uid or int(entry.name) == exclude:
                 continue
-            if _state(entry.name) != "Z" or _ppid(entry.name) != me:
+            fields = _stat(entry.name)
+            if fields[0] != b"Z" or int(fields[1]) != me:
                 continue
             os.waitpid(int(entry.name), os.WNOHANG)
         except (FileNotFoundError, ProcessLookupError, ChildProcessError):
             pass
-
-
-def _ppid(pid: str) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[1])
 
 
 # ---------------------------------------------------------------- paths
