@@ -18,8 +18,11 @@ peak RSS is its own) through ``stages.update.Trainer.update`` after a warm-up up
     rollout     ``new`` with old_logprobs="rollout" (no π_old pass)
     packed      ``new`` with shared_prefix=true: a micro-batch of one prompt's samples in one row, the prompt
                 once (it only gains when samples share prompts: ``--group G``, GRPO's shape)
+    bf16-1t     ``new-1t`` under bf16 autocast over fp32 master weights (what ``dtype=auto`` picks on a CPU
+                with native bf16 matmuls, avx512_bf16 / amx_bf16; the pipeline's default is one thread)
+    bf16        the same with every core
 
-It first measures fp32 matmul throughput (the GEMM shapes of the model's MLP, 1 thread and all) and prints each
+It first measures matmul throughput in the variant's dtype (the GEMM shapes of the model's MLP, 1 thread and all) and prints each
 variant's update tokens/s (π_old pass included), training FLOP/s (6·N·tokens over the whole update) as a
 fraction of that peak at its thread count, peak RSS (process lifetime maximum, model load included), and the
 ratio to ``legacy-1t``. ``--sync`` times ``update_weights`` into a vLLM engine built on the model.
@@ -54,6 +57,8 @@ VARIANTS = {
     "new": {"legacy": False, "threads": 0, "old_logprobs": "recompute"},
     "rollout": {"legacy": False, "threads": 0, "old_logprobs": "rollout"},
     "packed": {"legacy": False, "threads": 0, "old_logprobs": "recompute", "shared_prefix": True},
+    "bf16-1t": {"legacy": False, "threads": 1, "old_logprobs": "recompute", "dtype": "bfloat16"},
+    "bf16": {"legacy": False, "threads": 0, "old_logprobs": "recompute", "dtype": "bfloat16"},
 }
 
 
@@ -75,9 +80,11 @@ def batch(vocab: int, seqs: int, seed: int = 0, group: int = 1) -> list[Sample]:
     return out
 
 
-def matmul_gflops(hidden: int, inter: int, tokens: int = 2048, reps: int = 20) -> float:
-    """fp32 GEMM throughput at this process's thread count on the (tokens × hidden) @ (hidden × inter) shape."""
-    a, b = torch.randn(tokens, hidden), torch.randn(hidden, inter)
+def matmul_gflops(
+    hidden: int, inter: int, tokens: int = 2048, reps: int = 20, dtype: torch.dtype = torch.float32
+) -> float:
+    """GEMM throughput at this process's thread count on the (tokens × hidden) @ (hidden × inter) shape."""
+    a, b = torch.randn(tokens, hidden, dtype=dtype), torch.randn(hidden, inter, dtype=dtype)
     for _ in range(3):
         a @ b
     t = time.perf_counter()
@@ -104,12 +111,12 @@ def one(args) -> dict:
     from runtime.models import resolve_model
 
     p = UpdateParams(
-        lr=1e-6, dtype=args.dtype, old_logprobs=v["old_logprobs"], target_kl=None,
+        lr=1e-6, dtype=v.get("dtype", args.dtype), old_logprobs=v["old_logprobs"], target_kl=None,
         shared_prefix=v.get("shared_prefix", False),
     )  # fmt: skip
     trainer = Trainer(resolve_model(args.model), p, legacy=v["legacy"])
     cfg = trainer.model.config
-    peak = matmul_gflops(cfg.hidden_size, cfg.intermediate_size)
+    peak = matmul_gflops(cfg.hidden_size, cfg.intermediate_size, dtype=getattr(torch, p.dtype))
     trainer.update(batch(cfg.vocab_size, min(args.seqs, 8), 99, args.group))  # warm-up (allocator, kernels)
     best = None
     for s in range(args.steps):
@@ -124,6 +131,7 @@ def one(args) -> dict:
     best.update(
         threads=threads,
         matmul_gflops=peak,
+        dtype=p.dtype,
         n_matmul_params=n,
         train_gflops=6 * n * best["tokens"] / best["wall_s"] / 1e9,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -140,7 +148,12 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=1, help="measured updates per variant (the fastest is reported)"
     )
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="of the variants that do not name one",
+    )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--sync", action="store_true", help="also time the weight sync into a vLLM engine")
     ap.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -167,7 +180,7 @@ def main() -> None:
         print(
             f"{name:10s} threads={m['threads']} update_s={m['wall_s']:.1f} (pi_old {m['timing/old_logprobs']:.1f}) "
             f"tokens/s={m['actor/update_tokens_per_s']:.1f} train_GFLOP/s={m['train_gflops']:.1f} "
-            f"= {100 * m['train_gflops'] / m['matmul_gflops']:.0f}% of matmul {m['matmul_gflops']:.0f} GFLOP/s "
+            f"= {100 * m['train_gflops'] / m['matmul_gflops']:.0f}% of {m['dtype']} matmul {m['matmul_gflops']:.0f} GFLOP/s "
             f"peak_rss_mb={m['peak_rss_mb']:.0f} train_peak_mb={m['actor/peak_mem_mb']:.0f}",
             flush=True,
         )

@@ -2,7 +2,8 @@
 start parameters (e.g. every ``make run`` with other RL settings) pay for the supervised fine-tune once.
 
 Key: sha256 of the starting checkpoint's files, of the problems table's bytes, of the parameters (``enabled`` and
-``cache`` left out) and of the warm-start stage's source. Entry: ``<cache>/warmstart/<key>/checkpoint`` plus
+``cache`` left out), of the device and dtype they resolve to on this machine (``dtype="auto"`` is bf16 on a CPU
+with native bf16 matmuls, fp32 on one without) and of the warm-start stage's source. Entry: ``<cache>/warmstart/<key>/checkpoint`` plus
 ``output.json`` (the metrics and notes of the run that made it). Entries are written to a temporary directory
 and renamed into place, so a killed run never leaves a half entry; a hit is copied into the stage's output
 directory (hard links when possible: checkpoints are never modified in place) and verified against the
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime.checkpoint import directory_ref, directory_sha256
+from runtime.devices import resolve_device
 from runtime.tableio import sha256_file
 from schemas.outputs import StageOutput
 
@@ -40,6 +42,7 @@ def cache_key(params, inputs: dict[str, str], code: str) -> str:
         "checkpoint": directory_sha256(inputs["checkpoint"]),
         "problems": sha256_file(inputs["problems"]),
         "params": params.model_dump(mode="json", exclude={"enabled", "cache"}),
+        "compute": [str(x) for x in resolve_device(params.device, params.dtype)],
         "code": hashlib.sha256(code.encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
@@ -67,7 +70,11 @@ def cached_run(
         if directory_sha256(entry / "checkpoint") == record["sha256"]:
             _copy_tree(entry / "checkpoint", out / "checkpoint")
             ref = directory_ref(out / "checkpoint")
-            metrics = {**record["metrics"], "warmstart/cache_hit": 1.0, "timing/warmstart": time.perf_counter() - t0}
+            metrics = {
+                **record["metrics"],
+                "warmstart/cache_hit": 1.0,
+                "timing/warmstart": time.perf_counter() - t0,
+            }
             notes = [f"warm start reused from the cache ({entry})", *record["notes"]]
             log.info("warm start: cache hit %s", entry)
             return StageOutput(stage="warmstart", tables={"checkpoint": ref}, metrics=metrics, notes=notes)
@@ -79,7 +86,11 @@ def cached_run(
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
         _copy_tree(Path(result.uri("checkpoint")), tmp / "checkpoint")
-        record = {"sha256": result.tables["checkpoint"].sha256, "metrics": result.metrics, "notes": result.notes}
+        record = {
+            "sha256": result.tables["checkpoint"].sha256,
+            "metrics": result.metrics,
+            "notes": result.notes,
+        }
         (tmp / "output.json").write_text(json.dumps(record, indent=2))
         try:
             os.rename(tmp, entry)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from maths.policy_loss import aggregate, token_logprobs
+from maths.policy_loss import aggregate, logits_needed, selected_logprobs
 from runtime import checkpoint as ckpt
 from runtime import progress, warmstart_cache
 from runtime.devices import PeakMemory, resolve_device
@@ -65,8 +65,10 @@ def sft_loss(
     logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, n_tokens: float
 ) -> torch.Tensor:
     """Σ −log π(token) over mask-1 tokens / ``n_tokens`` (the minibatch's trained-token count).
-    logits (B, L, V); input_ids, mask (B, L)."""
-    return aggregate(-token_logprobs(logits, input_ids), mask, "token-mean", n_tokens=n_tokens)
+    logits (B, K, V) of the last K positions (K ≥ ``logits_needed(mask)``; the model's ``logits_to_keep``);
+    input_ids, mask (B, L). The log-softmax is the update's chunked selective one (never a full fp32 (B, L, V))."""
+    lp, _ = selected_logprobs(logits, input_ids, mask)
+    return aggregate(-lp, mask, "token-mean", n_tokens=n_tokens)
 
 
 def _collate(batch: list[tuple], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -137,8 +139,13 @@ def _train(params: WarmstartParams, inputs: dict[str, str], out: Path) -> StageO
             batch.sort(key=lambda e: len(e[0]))
             for i in range(0, len(batch), params.micro_batch_size):
                 ids, attn, mask = _collate(batch[i : i + params.micro_batch_size], device)
-                with autocast:
-                    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                with autocast:  # logits only from the first trained position on
+                    logits = model(
+                        input_ids=ids,
+                        attention_mask=attn,
+                        use_cache=False,
+                        logits_to_keep=logits_needed(mask),
+                    ).logits
                 loss = sft_loss(logits, ids, mask, n_tokens)
                 loss.backward()
                 step_loss += float(loss.detach())

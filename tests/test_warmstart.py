@@ -45,6 +45,26 @@ def test_sft_loss_ignores_masked_tokens():
     assert torch.all(logits.grad[:, :-1][mask[:, 1:] == 0] == 0) and torch.all(logits.grad[:, -1] == 0)
 
 
+def test_sft_loss_on_the_kept_logits_is_the_full_loss():
+    """The warm start asks the model for the last logits_needed(mask) rows only (from the position before the
+    first trained token): same loss and same gradient on those rows as from every row."""
+    from maths.policy_loss import logits_needed
+
+    torch.manual_seed(1)
+    full = torch.randn(2, 6, 13, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 6))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 0, 1]], dtype=torch.float32)
+    k = logits_needed(mask)
+    assert k == 4
+    kept = full[:, -k:].detach().requires_grad_()
+    a = warmstart.sft_loss(full, ids, mask, n_tokens=4.0)
+    b = warmstart.sft_loss(kept, ids, mask, n_tokens=4.0)
+    a.backward()
+    b.backward()
+    assert float(b) == pytest.approx(float(a), abs=1e-6)
+    assert torch.allclose(kept.grad, full.grad[:, -k:], atol=1e-7) and torch.all(full.grad[:, :-k] == 0)
+
+
 def test_warmstart_lowers_the_demonstration_loss(tiny_model, tmp_path):
     rows = generate("tool-arith", count=6, seed=0) + generate("func-synth", count=2, seed=0)
     uri = _problems(tmp_path, rows)
@@ -87,6 +107,18 @@ def test_warm_start_is_cached_across_runs_by_content(tiny_model, tmp_path, monke
     (entry,) = [d for d in (tmp_path / "cache").iterdir() if not d.name.startswith(".")]
     warmstart.run(p.model_copy(update={"steps": 3}), inputs, tmp_path / "c")  # another key: trains
     assert trained == [1]
+    # the same parameters resolving to another dtype on another machine (dtype=auto: bf16 where the CPU has
+    # native bf16 matmuls) are another key: an fp32 warm start is never served as a bf16 one, or back
+    key = warmstart_cache.cache_key(p, inputs, "code")
+    here = warmstart_cache.resolve_device("cpu", "auto")[1]
+    with monkeypatch.context() as m:
+        m.setattr(
+            warmstart_cache,
+            "resolve_device",
+            lambda d, t: (torch.device("cpu"), None if here else torch.bfloat16),
+        )
+        assert warmstart_cache.cache_key(p, inputs, "code") != key
+    assert warmstart_cache.cache_key(p, inputs, "code") == key
     weights = next((entry / "checkpoint").glob("*.safetensors"))
     weights.unlink()
     weights.write_bytes(b"tampered")  # a hard-linked copy elsewhere must not change: unlink first
