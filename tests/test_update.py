@@ -63,7 +63,9 @@ def samples(tiny_model, tmp_path_factory) -> tuple[str, list[dict]]:
     return str(uri), rows
 
 
-FAST = {"lr": 1e-3, "minibatch_size": 6, "micro_batch_size": 3}
+# fp32: these tests compare log-probs and parameters to fp32 rounding (dtype=auto is bf16 on a CPU with native
+# bf16 matmuls; test_bf16_update_* covers that path)
+FAST = {"lr": 1e-3, "minibatch_size": 6, "micro_batch_size": 3, "dtype": "float32"}
 
 
 def test_update_raises_positive_and_lowers_negative_sequences(tiny_model, samples, tmp_path):
@@ -374,12 +376,18 @@ def test_shared_prefix_gives_the_plain_update(tiny_model, tmp_path, monkeypatch,
         monkeypatch.setattr(prefix, "PACK_MAX", 0)
     name = {"packed": "packed_logprobs", "cache": "forward_shared"}[way]
     real = getattr(prefix, name)
-    monkeypatch.setattr(prefix, name, lambda m, b, n, *a: calls.append(n) or real(m, b, n, *a))
-    p = dict(lr=1e-3, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, seed=1, target_kl=None)
+
+    def shared(b, n) -> int:  # tokens that ran once instead of once per row
+        return n if isinstance(n, int) else int(b["attention_mask"].sum()) - len(n)
+
+    monkeypatch.setattr(prefix, name, lambda m, b, n, *a: calls.append(shared(b, n)) or real(m, b, n, *a))
+    p = dict(
+        lr=1e-3, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, seed=1, target_kl=None, dtype="float32"
+    )
     a = update.Trainer(tiny_model, UpdateParams(**p, shared_prefix=True))
     b = update.Trainer(tiny_model, UpdateParams(**p))
     ma = a.update(update.load_samples(uri))
-    assert calls and min(calls) >= 8  # the prompts (9-12 tokens, less the last one) ran once per micro-batch
+    assert calls and min(calls) >= 8  # the prompts (9-12 tokens) ran once per micro-batch, not once per row
     mb = b.update(update.load_samples(uri))
     assert _params_close(a.model, ckpt.load_model(tiny_model), 1.0) > 1e-3  # it moved
     _params_close(a.model, b.model, 1e-5)  # Adam's lr·m/√v step turns fp32 gradient noise into ~1e-6 here
@@ -408,3 +416,68 @@ def test_shared_prefix_length_stops_before_the_first_trained_logit():
     b["input_ids"] = torch.tensor([[4, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 0]])
     assert shared_len(b) == 0
     assert shared_len({k: v[:1] for k, v in b.items()}) == 0
+
+
+@pytest.mark.parametrize(
+    "flags,native",
+    [
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu amx_bf16 amx_tile", True),
+        ("fpu avx2 avx512f", False),
+    ],
+)
+def test_auto_dtype_is_bf16_on_a_cpu_with_native_bf16(tmp_path, monkeypatch, flags, native):
+    """dtype=auto picks bf16 autocast on a CPU whose flags name native bf16 matmuls, fp32 on one that would
+    emulate them (slower than fp32); an explicit dtype always wins; no /proc/cpuinfo: fp32."""
+    from runtime import devices
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert devices.cpu_native_bf16.__wrapped__(str(info)) is native
+    assert devices.cpu_native_bf16.__wrapped__(str(tmp_path / "missing")) is False
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: native)
+    assert devices.resolve_device("cpu", "auto") == (torch.device("cpu"), torch.bfloat16 if native else None)
+    assert devices.resolve_device("cpu", "float32")[1] is None
+    assert devices.resolve_device("cpu", "bfloat16")[1] is torch.bfloat16
+
+
+def test_bf16_update_moves_each_sequence_as_fp32_does(tiny_model, samples, tmp_path):
+    """bf16 autocast over fp32 master weights: the update raises the positive sequences and lowers the negative
+    ones as the fp32 update does, its first π_old is the fp32 one to bf16 precision, and what is saved is
+    fp32 weights that differ from fp32 training's by a fraction of the step."""
+    uri, rows = samples
+    p = dict(FAST, target_kl=None)
+    lp32 = update.Trainer(tiny_model, UpdateParams(**p)).logprobs
+    t16 = update.Trainer(tiny_model, UpdateParams(**{**p, "dtype": "bfloat16"}))
+    assert t16.amp_dtype is torch.bfloat16
+    s = update.load_samples(uri)
+    a, b = t16.logprobs(t16.model, s), lp32(t16.model, s)
+    gap = max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+    assert 0 < gap < 0.05, gap  # bf16 did run (not fp32), and to its precision
+    out = update.run(
+        UpdateParams(**{**p, "dtype": "bfloat16"}),
+        {"samples": uri, "checkpoint": str(tiny_model)},
+        tmp_path / "b",
+    )
+    ref = update.run(UpdateParams(**p), {"samples": uri, "checkpoint": str(tiny_model)}, tmp_path / "f")
+    assert any("bf16 autocast" in n for n in out.notes), out.notes
+    before = ckpt.load_model(tiny_model).eval()
+    after, after32 = (
+        ckpt.load_model(out.uri("checkpoint")).eval(),
+        ckpt.load_model(ref.uri("checkpoint")).eval(),
+    )
+    assert next(after.parameters()).dtype == torch.float32
+    for r in rows:
+        delta = seq_logprob(after, r) - seq_logprob(before, r)
+        assert (delta > 0) == (r["advantages"][-1] > 0), (r["sample_id"], delta)
+
+    def dist(x, y):
+        return (
+            sum(
+                float((u - v).pow(2).sum())
+                for u, v in zip(x.state_dict().values(), y.state_dict().values(), strict=True)
+            )
+            ** 0.5
+        )
+
+    assert dist(after, after32) < 0.5 * dist(after32, before), (dist(after, after32), dist(after32, before))

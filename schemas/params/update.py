@@ -68,13 +68,21 @@ class UpdateParams(BaseModel):
     )
     shared_prefix: bool = Field(
         False,
-        description="Micro-batches by prompt, and a micro-batch's common prompt runs through the model once (its "
-        "key/value cache repeated per sample; the same loss and gradient to float rounding, fewer positions: "
-        "stages.update.prefix). One process only; ignored under nproc/nnodes > 1",
+        description="Micro-batches by prompt, and the tokens a micro-batch's samples share at their start (a GRPO "
+        "group's prompt, a MURPHY node's ancestry) run through the model once (packed as a prefix trie under a "
+        "tree mask, or a KV cache repeated per sample; the same loss and gradient to float rounding, fewer "
+        "positions: stages.update.prefix). One process only; ignored under nproc/nnodes > 1",
+    )
+    minibatch_by: Literal["sample", "problem"] = Field(
+        "sample",
+        description="How an epoch is shuffled into minibatches: by sample, or by problem (a GRPO group's or a "
+        "MURPHY tree's samples stay together, so that shared_prefix finds their shared prompt and ancestry in "
+        "one micro-batch; fewer problems per optimizer step when a minibatch is smaller than the batch)",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Compute dtype (bf16 = autocast over fp32 master weights); auto: fp32 CPU, bf16 CUDA",
+        description="Compute dtype (bf16 = autocast over fp32 master weights); auto: bf16 on CUDA and on a CPU "
+        "with native bf16 matmuls (avx512_bf16 / amx_bf16: ~4x its fp32 GEMM), else fp32",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass")
     lora_rank: int | None = Field(None, ge=1, description="LoRA rank via peft (None: full fine-tune)")
@@ -107,7 +115,9 @@ class UpdateParams(BaseModel):
         "rendezvous at rdzv_endpoint instead of --standalone; every node runs the stage with its own node_rank",
     )
     node_rank: int = Field(
-        0, ge=0, description="This node's rank (0 .. nnodes-1); node 0 hosts the rendezvous and writes the checkpoint"
+        0,
+        ge=0,
+        description="This node's rank (0 .. nnodes-1); node 0 hosts the rendezvous and writes the checkpoint",
     )
     rdzv_endpoint: str | None = Field(
         None,
@@ -167,5 +177,7 @@ class WarmstartParams(BaseModel):
         "train", description="Problems split to take demonstrations from"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the fine-tune runs")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: fp32 CPU, bf16 CUDA")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on CUDA and on a CPU with native bf16 matmuls, else fp32"
+    )
     seed: int = Field(0, ge=0, description="Shuffle seed")

@@ -1,17 +1,19 @@
-"""Shared-prefix forward (``UpdateParams.shared_prefix``): the G samples of a GRPO group start with the same
-prompt; a micro-batch of them runs that prompt through the model once. The gradient flows back into the one
-prompt pass, so the loss and its gradient are those of the plain padded forward (to float rounding;
-tests/test_update.py). Two ways, by packed length T = P + Σ(Lᵢ − P):
+"""Shared-prefix forward (``UpdateParams.shared_prefix``): samples that start with the same tokens — the G
+samples of a GRPO group (one prompt), the nodes of a MURPHY tree (a child's prompt is its parent's prompt and
+completion plus a feedback turn) — run those tokens through the model once per micro-batch. The gradient flows
+back into the one pass, so the loss and its gradient are those of the plain padded forward (to float rounding;
+tests/test_update.py). Two ways:
 
-- ``packed_logprobs`` (T ≤ ``PACK_MAX``): one row of T tokens — the prompt once, then each sample's rest —
-  with position ids that restart after the prompt for every sample and a 4-D mask under which a sample's
-  tokens see the prompt and their own earlier tokens only (a tree mask; no padding at all), and logits only for
-  the positions the loss reads. Cost: T positions instead of B·Lmax (the bench's GRPO shape: ~520 vs ~1,200).
-- ``forward_shared`` (longer): the prompt once with a KV cache repeated per row, the rests right-padded.
+- ``packed_logprobs`` (the micro-batch's ``PrefixTrie`` has ≤ ``PACK_MAX`` nodes): one row holding every
+  distinct prefix once — each token at its own position, under a 4-D mask that lets it see its ancestors only
+  (a tree mask; no padding at all) — and logits only for the nodes the loss reads. Cost: T trie nodes instead
+  of B·Lmax positions (the bench's GRPO shape: ~520 vs ~1,200; a MURPHY sibling set: its shared ancestry once).
+- ``forward_shared`` (larger tries): the rows' common prefix once with a KV cache repeated per row, the rests
+  right-padded.
 
 Micro-batches are formed by prompt first (``micro_key``), then length, so that a micro-batch holds one group's
-samples. One process only (a DDP/FSDP2 world takes the plain forward: two forwards before one backward are not
-what their hooks expect).
+samples (``minibatch_by="problem"`` keeps a group's or tree's samples in one minibatch). One process only (a
+DDP/FSDP2 world takes the plain forward: two forwards before one backward are not what their hooks expect).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 # Below this many shared tokens the second call's overhead is not worth it: the plain forward runs.
 MIN_SHARED = 8
-# Packed rows up to this length: its dense T×T mask and attention stay small beside the T positions' matmuls.
+# Packed rows up to this many trie nodes: the dense T×T mask and attention stay small beside T positions' matmuls.
 PACK_MAX = 1024
 
 
@@ -80,55 +82,86 @@ def forward_shared(
         ).logits
 
 
-def packed_length(b: dict[str, torch.Tensor], prefix: int) -> int:
-    """T of ``packed_logprobs``: the prefix once plus every row's tokens after it."""
-    return prefix + int((b["attention_mask"].sum(1) - prefix).sum())
+class PrefixTrie:
+    """The rows of a micro-batch with every common token prefix once: node k is one token (``tokens[k]``) at
+    position ``depth[k]`` whose context is the path of ``parents`` up to the root (−1). ``node_of[i][t]``: the
+    node of row i's token t. Rows that share a prompt (a GRPO group) share its nodes; a MURPHY child, whose
+    prompt is its parent's prompt and completion plus a feedback turn, shares its whole ancestry. Node ids grow
+    along every path (a parent is created before its children)."""
+
+    def __init__(self, rows: list[list[int]]):
+        index: dict[tuple[int, int], int] = {}
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depth: list[int] = []
+        self.node_of: list[list[int]] = []
+        for row in rows:
+            cur, path = -1, []
+            for t, tok in enumerate(row):
+                nxt = index.get((cur, tok))
+                if nxt is None:
+                    nxt = index[cur, tok] = len(self.tokens)
+                    self.tokens.append(tok)
+                    self.parents.append(cur)
+                    self.depth.append(t)
+                path.append(nxt)
+                cur = nxt
+            self.node_of.append(path)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def ancestry_mask(self, device: torch.device) -> torch.Tensor:
+        """(T, T) bool: node a may attend to node b iff b is a or one of a's ancestors (a tree mask, causal
+        along every path)."""
+        n = len(self.tokens)
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        for a, p in enumerate(self.parents):
+            if p >= 0:
+                allowed[a, : p + 1] = allowed[p, : p + 1]
+            allowed[a, a] = True
+        return allowed.to(device)
+
+
+def micro_batch_trie(b: dict[str, torch.Tensor]) -> PrefixTrie:
+    """The prefix trie of a collated micro-batch's rows (padding left out)."""
+    lengths = b["attention_mask"].sum(1).tolist()
+    ids = b["input_ids"].tolist()
+    return PrefixTrie([row[:n] for row, n in zip(ids, lengths, strict=True)])
 
 
 def packed_logprobs(
     model: torch.nn.Module,
     b: dict[str, torch.Tensor],
-    prefix: int,
+    trie: PrefixTrie,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) log-probs and detached entropies of the trained tokens (0 elsewhere), like
-    ``selected_logprobs`` on the plain forward, from one packed row (module docstring)."""
+    ``selected_logprobs`` on the plain forward, from one packed row: the micro-batch's prefix trie, each node
+    at its own position, under its ancestry mask, and logits only for the nodes the loss reads (a node shared
+    by rows whose next tokens differ gives each row its own log-prob; their gradients add up in it)."""
     from maths.policy_loss import row_logprobs
 
     ids, mask = b["input_ids"], b["mask"]
     dev = ids.device
-    lengths = b["attention_mask"].sum(1).tolist()
-    parts, pos, seg, starts, off = (
-        [ids[0, :prefix]],
-        [torch.arange(prefix)],
-        [torch.full((prefix,), -1)],
-        [],
-        prefix,
-    )
-    for i, n in enumerate(lengths):
-        parts.append(ids[i, prefix:n])
-        pos.append(torch.arange(prefix, n))
-        seg.append(torch.full((n - prefix,), i))
-        starts.append(off)
-        off += n - prefix
-    seg_t = torch.cat(seg).to(dev)
-    allowed = torch.ones(off, off, dtype=torch.bool, device=dev).tril_()
-    allowed &= (seg_t[None, :] == -1) | (seg_t[None, :] == seg_t[:, None])
+    allowed = trie.ancestry_mask(dev)
     if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
         attn = allowed[None, None]
     else:  # eager and others add the mask to the scores
         dtype = next(model.parameters()).dtype
-        attn = torch.zeros(off, off, dtype=dtype, device=dev).masked_fill_(~allowed, torch.finfo(dtype).min)[
-            None, None
-        ]
+        attn = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )[None, None]
     bi, ti = (mask != 0).nonzero(as_tuple=True)
-    keep = (
-        torch.tensor(starts, device=dev)[bi] + ti - 1 - prefix
-    )  # the packed position whose logit predicts (bi, ti)
+    keep = torch.tensor(
+        [trie.node_of[i][t - 1] for i, t in zip(bi.tolist(), ti.tolist(), strict=True)],
+        dtype=torch.long,
+        device=dev,
+    )  # the node whose logit predicts (bi, ti)
     with autocast():
         logits = model(
-            input_ids=torch.cat(parts)[None],
-            position_ids=torch.cat(pos).to(dev)[None],
+            input_ids=torch.tensor(trie.tokens, device=dev)[None],
+            position_ids=torch.tensor(trie.depth, device=dev)[None],
             attention_mask=attn,
             use_cache=False,
             logits_to_keep=keep,

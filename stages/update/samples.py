@@ -1,7 +1,7 @@
 """Training samples for the update stage: reading and checking the samples table, padding, data order.
 
 load_samples(uri) -> list[Sample]            SamplesError naming the row and field on bad input
-minibatches(n, params, update_idx, epoch)     shuffled index lists, a pure function of (seed, update, epoch)
+minibatches(n, params, update_idx, epoch, groups)  shuffled index lists, a pure function of (seed, update, epoch)
 micro_batches(samples, size)                  length-sorted chunks (padding stays small)
 collate(samples, device, pad_id)              right-padded (B, Lmax) tensors
 """
@@ -27,7 +27,8 @@ class SamplesError(ValueError):
 @dataclass
 class Sample:
     """One training sequence. All tensors (L,): token ids, loss mask (float 0/1), advantages, rollout log-probs;
-    ``old_logp`` / ``ref_logp`` are filled by the trainer."""
+    ``old_logp`` / ``ref_logp`` are filled by the trainer; ``group``: its problem (a GRPO group's or a MURPHY
+    tree's samples share it; ``minibatch_by="problem"``)."""
 
     sample_id: str
     input_ids: torch.Tensor
@@ -36,6 +37,7 @@ class Sample:
     rollout_logp: torch.Tensor
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    group: str = ""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -83,6 +85,7 @@ def load_samples(uri: str) -> list[Sample]:
                 mask=torch.tensor(mask, dtype=torch.float32),
                 advantages=torch.from_numpy(a),
                 rollout_logp=torch.from_numpy(np.where(m, r, 0.0).astype(np.float32)),
+                group=str(row["problem_id"]),
             )
         )
     if sum(float(s.mask.sum()) for s in out) == 0:
@@ -120,10 +123,23 @@ def order_seed(seed: int, update_idx: int, epoch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{update_idx}/{epoch}".encode()).digest()[:8], "little") >> 1
 
 
-def minibatches(n: int, params: UpdateParams, update_idx: int, epoch: int) -> list[list[int]]:
-    """Sample indices of each minibatch of one epoch (shuffled reproducibly)."""
+def minibatches(
+    n: int, params: UpdateParams, update_idx: int, epoch: int, groups: list[str] | None = None
+) -> list[list[int]]:
+    """Sample indices of each minibatch of one epoch (shuffled reproducibly). ``minibatch_by="problem"`` (with
+    ``groups``, each sample's problem): the problems are shuffled, each keeps its samples together in their
+    given order, and the concatenation is cut into minibatches of ``minibatch_size`` samples."""
     g = torch.Generator().manual_seed(order_seed(params.seed, update_idx, epoch))
-    perm = torch.randperm(n, generator=g).tolist()
+    if params.minibatch_by == "problem" and groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"minibatches: {len(groups)} groups for {n} samples")
+        members: dict[str, list[int]] = {}
+        for i, k in enumerate(groups):
+            members.setdefault(k, []).append(i)
+        keys = list(members)
+        perm = [i for j in torch.randperm(len(keys), generator=g).tolist() for i in members[keys[j]]]
+    else:
+        perm = torch.randperm(n, generator=g).tolist()
     return [perm[i : i + params.minibatch_size] for i in range(0, n, params.minibatch_size)]
 
 

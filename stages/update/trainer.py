@@ -136,19 +136,30 @@ class Trainer:
         """(B, L, V) logits of a collated micro-batch; ``keep`` > 0: only the last ``keep`` positions'."""
         with self._autocast():
             return model(
-                input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False, logits_to_keep=keep
+                input_ids=b["input_ids"],
+                attention_mask=b["attention_mask"],
+                use_cache=False,
+                logits_to_keep=keep,
             ).logits
 
-    def token_logp(self, model: torch.nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_logp(
+        self, model: torch.nn.Module, b: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) log-probs and detached entropies of a micro-batch's trained tokens (0 elsewhere): logits only
         from the first trained position on, log-softmax chunked over those positions (``selected_logprobs``)."""
         if self.legacy:
             logits = self.forward(model, b)
-            return token_logprobs(logits, b["input_ids"]) * b["mask"], token_entropy(logits.detach()) * b["mask"]
+            return token_logprobs(logits, b["input_ids"]) * b["mask"], token_entropy(logits.detach()) * b[
+                "mask"
+            ]
         keep = logits_needed(b["mask"])
-        n = shared.shared_len(b) if self.params.shared_prefix and not self.world.distributed else 0
-        if n >= shared.MIN_SHARED and shared.packed_length(b, n) <= shared.PACK_MAX:  # stages.update.prefix
-            return shared.packed_logprobs(model, b, n, self._autocast)
+        n = 0
+        if self.params.shared_prefix and not self.world.distributed:  # stages.update.prefix
+            trie = shared.micro_batch_trie(b)
+            saved = int(b["attention_mask"].sum()) - len(trie)
+            if saved >= shared.MIN_SHARED and len(trie) <= shared.PACK_MAX:
+                return shared.packed_logprobs(model, b, trie, self._autocast)
+            n = shared.shared_len(b)
         if n >= shared.MIN_SHARED:  # the micro-batch's common prompt runs once
             logits = shared.forward_shared(model, b, n, keep, self._autocast)
         else:
@@ -202,7 +213,9 @@ class Trainer:
         t1 = time.perf_counter()
         with PeakMemory(self.device) as mem:
             for epoch in range(p.ppo_epochs):
-                for mb_idx in minibatches(len(samples), p, self.update_idx, epoch):
+                for mb_idx in minibatches(
+                    len(samples), p, self.update_idx, epoch, [s.group for s in samples]
+                ):
                     mb = [samples[i] for i in mb_idx]
                     st = self._optimizer_step(mb, ref_model is not None)
                     if first is not None and first == mb_idx:  # its π_old came from its own forward
@@ -263,10 +276,13 @@ class Trainer:
             for s in samples:
                 s.old_logp = s.rollout_logp
             return None
-        first = None if self.legacy else minibatches(len(samples), p, self.update_idx, 0)[0]
+        groups = [s.group for s in samples]
+        first = None if self.legacy else minibatches(len(samples), p, self.update_idx, 0, groups)[0]
         skip = set(first or [])
         rest = [i for i in range(len(samples)) if i not in skip]
-        for i, lp in zip(rest, self.logprobs(self.model, [samples[i] for i in rest]) if rest else [], strict=True):
+        for i, lp in zip(
+            rest, self.logprobs(self.model, [samples[i] for i in rest]) if rest else [], strict=True
+        ):
             samples[i].old_logp = lp
         for i in skip:
             samples[i].old_logp = None
