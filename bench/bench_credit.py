@@ -1,7 +1,7 @@
 """What turn-level (GTPO) and feedback-tree (MURPHY) credit assignment cost over GRPO, outside generation.
 
     .venv/bin/python bench/bench_credit.py [--model tiny|smollm2|DIR] [--problems 4] [--group 4]
-        [--max-new-tokens 64] [--repeat 2]
+        [--max-new-tokens 64] [--repeat 2] [--pack] [--dtype auto|float32|bfloat16]
 
 One iteration of each algorithm through the real stages (``flows.runner.run_stage``: run store, MLflow child
 runs, the update in its own process), on the same synthetic func-synth problems (code with tests: trees need tests to grade nodes):
@@ -14,6 +14,10 @@ runs, the update in its own process), on the same synthetic func-synth problems 
      tree); a tree samples more completions (retries under failed nodes), so its cost outside generation —
      rollout wall minus generate calls and sandbox, plus score, advantages, update — is divided by the number
      of completions it sampled (nodes) and compared with GRPO's per completion (turns), and per trained token.
+
+``--pack`` runs every algorithm's update with ``shared_prefix=true`` and ``minibatch_by=problem`` (a group's
+prompt, a tree's shared ancestry once per micro-batch: ``stages.update.prefix``); ``--dtype`` is the update's
+(auto: bf16 on a CPU with native bf16 matmuls).
 
 Target (issue 15): ≤ 1.05× outside generation. Printed with the load average, since this machine is shared.
 """
@@ -55,7 +59,12 @@ def params_for(model: str, root: str, algo: str, a) -> object:
             "tree_depth": 2,
         },
         advantages={"keep_zero_signal": True},  # same rows reach the update whatever the rewards
-        update={"minibatch_size": 8, "micro_batch_size": 4},
+        update={
+            "minibatch_size": 8,
+            "micro_batch_size": 4,
+            "dtype": a.dtype,
+            **({"shared_prefix": True, "minibatch_by": "problem"} if a.pack else {}),
+        },
     )
     return PipelineParams.model_validate(body)
 
@@ -108,6 +117,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--pack", action="store_true", help="shared_prefix + minibatch_by=problem in every update")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a = ap.parse_args()
     from runtime.models import resolve_model
 
@@ -146,7 +157,7 @@ def main() -> None:
 
     print(
         f"model={a.model} problems={a.problems} G={a.group} max_new_tokens={a.max_new_tokens} "
-        f"repeat={a.repeat}; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+        f"repeat={a.repeat} pack={a.pack} dtype={a.dtype}; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end"
     )
     print(
         f"\n1. same {completions:.0f} completions ({roll.tables['trajectories'].rows} trajectories), "

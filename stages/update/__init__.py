@@ -24,7 +24,9 @@ What one call does (the loss is ``maths.policy_loss``, ALGORITHMS.md "Policy los
    (``target_kl``): once a minibatch's KL to π_old (k3, measured in its forward pass) exceeds ``target_kl``,
    it and the rest of the update's minibatches get no step. Per-minibatch records (KL, clip fraction,
    entropy, grad norm, lr at each global step): ``Trainer.steps`` (the stage returns only the aggregates).
-   CPU: fp32. CUDA: bf16 autocast over fp32 master weights, optional gradient checkpointing. LoRA
+   ``dtype=auto``: bf16 autocast over fp32 master weights on CUDA and on a CPU with native bf16 matmuls
+   (``runtime.devices.cpu_native_bf16``: its bf16 GEMM runs ~4× its fp32 one), else fp32; optional gradient
+   checkpointing. ``shared_prefix``: a micro-batch's shared prompt / ancestry runs once (``prefix``). LoRA
    (``lora_rank``) via peft: the checkpoint holds the merged model (what rollout and evaluation load) and the
    adapter in ``lora/`` on top of ``lora_base``.
 6. Writes ``<out>/checkpoint`` atomically, then pushes the weights into the process's live rollout engine
