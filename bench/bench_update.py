@@ -16,8 +16,8 @@ peak RSS is its own) through ``stages.update.Trainer.update`` after a warm-up up
     new         the same with every core (what ``stages.update.run`` now does, in a subprocess if vLLM pinned
                 the process's threads)
     rollout     ``new`` with old_logprobs="rollout" (no π_old pass)
-    packed      ``new`` with shared_prefix=true: a micro-batch of one prompt's samples in one row, the prompt
-                once (it only gains when samples share prompts: ``--group G``, GRPO's shape)
+    packed      ``new`` with shared_prefix=true: a micro-batch packed as its prefix trie in one row, shared
+                prompts once (it only gains when samples share prompts: ``--group G``, GRPO's shape)
     bf16-1t     ``new-1t`` under bf16 autocast over fp32 master weights (what ``dtype=auto`` picks on a CPU
                 with native bf16 matmuls, avx512_bf16 / amx_bf16; the pipeline's default is one thread)
     bf16        the same with every core

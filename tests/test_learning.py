@@ -165,18 +165,20 @@ class Lab:
         iterations: int,
         tag: str,
         measure_each=False,
-        dtype: str = "auto",
+        **update_kw,
     ) -> tuple[str, list[float]]:
         """``iterations`` RL iterations from ``ckpt``: the last checkpoint and, with ``measure_each``, the
-        mean reward measured after each iteration. ``dtype``: the update's (auto: bf16 on a CPU with native
-        bf16 matmuls, else fp32)."""
+        mean reward measured after each iteration. ``update_kw``: update parameters other than the defaults
+        (``dtype`` auto: bf16 on a CPU with native bf16 matmuls, else fp32)."""
         rewards = []
         fam = family(estimator)
         rp = self.rollout_params(
             fam, group_size=8, child_group_size=4, problems_per_iteration=8, tree_depth=2
         )
         adv_params = AdvantageParams(estimator=estimator, **({"norm_scope": scope} if scope else {}))
-        upd_params = UpdateParams(lr=LR, minibatch_size=16, micro_batch_size=16, seed=SEED, dtype=dtype)
+        upd_params = UpdateParams(
+            **{"lr": LR, "minibatch_size": 16, "micro_batch_size": 16, "seed": SEED, **update_kw}
+        )
         for k in range(1, iterations + 1):
             out = self.root / tag / f"iter-{k}"
             table, scored = self.roll_and_score(fam, ckpt, k, rp, out)
@@ -214,6 +216,19 @@ def test_rl_raises_the_reward(lab, estimator, scope):
     final, _ = lab.train(estimator, scope, ckpt, LEARN_ITERS, f"learn-{estimator}-{scope}")
     end = lab.measure(fam, final, f"learn-{estimator}-{scope}")
     line = _report("learn", estimator, scope, start, end)
+    assert end - start >= GAIN[fam], f"{line}: gain below the margin {GAIN[fam]}"
+
+
+def test_murphy_learns_with_its_trees_packed(lab):
+    """MURPHY with the tree-packed update (``shared_prefix``: a micro-batch's shared ancestry runs once;
+    ``minibatch_by="problem"``: a tree's nodes stay in one minibatch, which changes what each optimizer step
+    sees) learns as the plain update does."""
+    fam = "secret-code"
+    ckpt, start = lab.policy(fam, "noisy")
+    packed = {"shared_prefix": True, "minibatch_by": "problem", "micro_batch_size": 4}
+    final, _ = lab.train("murphy", None, ckpt, LEARN_ITERS, "learn-murphy-packed", **packed)
+    end = lab.measure(fam, final, "learn-murphy-packed")
+    line = _report("learn", "murphy", "packed", start, end)
     assert end - start >= GAIN[fam], f"{line}: gain below the margin {GAIN[fam]}"
 
 
