@@ -201,3 +201,42 @@ def test_release_cache_frees_the_kv_pages_and_generation_is_unchanged(tiny_engin
 
 def _kv_tensors(engine) -> list:
     return [t for ts in engine.llm.collective_rpc(lambda w: list(w.model_runner.kv_caches)) for t in ts]
+
+
+def test_bf16_rollout_engine_samples_near_fp32_and_takes_pushed_weights(
+    tiny_engine, tiny_model, prompt, hf_model, tmp_path
+):
+    """rollout.dtype=bfloat16: the rollout stage's engine holds bf16 weights and KV cache; its log-probs are the
+    fp32 model's to bf16 precision, and fp32 weights pushed into it (what the update does) serve exactly as a
+    fresh bf16 engine of that checkpoint does."""
+    from schemas.params.rollout import RolloutParams
+    from stages.rollout.shard import build_engine
+
+    greedy = SamplingSpec(temperature=0, max_tokens=16)
+    eng = build_engine(RolloutParams(dtype="bfloat16"), str(tiny_model))
+    fresh = None
+    try:
+        assert eng is not tiny_engine and eng.options["dtype"] == "bfloat16"
+        assert "bfloat16" in str(eng.llm.llm_engine.vllm_config.model_config.dtype)
+        g = eng.generate([prompt], greedy)[0][0]
+        gap = float(np.abs(np.asarray(g.logprobs) - hf_logprobs(hf_model, prompt, g.token_ids)).max())
+        assert 1e-5 < gap < 0.1, gap  # bf16, not fp32, and close
+        torch.manual_seed(4)
+        new_model = type(hf_model)(hf_model.config)
+        new_model.load_state_dict(
+            {k: v + 0.05 * torch.randn_like(v) for k, v in hf_model.state_dict().items()}
+        )
+        ckpt = tmp_path / "ckpt"
+        new_model.save_pretrained(ckpt)
+        tiny_engine.tokenizer.save_pretrained(ckpt)
+        eng.update_weights(new_model.state_dict(), source=str(ckpt))
+        after = eng.generate([prompt], greedy)[0][0]
+        fresh = engine_mod.make_engine(ckpt, backend="vllm", seed=0, dtype="bfloat16")
+        ref = fresh.generate([prompt], greedy)[0][0]
+        assert ref.token_ids == after.token_ids
+        np.testing.assert_allclose(ref.logprobs, after.logprobs, atol=1e-5)
+    finally:
+        for e in (fresh, eng):
+            if e is not None:
+                e.close()
+    assert engine_mod.live_engine() is tiny_engine

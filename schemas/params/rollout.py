@@ -38,6 +38,13 @@ class RolloutParams(BaseModel):
     seed: int = Field(0, ge=0, description="Sampling seed")
     kv_cache_gib: float = Field(1.0, gt=0, description="vLLM KV-cache size on CPU (GiB)")
     prefix_caching: bool = Field(True, description="vLLM automatic prefix caching")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="The rollout engine's weights and KV cache: auto = float32 on CPU (log-probs that match the "
+        "update's fp32 model to ~1e-5), the model's own on CUDA; bfloat16 on a CPU with native bf16 matmuls "
+        "generates ~1.5x faster (bench: 943 vs 641 tokens/s), the pushed fp32 weights rounded to bf16. "
+        "Evaluation in the same process reuses the live engine, so it then samples in bf16 too",
+    )
     stop_after_code: bool = Field(
         True, description="tree mode: end an attempt at the end of its first closed code block (saves tokens)"
     )

@@ -17,11 +17,14 @@ from stages.rollout.tree import TreeStats, refinement_trees
 
 def build_engine(params: RolloutParams, checkpoint: str):
     """This process's engine for ``checkpoint`` (reused, or weights pushed into a live one of the same
-    architecture: ``runtime.engines.engine_for``); tensor/data-parallel sizes go to vLLM when above 1."""
+    architecture: ``runtime.engines.engine_for``); ``dtype`` when not auto, and tensor/data-parallel sizes when
+    above 1, go to the engine."""
     from runtime.engines import engine_for
     from runtime.models import resolve_model
 
     options: dict = {"prefix_caching": params.prefix_caching}
+    if params.dtype != "auto":
+        options["dtype"] = params.dtype
     if params.backend == "vllm":
         options["kv_cache_gib"] = params.kv_cache_gib
         if params.tensor_parallel_size > 1:
