@@ -14,6 +14,8 @@ runs, the update in its own process), on the same synthetic func-synth problems 
      tree); a tree samples more completions (retries under failed nodes), so its cost outside generation —
      rollout wall minus generate calls and sandbox, plus score, advantages, update — is divided by the number
      of completions it sampled (nodes) and compared with GRPO's per completion (turns), and per trained token.
+     Beside it, the tokens per completion that an update must run at least (each problem's samples as one
+     prefix trie: a tree's nodes carry their parents' attempts and the feedback as context, GRPO's do not).
 
 ``--pack`` runs every algorithm's update with ``shared_prefix=true`` and ``minibatch_by=problem`` (a group's
 prompt, a tree's shared ancestry once per micro-batch: ``stages.update.prefix``); ``--dtype`` is the update's
@@ -103,7 +105,23 @@ def credit(run: Run, table: str, rolled: str, problems: str, checkpoint: str) ->
     out = {s: o.metrics[f"timing/{s}"] for s, o in zip(STAGES, (sc, adv, upd), strict=True)}
     out["trained_tokens"] = upd.metrics.get("actor/trained_tokens", float("nan"))
     out["samples"] = float(adv.tables["samples"].rows)
+    out["tokens"], out["unique_tokens"] = sample_tokens(adv.uri("samples"))
     return out
+
+
+def sample_tokens(uri: str) -> tuple[float, float]:
+    """(tokens of every training sequence, tokens of each problem's prefix trie): what a plain update runs
+    through the model vs the least any update must (every distinct prefix of a group's or a tree's samples
+    once; a node's feedback and ancestry are context it cannot skip)."""
+    from runtime.tableio import read_table
+    from schemas.tables import SAMPLES
+    from stages.update.prefix import PrefixTrie
+
+    rows = read_table(uri, SAMPLES).select(["problem_id", "input_ids"]).to_pylist()
+    by: dict[str, list[list[int]]] = {}
+    for r in rows:
+        by.setdefault(r["problem_id"], []).append(r["input_ids"])
+    return float(sum(len(r["input_ids"]) for r in rows)), float(sum(len(PrefixTrie(v)) for v in by.values()))
 
 
 def best(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -117,7 +135,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--pack", action="store_true", help="shared_prefix + minibatch_by=problem in every update")
+    ap.add_argument(
+        "--pack", action="store_true", help="shared_prefix + minibatch_by=problem in every update"
+    )
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     a = ap.parse_args()
     from runtime.models import resolve_model
@@ -194,6 +214,12 @@ def main() -> None:
         f"murphy {mu['samples']:.0f} ({mu['trained_tokens']:.0f} tokens)"
     )
     print(f"   rollout bookkeeping (not generate/sandbox/engine): grpo {g_roll:.2f}s, murphy {m_roll:.2f}s")
+    g_u, m_u = g["unique_tokens"] / completions, mu["unique_tokens"] / nodes
+    print(
+        f"   tokens per completion, every sequence whole: grpo {g['tokens'] / completions:.0f}, murphy "
+        f"{mu['tokens'] / nodes:.0f}; each problem's distinct prefixes once (the least an update runs): grpo "
+        f"{g_u:.0f}, murphy {m_u:.0f}, ratio {m_u / g_u:.3f}"
+    )
 
 
 if __name__ == "__main__":

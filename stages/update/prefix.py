@@ -54,6 +54,26 @@ def shared_len(b: dict[str, torch.Tensor]) -> int:
     return max(0, min(common, cap))
 
 
+def shared_logprobs(
+    model: torch.nn.Module,
+    b: dict[str, torch.Tensor],
+    keep: int,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, L) log-probs and detached entropies of a micro-batch's trained tokens by the way that fits (module
+    docstring): its prefix trie packed, or its common prefix as a repeated KV cache; None when its samples share
+    fewer than ``MIN_SHARED`` tokens (the caller runs the plain forward). ``keep``: ``logits_needed(mask)``."""
+    from maths.policy_loss import selected_logprobs
+
+    trie = micro_batch_trie(b)
+    if int(b["attention_mask"].sum()) - len(trie) >= MIN_SHARED and len(trie) <= PACK_MAX:
+        return packed_logprobs(model, b, trie, autocast)
+    n = shared_len(b)
+    if n >= MIN_SHARED:
+        return selected_logprobs(forward_shared(model, b, n, keep, autocast), b["input_ids"], b["mask"])
+    return None
+
+
 def forward_shared(
     model: torch.nn.Module,
     b: dict[str, torch.Tensor],

@@ -153,18 +153,11 @@ class Trainer:
                 "mask"
             ]
         keep = logits_needed(b["mask"])
-        n = 0
         if self.params.shared_prefix and not self.world.distributed:  # stages.update.prefix
-            trie = shared.micro_batch_trie(b)
-            saved = int(b["attention_mask"].sum()) - len(trie)
-            if saved >= shared.MIN_SHARED and len(trie) <= shared.PACK_MAX:
-                return shared.packed_logprobs(model, b, trie, self._autocast)
-            n = shared.shared_len(b)
-        if n >= shared.MIN_SHARED:  # the micro-batch's common prompt runs once
-            logits = shared.forward_shared(model, b, n, keep, self._autocast)
-        else:
-            logits = self.forward(model, b, keep=keep)
-        return selected_logprobs(logits, b["input_ids"], b["mask"])
+            out = shared.shared_logprobs(model, b, keep, self._autocast)
+            if out is not None:
+                return out
+        return selected_logprobs(self.forward(model, b, keep=keep), b["input_ids"], b["mask"])
 
     @torch.no_grad()
     def logprobs(self, model: torch.nn.Module, samples: list[Sample]) -> list[torch.Tensor]:
