@@ -140,6 +140,12 @@ def test_minibatches_by_problem_keep_a_problem_together():
     assert any(update.minibatches(12, p, u, 0, groups) != mbs for u in range(1, 5))
     plain = p.model_copy(update={"minibatch_by": "sample"})
     assert update.minibatches(12, plain, 0, 0, groups) == update.minibatches(12, plain, 0, 0)
+    nameless = update.minibatches(12, p, 0, 0, [""] * 12)  # no problem named: each sample its own group
+    assert (
+        nameless
+        == update.minibatches(12, p, 0, 0, [f"q{i}" for i in range(12)])
+        != [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    )
     with pytest.raises(ValueError, match="11 groups for 12 samples"):
         update.minibatches(12, p, 0, 0, groups[:11])
 

@@ -127,15 +127,15 @@ def minibatches(
     n: int, params: UpdateParams, update_idx: int, epoch: int, groups: list[str] | None = None
 ) -> list[list[int]]:
     """Sample indices of each minibatch of one epoch (shuffled reproducibly). ``minibatch_by="problem"`` (with
-    ``groups``, each sample's problem): the problems are shuffled, each keeps its samples together in their
-    given order, and the concatenation is cut into minibatches of ``minibatch_size`` samples."""
+    ``groups``, each sample's problem; "" for none): the problems are shuffled, each keeps its samples together
+    in their given order, and the concatenation is cut into minibatches of ``minibatch_size`` samples."""
     g = torch.Generator().manual_seed(order_seed(params.seed, update_idx, epoch))
     if params.minibatch_by == "problem" and groups is not None:
         if len(groups) != n:
             raise ValueError(f"minibatches: {len(groups)} groups for {n} samples")
         members: dict[str, list[int]] = {}
         for i, k in enumerate(groups):
-            members.setdefault(k, []).append(i)
+            members.setdefault(k or f"\0{i}", []).append(i)  # no problem named: a group of its own
         keys = list(members)
         perm = [i for j in torch.randperm(len(keys), generator=g).tolist() for i in members[keys[j]]]
     else:
