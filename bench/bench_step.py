@@ -27,7 +27,8 @@ The workload, shared by both frameworks:
   takes its own forward's) — so neither does a separate π_old pass;
 - one optimizer step per step: all ``prompts × group`` completions in one minibatch, micro-batches of
   ``--micro`` (TRL: per_device_train_batch_size=micro, gradient_accumulation_steps=prompts×group/micro);
-  AdamW(β 0.9/0.999, no weight decay), constant ``--lr``, no warmup, grad clipping at 1.0, fp32 on CPU.
+  AdamW(β 0.9/0.999, no weight decay), constant ``--lr``, no warmup, grad clipping at 1.0, fp32 on CPU
+  (``--bf16``: both in bf16 autocast over fp32 weights, TRL's ``bf16=True`` and turntree's ``update.dtype``).
   turntree runs with ``update.shared_prefix=true`` (a group's prompt runs once per micro-batch: the same loss
   and gradient, fewer positions; ``--set update.shared_prefix=false`` measures without it) and keeps its
   optimizer state in each checkpoint (``save_optimizer_state``), as TRL keeps its in memory. Both use
@@ -126,7 +127,7 @@ def run_trl(args) -> dict:
         num_generations=args.group, max_completion_length=args.max_new, temperature=1.0, top_p=1.0,
         beta=0.0, epsilon=0.2, num_iterations=1, loss_type="dapo", scale_rewards="group",
         generation_kwargs={"stop_strings": list(prompts.TIR_STOP), "pad_token_id": tok.eos_token_id},
-        use_vllm=False, use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", report_to=[],
+        use_vllm=False, use_cpu=True, bf16=args.bf16, logging_steps=1, save_strategy="no", report_to=[],
         seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )  # fmt: skip
     times = {"generate": 0.0, "forward": 0.0, "backward": 0.0}
@@ -218,7 +219,7 @@ def run_turntree(args) -> dict:
         "lr": args.lr, "minibatch_size": batch, "micro_batch_size": args.micro, "ppo_epochs": 1,
         "clip_eps_low": 0.2, "clip_eps_high": 0.2, "kl_beta": 0.0, "loss_agg": "token-mean", "target_kl": None,
         "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "cpu_threads": args.threads,
-        "save_optimizer_state": True, "dtype": "float32", "shared_prefix": True, "gradient_checkpointing": True,
+        "save_optimizer_state": True, "dtype": "bfloat16" if args.bf16 else "float32", "shared_prefix": True, "gradient_checkpointing": True,
     }  # fmt: skip
     for kv in args.set or []:
         key, _, value = kv.partition("=")
@@ -333,6 +334,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--micro", type=int, default=8, help="sequences per forward pass (both frameworks)")
     ap.add_argument("--set", action="append", help="turntree UpdateParams override, update.KEY=VALUE")
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="both trainers in bf16 autocast (TRL's bf16=True, turntree's dtype)",
+    )
     ap.add_argument("--one", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if (args.prompts * args.group) % args.micro:
