@@ -26,7 +26,8 @@ def _on_cuda() -> bool:
 
 class VLLMEngine(Engine):
     """``vllm.LLM`` in this process. Options: prefix_caching (True), kv_cache_gib (1.0), max_model_len,
-    dtype ("float32" on CPU, "auto" on CUDA; rollout.dtype), gpu_memory_utilization (CUDA, 0.5), enforce_eager (CPU: True)."""
+    dtype ("float32" on CPU, "auto" on CUDA; rollout.dtype), gpu_memory_utilization (CUDA, 0.5), enforce_eager
+    (CPU: True)."""
 
     def __post_init__(self) -> None:
         self.backend = "vllm"
