@@ -4,10 +4,10 @@ start parameters (e.g. every ``make run`` with other RL settings) pay for the su
 Key: sha256 of the starting checkpoint's files, of the problems table's bytes, of the parameters (``enabled`` and
 ``cache`` left out), of the device and dtype they resolve to on this machine (``dtype="auto"`` is bf16 on a CPU
 with native bf16 matmuls, fp32 on one without) and of the warm-start stage's source. Entry:
-``<cache>/warmstart/<key>/checkpoint`` plus ``output.json`` (the metrics and notes of the run that made it). Entries are written to a temporary directory
-and renamed into place, so a killed run never leaves a half entry; a hit is copied into the stage's output
-directory (hard links when possible: checkpoints are never modified in place) and verified against the
-entry's recorded hash.
+``<cache>/warmstart/<key>/checkpoint`` plus ``output.json`` (the metrics and notes of the run that made it).
+Entries are written to a temporary directory and renamed into place, so a killed run never leaves a half entry;
+a hit is copied into the stage's output directory (hard links when possible: checkpoints are never modified in
+place) and verified against the entry's recorded hash.
 """
 
 from __future__ import annotations
