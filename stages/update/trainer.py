@@ -148,10 +148,8 @@ class Trainer:
         """(B, L) log-probs and detached entropies of a micro-batch's trained tokens (0 elsewhere): logits only
         from the first trained position on, log-softmax chunked over those positions (``selected_logprobs``)."""
         if self.legacy:
-            logits = self.forward(model, b)
-            return token_logprobs(logits, b["input_ids"]) * b["mask"], token_entropy(logits.detach()) * b[
-                "mask"
-            ]
+            logits, m = self.forward(model, b), b["mask"]
+            return token_logprobs(logits, b["input_ids"]) * m, token_entropy(logits.detach()) * m
         keep = logits_needed(b["mask"])
         if self.params.shared_prefix and not self.world.distributed:  # stages.update.prefix
             out = shared.shared_logprobs(model, b, keep, self._autocast)
