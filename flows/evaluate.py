@@ -19,6 +19,7 @@ from flows.runner import RunContext, fingerprint, run_stage, stage_code
 from flows.runstore import RunStore
 from flows.tasks import prepare_model
 from flows.tracking import Tracker
+from flows.watch import watched
 from schemas.params import EvalParams
 
 
@@ -29,7 +30,7 @@ def evaluate_checkpoint(
     while the model directory's files, the evaluate stage's code and the stored results are unchanged."""
     body = {"checkpoint": model_dir, "params": params.model_dump(mode="json")}
     run_id = "eval-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
-    with run_lock(run_root, run_id, wait=True):
+    with run_lock(run_root, run_id, wait=True), watched(run_root, run_id):
         return _evaluate(model_dir, params, run_root, run_id, body, flow_run_id)
 
 

@@ -28,6 +28,7 @@ from flows.runner import RunContext, default_run_id, fingerprint, params_field
 from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model, stage_runner
 from flows.tracking import Tracker
+from flows.watch import watched
 from schemas.algorithms import ALGORITHMS
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
@@ -238,7 +239,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # Qu
 
     # the pools and their stage steps exist: checked here too for runs started from a deployment, not the CLI
     dispatch(params)
-    with run_lock(params.run_root, params.run_id or default_run_id(params)):
+    run_id = params.run_id or default_run_id(params)
+    with run_lock(params.run_root, run_id), watched(params.run_root, run_id):
         return _pipeline(params)
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from flows.integrity import IntegrityError, code_hash, dir_fingerprint
 from flows.remote import check_stored, is_remote, local_view, localize
 from flows.runstore import RunStore, git_sha
+from runtime import watchdog
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
 from stages import PIPELINE_STAGES, stage_spec
@@ -114,6 +115,8 @@ def run_stage(
     step = iteration or 0
     tracker, child = _start_child(ctx, stage, iteration, params)
     t0 = time.perf_counter()
+    label = stage if iteration is None else f"{stage} (iteration {iteration})"
+    watchdog.beat(label)
     try:
         output: StageOutput = module.run(params, _local_inputs(store, inputs), scratch)
     except BaseException as e:

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from flows.locks import run_lock
 from flows.runner import RunContext, params_model, run_stage
 from flows.runstore import RunStore
+from flows.watch import watched
 from schemas.params import StageName  # a typed choice in the Prefect UI's run form
 from stages import PIPELINE_STAGES
 
@@ -31,7 +32,7 @@ def rerun(
     overrides: dict[str, Any] | None = None,
     flow_run_id: str = "none",
 ) -> dict[str, Any]:
-    with run_lock(root, run_id):  # re-entrant: the CLI already holds it
+    with run_lock(root, run_id), watched(root, run_id):  # re-entrant: the CLI already holds both
         return _rerun(root, run_id, stage, iteration, overrides, flow_run_id)
 
 

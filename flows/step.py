@@ -27,6 +27,8 @@ from flows.locks import authorised, held_token
 from flows.runner import RunContext, fingerprint, params_model, run_stage
 from flows.runstore import RunStore, stage_key
 from flows.tasks import reusable
+from flows.watch import watched
+from runtime import watchdog
 from schemas.outputs import StageOutput
 from schemas.params import DispatchParams, StageName
 
@@ -72,7 +74,7 @@ def stage_step(request: StageRequest, lock_token: str | None = None) -> dict[str
 
     logger = get_run_logger()
     req = request
-    with authorised(req.run_root, req.run_id, lock_token):
+    with authorised(req.run_root, req.run_id, lock_token), watched(req.run_root, req.run_id):
         store = RunStore(req.run_root, req.run_id)
         manifest = store.load()
         done = _find(req)
@@ -113,14 +115,15 @@ def dispatch_stage(request: StageRequest, pool: str) -> StageOutput:
         return done
     where = stage_key(request.stage, request.iteration)
     token = held_token(request.run_root, request.run_id)
-    run = run_deployment(
-        DispatchParams.deployment(pool),
-        parameters={"request": request.model_dump(mode="json"), "lock_token": token},
-        flow_run_name=f"{request.run_id}/{where}",
-        timeout=None,
-        poll_interval=2,
-        tags=[f"run:{request.run_id}", f"stage:{request.stage}"],
-    )
+    with watchdog.suspended():  # the work (and its own watchdog) is in the worker's process
+        run = run_deployment(
+            DispatchParams.deployment(pool),
+            parameters={"request": request.model_dump(mode="json"), "lock_token": token},
+            flow_run_name=f"{request.run_id}/{where}",
+            timeout=None,
+            poll_interval=2,
+            tags=[f"run:{request.run_id}", f"stage:{request.stage}"],
+        )
     state = run.state
     if state is None or not state.is_completed():
         why = (state.message if state else None) or "no message"

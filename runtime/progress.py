@@ -9,13 +9,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from runtime import watchdog
+
 Hook = Callable[[str, int, int, str], None]
 _hooks: list[Hook] = []
 log = logging.getLogger("turntree.progress")
 
 
 def report(stage: str, done: int, total: int, message: str = "") -> None:
-    """Tell whoever listens that ``stage`` has done ``done`` of ``total`` units."""
+    """Tell whoever listens that ``stage`` has done ``done`` of ``total`` units (and the run's watchdog that the
+    run moves)."""
+    watchdog.beat()
     if not _hooks:
         log.debug("%s: %d/%d %s", stage, done, total, message)
     for hook in list(_hooks):

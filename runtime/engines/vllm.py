@@ -18,6 +18,19 @@ from runtime.env import CPU_ENV
 log = logging.getLogger(__name__)
 
 
+def configure_vllm_logger() -> None:
+    """What vLLM's own logging configuration would give (its messages on stderr at ``$VLLM_LOGGING_LEVEL``, not
+    passed on to the root logger), added to the ``vllm`` logger alone: no other logger or handler is touched."""
+    logger = logging.getLogger("vllm")
+    if not any(getattr(h, "_turntree_vllm", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        handler._turntree_vllm = True
+        logger.addHandler(handler)
+    logger.setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    logger.propagate = False
+
+
 def _on_cuda() -> bool:
     import torch
 
@@ -38,6 +51,7 @@ class VLLMEngine(Engine):
         for k, v in CPU_ENV.items():
             os.environ.setdefault(k, v)
         from vllm import LLM
+        from vllm.config import LoggingConfig
 
         o, cuda = self.options, _on_cuda()
         kw: dict[str, Any] = dict(
@@ -49,7 +63,12 @@ class VLLMEngine(Engine):
             enable_prefix_caching=o.get("prefix_caching", True),
             max_model_len=self.max_model_len,
             use_tqdm_on_load=os.environ.get("TQDM_DISABLE", "") in ("", "0"),  # runtime.env.QUIET_ENV
+            # vLLM's own logging set-up is a non-incremental dictConfig: it flushes and closes every handler in
+            # the process, Prefect's API log handler included, under logging's module lock, and can deadlock
+            # with Prefect's log worker (Prefect #9597, CPython #96727). turntree sets vLLM's logger up itself.
+            logging_config=LoggingConfig(configure_logging=False),
         )
+        configure_vllm_logger()
         for key in ("tensor_parallel_size", "data_parallel_size"):  # rollout.* (stages/rollout/shard.py)
             if int(o.get(key, 1)) > 1:
                 kw[key] = int(o[key])
