@@ -53,8 +53,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     from flows.report import progress_display, run_story
     from flows.runstore import RunStore
     from flows.tracking import Tracker
+    from flows.watch import watched
 
-    with run_lock(params.run_root, run_id, wait=a.wait):  # one writer per run: a second exits 2 (or waits)
+    # one writer per run (a second exits 2, or waits); a stalled stage or a stuck SIGTERM ends it (flows.watch)
+    with run_lock(params.run_root, run_id, wait=a.wait), watched(params.run_root, run_id):
         with progress_display():
             state = pipeline(params, return_state=True)
     store = RunStore(params.run_root, run_id)
@@ -91,7 +93,9 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from flows.locks import run_lock
 
     preflight.stage(a.root, a.run, a.name, record, overrides)
-    with run_lock(a.root, a.run, wait=a.wait):
+    from flows.watch import watched
+
+    with run_lock(a.root, a.run, wait=a.wait), watched(a.root, a.run):
         from flows.stage import stage_flow
 
         state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
@@ -174,8 +178,12 @@ def cmd_runs(a: argparse.Namespace) -> int:
 def cmd_verify(a: argparse.Namespace) -> int:
     from flows.runstore import RunStore
 
-    bad = RunStore(a.root, a.run).verify()  # every stored output against its recorded sha256 and size
-    print("\n".join(bad) or f"run {a.run}: every stored output matches its manifest")
+    store = RunStore(a.root, a.run)
+    bad = store.verify()  # every current output against its recorded sha256 and size
+    old = store.superseded_problems()  # superseded versions: reported, not fatal
+    print("\n".join(bad) or f"run {a.run}: every current output matches its manifest")
+    for line in old:
+        print(f"note: {line}")
     return 1 if bad else 0
 
 

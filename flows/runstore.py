@@ -236,7 +236,17 @@ class RunStore:
             )
 
     def _commit(
-        self, stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints, made_by=None
+        self,
+        stage,
+        iteration,
+        scratch,
+        output,
+        inputs,
+        params,
+        params_field,
+        code,
+        fingerprints,
+        made_by=None,
     ):
         version = self.next_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
@@ -341,15 +351,37 @@ class RunStore:
         return f"turntree stage {stage} --run {self.run_id}{it} --root {self.root}"
 
     def verify(self) -> list[str]:
-        """One line per stored output that is missing or differs from its record (every version)."""
-        bad = []
+        """One line per output of a stage's *current* version that is missing or differs from its record, with
+        the command that rewrites it (a new current version: after it, the run verifies)."""
+        return [line for current, line in self._verify() if current]
+
+    def superseded_problems(self) -> list[str]:
+        """The same for superseded versions: nothing reads them any more (a rerun or a recompute replaced
+        them), so they are reported, not fatal."""
+        return [line for current, line in self._verify() if not current]
+
+    def _verify(self) -> list[tuple[bool, str]]:
+        found = []
         for key, entry in sorted(self.load()["stages"].items()):
             for version, record in sorted(entry.get("versions", {}).items()):
+                current = version == entry.get("current")
                 for ref in StageOutput.model_validate(record["output"]).tables.values():
                     why = check_ref(ref.uri, ref.sha256, ref.size)
-                    if why:
-                        bad.append(f"{ref.uri}: {why} ({key} {version}; repair: {self.repair_command(key)})")
-        return bad
+                    if not why:
+                        continue
+                    if current:
+                        found.append(
+                            (True, f"{ref.uri}: {why} ({key} {version}; repair: {self.repair_command(key)})")
+                        )
+                    else:
+                        found.append(
+                            (
+                                False,
+                                f"{ref.uri}: {why} ({key} {version}, superseded by {entry.get('current')}: "
+                                "not read by the run)",
+                            )
+                        )
+        return found
 
     def current_output(self, stage: str, iteration: int | None) -> StageOutput | None:
         entry = self.load()["stages"].get(stage_key(stage, iteration))

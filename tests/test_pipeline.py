@@ -265,3 +265,45 @@ def test_evaluate_flow_and_comparison_report(gtpo_run, tiny_model, tmp_path):
     for name in ("pass_vs_iteration", "reward_curves"):
         png = Path(out["files"][name])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_verify_judges_current_versions_and_its_repairs_make_it_green(harness, tiny_model, tmp_path, capsys):
+    """A corrupt table: red with a repair command; the repair (or the pipeline's recompute) writes a new current
+    version and `verify` turns green, reporting the superseded corrupt version without failing on it."""
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    params = tiny_params(tiny_model, tmp_path, eval={"max_problems": 1})
+    result = pipeline(params)
+    root, run = params.run_root, result["run_id"]
+    verify = ["verify", run, "--root", root]
+    store = RunStore(root, run)
+
+    def truncate(stage: str) -> str:
+        uri = next(iter(store.current_output(stage, 1).tables.values())).uri
+        Path(uri).write_bytes(Path(uri).read_bytes()[:100])
+        return uri
+
+    # 1. the printed repair makes it green
+    score_v1 = truncate("score")
+    assert main(verify) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    repair = line.split("repair: ")[1].rstrip(")").split()
+    assert repair[:2] == ["turntree", "stage"]
+    assert main(repair[1:]) == 0
+    capsys.readouterr()
+    assert main(verify) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"run {run}: every current output matches its manifest"
+    assert len(out) == 2 and out[1].startswith(f"note: {score_v1}") and "superseded by v2" in out[1]
+
+    # 2. a rerun of the pipeline recomputes a corrupt stage, and verify turns green too
+    adv_v1 = truncate("advantages")
+    capsys.readouterr()
+    assert main(verify) == 1
+    pipeline(params)
+    assert RunStore(root, run).load()["stages"]["iter-1/advantages"]["current"] == "v2"
+    capsys.readouterr()
+    assert main(verify) == 0
+    notes = capsys.readouterr().out.splitlines()[1:]
+    assert any(score_v1 in n for n in notes) and any(adv_v1 in n for n in notes)
