@@ -379,3 +379,17 @@ def test_project_images_install_like_setup_sh(name, extra):
     assert f'--no-deps "{smollm}"' in run
     copied = {w for i, a in ins if i == "COPY" for w in a.split()[1:-1]}
     assert {"flows", "stages", "maths", "runtime", "schemas", "pyproject.toml", "overrides.txt"} <= copied
+
+
+def test_sandbox_pod_profiles_allow_bwrap_and_refuse_escape_calls():
+    """What a scoring pod needs for bubblewrap (infra/README.md, 'Sandbox pods'): its namespace and mount calls
+    allowed, the kernel-escape calls refused, and an AppArmor profile that grants user namespaces."""
+    profile = json.loads((INFRA / "k8s" / "sandbox" / "seccomp-turntree-sandbox.json").read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    denied = {n for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ERRNO" for n in rule["names"]}
+    assert {"bpf", "userfaultfd", "keyctl", "ptrace", "io_uring_setup", "perf_event_open"} <= denied
+    assert not denied & {"unshare", "clone", "clone3", "mount", "pivot_root", "umount2"}
+    apparmor = (INFRA / "k8s" / "sandbox" / "apparmor-turntree-sandbox").read_text()
+    assert re.search(r"profile turntree-sandbox .*\{[^}]*\buserns,", apparmor, re.S)
+    readme = (INFRA / "README.md").read_text()
+    assert "seccomp-turntree-sandbox.json" in readme and "hostUsers: false" in readme

@@ -287,15 +287,22 @@ def test_bwrap_shows_only_own_processes():
     assert eval(r.stdout) == [1]
 
 
-def test_missing_namespaces_fall_back_loudly(monkeypatch, caplog):
+def test_missing_namespaces_refuse_unless_fallback_is_named(monkeypatch, caplog):
+    """Issue 21 finding 5: where bwrap cannot run, the sandbox used to fall back with a warning."""
     monkeypatch.delenv("TURNTREE_SANDBOX_MODE", raising=False)
     monkeypatch.setattr(iso, "bwrap_binary", lambda: None)
     iso.detect_mode.cache_clear()
     try:
+        with pytest.raises(iso.SandboxUnavailable, match="TURNTREE_SANDBOX_MODE=fallback") as e:
+            iso.detect_mode()
+        assert "\n" not in str(e.value) and "no bwrap binary" in str(e.value)
+        with pytest.raises(iso.SandboxUnavailable):
+            execute("print(1)")  # refused, never a result
+        monkeypatch.setenv("TURNTREE_SANDBOX_MODE", "fallback")
+        iso.detect_mode.cache_clear()
         with caplog.at_level(logging.WARNING, logger="runtime.sandbox.isolation"):
-            assert iso.detect_mode() == "fallback"
+            assert execute("print(1)").isolation == "fallback"
         assert "FALLBACK" in caplog.text
-        assert execute("print(1)").isolation == "fallback"
     finally:
         iso.detect_mode.cache_clear()
 
@@ -339,3 +346,81 @@ print(hasattr(json, "leaked"), "leak" in sys.modules, "LEAK" in os.environ,
         assert set(iso.processes_of_uid(uid)) <= pool.resident_pids()
     finally:
         pool.close()
+
+
+def test_dev_is_read_only_and_dev_shm_is_fresh_and_sized_per_job():
+    """Issue 21 finding 3: a program wrote /dev/planted and the next programs of the slot read it back."""
+    needs_bwrap()
+    pool = SandboxPool(1)
+    try:
+        plant = """
+import os
+for path in ("/dev/planted", "/dev/shm/planted"):
+    try:
+        open(path, "w").write("the answer is 42")
+        print("wrote", path)
+    except OSError as e:
+        print("denied", path, e.errno)
+st = os.statvfs("/dev/shm")
+print("shm bytes", st.f_blocks * st.f_frsize)
+"""
+        look = "import os; print([os.path.exists(p) for p in ('/dev/planted', '/dev/shm/planted')])"
+        first, second, third = execute_many([plant, look, look], pool=pool)
+        assert "denied /dev/planted 30" in first.stdout  # EROFS
+        assert "wrote /dev/shm/planted" in first.stdout  # its own fresh /dev/shm...
+        shm = int(first.stdout.split("shm bytes ")[1])
+        assert 0 < shm <= 256 << 20  # ...sized like /tmp
+        assert second.stdout == third.stdout == "[False, False]\n"
+    finally:
+        pool.close()
+
+
+NESTED_USERNS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWNS = 0x10000000, 0x40000000, 0x20000
+for name, flags in (("user+net", CLONE_NEWUSER | CLONE_NEWNET), ("user", CLONE_NEWUSER), ("mount", CLONE_NEWNS)):
+    rc = libc.unshare(flags)
+    print(name, "unshared" if rc == 0 else f"refused {ctypes.get_errno()}")
+# clone(2) with CLONE_NEWUSER directly, the other door (raw syscall: 56 on x86_64, 220 on aarch64)
+import platform
+nr = {"x86_64": 56, "aarch64": 220}[platform.machine()]
+SIGCHLD = 17
+pid = libc.syscall(nr, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    os._exit(0)
+print("clone", "created" if pid > 0 else f"refused {ctypes.get_errno()}")
+if pid > 0:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_no_nested_user_namespace(mode):
+    """Issue 21 finding 4: unshare(CLONE_NEWUSER | CLONE_NEWNET) succeeded inside a job with every capability."""
+    r = run(NESTED_USERNS)
+    assert r.error is None, r
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("user+net refused") and lines[1].startswith("user refused"), r.stdout
+    assert lines[2].startswith("mount refused") and lines[3].startswith("clone refused"), r.stdout
+
+
+def test_seccomp_denies_escape_syscalls_but_not_ordinary_work(mode):
+    r = run(
+        """
+import ctypes, os, subprocess, threading, platform
+libc = ctypes.CDLL(None, use_errno=True)
+nrs = {"x86_64": {"bpf": 321, "userfaultfd": 323, "keyctl": 250, "ptrace": 101, "setns": 308, "io_uring_setup": 425},
+       "aarch64": {"bpf": 280, "userfaultfd": 282, "keyctl": 219, "ptrace": 117, "setns": 268, "io_uring_setup": 425}}
+for name, nr in sorted(nrs[platform.machine()].items()):
+    rc = libc.syscall(nr, 0, 0, 0, 0, 0)
+    print(name, rc, ctypes.get_errno())
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+print(subprocess.run(["echo", "child ok"], capture_output=True, text=True).stdout.strip())
+"""
+    )
+    assert r.error is None, r
+    lines = r.stdout.splitlines()
+    for line in lines[:6]:
+        name, rc, errno = line.split()
+        assert (rc, errno) == ("-1", "1"), line  # EPERM from the filter, whatever the syscall's arguments
+    assert lines[6] == "child ok"

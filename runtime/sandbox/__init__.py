@@ -18,7 +18,12 @@ tests/test_sandbox_isolation.py):
   --die-with-parent --new-session --clearenv``. Filesystem: read-only ``/usr`` (the interpreter is the system
   python3 when this process's interpreter is not readable by other uids, e.g. under a 0700 /root), fresh
   size-capped tmpfs ``/tmp``, ``/work`` (the working directory) and ``/dev/shm`` per run, private ``/proc``
-  and ``/dev``; nothing else of the host is visible, nothing outside the run survives it.
+  and a read-only ``/dev`` (device nodes only: no file written there can reach a later run); nothing else of
+  the host is visible, nothing outside the run survives it. No nested user namespace (``--disable-userns``).
+- System calls (every mode, ``inside.install_seccomp``): a seccomp filter fails unshare, setns, mount and the
+  new mount API, clone with CLONE_NEWUSER (clone3 answers ENOSYS, so libc uses clone, whose flags the filter
+  reads), keyctl, bpf, userfaultfd, perf_event_open, ptrace, process_vm_*, module and kexec calls, io_uring
+  and open_by_handle_at; a foreign ABI (i386, x32) kills the process.
 - Fast path (``zygote.py``, default in bwrap mode; ``TURNTREE_SANDBOX_ZYGOTE=0`` turns it off): one
   long-lived bubblewrap per worker slot whose pid 1 is a trusted zygote; per run it forks a child into fresh
   mount, pid and IPC namespaces (the fresh tmpfs mounts and ``/proc`` above), with every capability dropped,
@@ -37,15 +42,16 @@ tests/test_sandbox_isolation.py):
 - Test verdicts: see ``grading`` — the parent parses each assert, only the calls run inside, plain values
   come back on a private pipe tagged with a per-run nonce, and the parent evaluates the assert itself.
 
-What is NOT isolated: the host kernel (a kernel exploit escapes; there is no seccomp filter in bwrap mode);
+What is NOT isolated: the host kernel (a kernel exploit through an allowed syscall escapes);
 CPU and memory bandwidth (a run can slow its neighbours); memory is limited per process (address space) not
 per run, so up to 64 processes x ``memory_mb`` plus 2 x 64 MiB of tmpfs is the worst case; ``/usr`` is
 readable (public system files). Tests that cannot be split (they use helpers or classes of the program,
 loops or statements in a check block) run whole inside the sandbox: their verdict is weaker, since the program
 can tamper with them from inside (``TestResult.split`` is False).
 
-Fallback (mode "fallback", logged as a warning and reported in ``ExecutionResult.isolation``): where
-namespaces are unavailable, runs get the same rlimits and dropped uid plus a seccomp filter denying non-Unix
+Fallback (mode "fallback": only when asked for by name, ``TURNTREE_SANDBOX_MODE=fallback``; where bwrap
+cannot run, the sandbox otherwise refuses with one line, ``SandboxUnavailable``; logged as a warning and
+reported in ``ExecutionResult.isolation``): runs get the same rlimits, dropped uid and seccomp filter, which also denies non-Unix
 sockets, a fresh working directory under the temp dir (deleted after the run), a scrubbed environment, and a
 sweep that kills every process of the uid after the run and reaps their zombies (this process adopts the
 program's orphans: PR_SET_CHILD_SUBREAPER; left to a pid 1 that does not reap, a fork bomb's zombies held

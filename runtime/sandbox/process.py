@@ -199,11 +199,11 @@ def bwrap_command(
     cap_args = ["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP"] if caps else []
     return [
         bwrap_binary(),
-        "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1", "--clearenv", *cap_args,
+        "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1", "--clearenv", *cap_args,
         "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work", "--setenv", "LANG", "C.UTF-8",
         *_interpreter_mounts(python),
-        "--proc", "/proc", "--dev", "/dev",
+        "--proc", "/proc", "--dev", "/dev", "--size", tmpfs, "--tmpfs", "/dev/shm",
         "--size", tmpfs, "--tmpfs", "/tmp", "--size", tmpfs, "--tmpfs", "/work", "--chdir", "/work",
-        "--remount-ro", "/",
+        "--remount-ro", "/dev", "--remount-ro", "/",
         "--", python, "-I", "-S", "-c", RUNNER_SOURCE, *runner_args,
     ]  # fmt: skip
