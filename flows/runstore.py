@@ -152,7 +152,7 @@ class RunStore:
     def _create_or_open(self, params: dict[str, Any]) -> dict[str, Any]:
         if self.exists():
             manifest = self.load()
-            if manifest.get("params") != params:
+            if manifest.get("params") != params and not _same_run(manifest.get("params"), params):
                 raise ValueError(
                     f"run {self.run_id!r} exists with different parameters; pick another run id "
                     f"(--set run_id=…) or rerun single stages with `turntree stage`"
@@ -397,6 +397,17 @@ class RunStore:
             have = ", ".join(sorted(manifest["stages"])) or "none"
             raise KeyError(f"run {self.run_id!r} has no stage {key!r} (it has: {have})")
         return entry["versions"][version or entry["current"]]
+
+
+def _same_run(recorded: dict | None, params: dict[str, Any]) -> bool:
+    """The recorded parameters, read by today's code (parameters added since take their defaults), are these:
+    a run made before a parameter existed resumes when that parameter keeps its default."""
+    from schemas.params import PipelineParams
+
+    try:
+        return PipelineParams.model_validate(recorded or {}).identity() == params
+    except ValueError:
+        return False
 
 
 def list_runs(root: str) -> list[dict[str, Any]]:

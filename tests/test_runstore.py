@@ -114,3 +114,18 @@ def test_find_completed_prefers_the_current_version_and_needs_the_files(tmp_path
     assert store.find_completed("data", 1, {}, {"p": "c"}) is None
     os.remove(v1.uri("problems"))
     assert store.find_completed("data", 1, {}, {"p": "a"}) is None
+
+
+def test_a_run_recorded_before_a_parameter_existed_resumes_while_it_keeps_its_default(tmp_path):
+    """Runs of a study last for days: adding a parameter (with a default) must not orphan them."""
+    from schemas.params import PipelineParams
+
+    params = PipelineParams().identity()
+    older = json.loads(json.dumps(params))
+    del older["update"]["lr"]  # as if `update.lr` had been added after the run was made
+    store = RunStore(str(tmp_path), "r")
+    store.create_or_open(older)
+    assert store.create_or_open(params)["params"] == older  # resumes, the record untouched
+    other = PipelineParams(update={"lr": 0.005}).identity()
+    with pytest.raises(ValueError, match="different parameters"):
+        store.create_or_open(other)
