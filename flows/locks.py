@@ -162,8 +162,19 @@ def authorised(root: str, run_id: str, token: str | None):
     yield
 
 
+_MANIFEST_THREADS: dict[str, threading.RLock] = {}
+
+
+@contextmanager
 def manifest_lock(root: str, run_id: str):
-    return file_lock(lock_path(root, run_id, "manifest"), wait=True, run_id=run_id)
+    """One read-modify-write of the manifest at a time: across processes (flock) and across this process's
+    threads (the file lock is re-entrant per process; an asynchronous pipeline commits a rollout from a worker
+    thread while the main thread commits the update)."""
+    path = lock_path(root, run_id, "manifest")
+    with _GUARD:
+        threads = _MANIFEST_THREADS.setdefault(str(path), threading.RLock())
+    with threads, file_lock(path, wait=True, run_id=run_id):
+        yield
 
 
 class Terminated(KeyboardInterrupt):

@@ -61,6 +61,36 @@ def _call(
     return task(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, upstream=ups)
 
 
+def _submit(
+    stage: str,
+    p: PipelineParams,
+    inputs: dict[str, str],
+    ctx: RunContext,
+    it: int | None,
+    upstream: tuple[StageOutput | None, ...] = (),
+) -> Callable[[], StageOutput | None]:
+    """Start a stage beside the flow's next calls (Prefect's task runner: a worker thread; a dispatched stage:
+    a thread waiting on its flow run) and return what gives its output."""
+    if p.dispatch.pool_for(stage):
+        return _in_thread(_call, stage, p, inputs, ctx, it, upstream)
+    params = getattr(p, params_field(stage)).model_dump(mode="json")
+    ups = [u for u in upstream if u is not None]
+    future = stage_runner(stage).submit(
+        stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, upstream=ups
+    )
+    return future.result
+
+
+def _in_thread(fn: Callable[..., StageOutput | None], *args) -> Callable[[], StageOutput | None]:
+    import concurrent.futures
+    import contextvars
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="turntree-ahead")
+    future = pool.submit(contextvars.copy_context().run, fn, *args)
+    pool.shutdown(wait=False)
+    return future.result
+
+
 def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
     """Create or reopen the run's storage and MLflow parent run."""
     from prefect.runtime import flow_run
@@ -126,6 +156,8 @@ def register_final(
 
 
 StageCall = Callable[..., StageOutput | None]  # (stage, params, inputs, ctx, iteration, upstream=())
+# the same, started beside what follows; returns what gives the output (blocking until the stage is done)
+StageSubmit = Callable[..., Callable[[], StageOutput | None]]
 
 
 def drive(
@@ -134,6 +166,7 @@ def drive(
     call: StageCall,
     checkpoint: str,
     on_iteration: Callable[[int, dict[str, float]], None] = lambda k, m: None,
+    submit: StageSubmit | None = None,
 ) -> tuple[str, list[dict]]:
     """The stage sequence, independent of how a stage is called (Prefect task or plain function).
 
@@ -169,32 +202,49 @@ def drive(
         on_iteration(0, start.metrics)
     table = ALGORITHMS[params.algorithm].rollout  # the rollout kind: "trajectories" or "trees"
     last_ckpt = ws  # the stage output that wrote the current checkpoint (None: the prepared model)
+    version = 0  # the checkpoint's policy version: updates since the starting policy
+    ahead: dict[int, Callable[[], StageOutput | None]] = {}  # rollouts started before their iteration
+    submit = submit or (lambda *a, **kw: _in_thread(call, *a, **kw))
+
+    def rollout_inputs(k: int) -> dict[str, str]:
+        return {
+            "problems": problems,
+            "checkpoint": checkpoint,
+            "iteration": str(k),
+            "policy_version": str(version),
+        }
+
     for k in range(1, params.iterations + 1):
         done: list[StageOutput] = []
         roll = scored = adv = upd = None
-        if problems:
-            roll = call(
-                "rollout",
-                params,
-                {"problems": problems, "checkpoint": checkpoint, "iteration": str(k)},
-                ctx,
-                k,
-                upstream=(data, last_ckpt),
-            )
+        if k in ahead:  # generated while update k-1 trained, by the policy before it: 1 version stale
+            roll = ahead.pop(k)()
+        elif problems:
+            roll = call("rollout", params, rollout_inputs(k), ctx, k, upstream=(data, last_ckpt))
         if roll:
             scored_in = {table: roll.uri(table), "problems": problems}
             scored = call("score", params, scored_in, ctx, k, upstream=(roll, data))
         if scored:
             adv = call("advantages", params, {table: scored.uri(table)}, ctx, k, upstream=(scored,))
+        if params.max_staleness and problems and k < params.iterations:
+            # the next iteration's rollout runs while this update trains, on the weights the engine has
+            # (this checkpoint's); its samples are trained one version later, within max_staleness
+            ahead[k + 1] = submit(
+                "rollout", params, rollout_inputs(k + 1), ctx, k + 1, upstream=(data, last_ckpt)
+            )
         if adv and adv.tables["samples"].rows == 0:
             log.warning("iteration %d: no sample carries signal (all groups tied): update skipped", k)
         elif adv:
-            upd_inputs = {"samples": adv.uri("samples"), "checkpoint": checkpoint}
+            upd_inputs = {
+                "samples": adv.uri("samples"),
+                "checkpoint": checkpoint,
+                "policy_version": str(version),
+            }
             if params.update.kl_beta > 0:
                 upd_inputs["ref_checkpoint"] = base  # KL to the policy RL started from
             upd = call("update", params, upd_inputs, ctx, k, upstream=(adv, last_ckpt))
         if upd:
-            checkpoint, last_ckpt = upd.uri("checkpoint"), upd
+            checkpoint, last_ckpt, version = upd.uri("checkpoint"), upd, k
         done += [o for o in (roll, scored, adv, upd) if o]
         due = params.evaluate_every and k % params.evaluate_every == 0
         if due or k == params.iterations:
@@ -258,7 +308,7 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
         )
 
     try:
-        checkpoint, summary = drive(params, ctx, _call, prepare_model(params.model), table_artifact)
+        checkpoint, summary = drive(params, ctx, _call, prepare_model(params.model), table_artifact, _submit)
     except BaseException:
         store.update(status="failed")
         tracker.end(ctx.mlflow_parent, "FAILED")

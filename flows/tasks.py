@@ -65,6 +65,8 @@ class _ProgressArtifact:
         self.stage, self.key, self.id, self.last = stage, key, None, 0.0
 
     def __call__(self, stage: str, done: int, total: int, message: str) -> None:
+        if stage != self.stage:  # another stage running beside this one (max_staleness ≥ 1)
+            return
         now = time.monotonic()
         if now - self.last < 1.0 and done < total:
             return

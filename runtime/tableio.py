@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.outputs import TableRef
-from schemas.tables import READABLE_VERSIONS
+from schemas.tables import ADDED_COLUMNS, READABLE_VERSIONS
 
 
 class SchemaError(ValueError):
@@ -79,16 +79,20 @@ def validate(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def to_table(rows: Iterable[Mapping] | pa.Table, schema: pa.Schema) -> pa.Table:
-    """Build a validated table from row dicts (or validate an existing table)."""
+    """Build a validated table from row dicts (or validate an existing table). A row may leave out a column
+    added by a version bump (``schemas.tables.ADDED_COLUMNS``): it is written as null."""
     if isinstance(rows, pa.Table):
         return validate(rows, schema)
     rows = list(rows)
     name = _table_name(schema)
+    optional = {c for (table, _), cols in ADDED_COLUMNS.items() if table == name for c in cols}
     for i, r in enumerate(rows):
-        missing = [f for f in schema.names if f not in r]
+        missing = [f for f in schema.names if f not in r and f not in optional]  # an added column: null
         extra = [k for k in r if k not in schema.names]
         if missing or extra:
-            raise SchemaError(f"table {name!r}: row {i} has missing fields {missing} / unexpected fields {extra}")
+            raise SchemaError(
+                f"table {name!r}: row {i} has missing fields {missing} / unexpected fields {extra}"
+            )
     try:
         table = pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
@@ -158,4 +162,7 @@ def read_table(uri: str | os.PathLike, schema: pa.Schema) -> pa.Table:
                 f"(readable: {sorted(readable)}); upgrade turntree or re-run the stage that wrote it"
             )
         table = pq.read_table(f)
+    for column in ADDED_COLUMNS.get((name, version), ()):  # an older version: its missing columns are null
+        if column not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, schema.field(column).type))
     return validate(table.replace_schema_metadata(None), schema)

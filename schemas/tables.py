@@ -5,6 +5,9 @@ Each schema carries ``b"schema_version"`` and ``b"table"`` in its metadata. Writ
 Bump a table's version when a change is not backwards compatible, and list readable versions in
 ``READABLE_VERSIONS``.
 
+A version bump that only adds nullable columns keeps the previous version readable: ``read_table`` fills the
+added columns with nulls (``ADDED_COLUMNS``).
+
 Trees are one row per tree with ``nodes: list<struct>`` (``parent_id`` −1 at a root): Arrow has no recursive
 types. Token ids are int32, log-probs float32.
 """
@@ -14,6 +17,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
+# version 2 of the rollout tables: ``policy_version``, the version of the policy that generated a row (the number
+# of updates behind its checkpoint: 0 = the starting policy), so that an asynchronous pipeline can bound and
+# correct staleness (flows.pipeline, max_staleness)
+ROLLOUT_VERSION = "2"
 
 TOKENS = pa.list_(pa.int32())
 FLOATS = pa.list_(pa.float32())
@@ -82,7 +89,9 @@ TRAJECTORIES = _with_meta(
         pa.field("correct", pa.bool_()),  # filled by score
         pa.field("reward", pa.float32()),  # outcome reward r_i, filled by score
         pa.field("reward_components", pa.map_(pa.string(), pa.float32())),  # name -> value, filled by score
+        pa.field("policy_version", pa.int32()),  # updates behind the checkpoint that generated it (v2)
     ],
+    ROLLOUT_VERSION,
 )
 
 # --- MURPHY rollout trees ---------------------------------------------------------------------------------
@@ -111,7 +120,9 @@ TREES = _with_meta(
         pa.field("problem_id", pa.string(), nullable=False),
         pa.field("nodes", pa.list_(NODE), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),  # the max_nodes budget cut this tree
+        pa.field("policy_version", pa.int32()),  # of every node of the tree (one rollout call made them; v2)
     ],
+    ROLLOUT_VERSION,
 )
 
 # --- training samples -------------------------------------------------------------------------------------
@@ -127,7 +138,9 @@ SAMPLES = _with_meta(
         pa.field("advantages", FLOATS, nullable=False),  # (L,) A_t, 0 where loss_mask is 0
         pa.field("rollout_logprobs", FLOATS, nullable=False),  # (L,) vLLM log π_old, 0 where mask is 0
         pa.field("algo", pa.string(), nullable=False),
+        pa.field("policy_version", pa.int32()),  # of the rollout it came from (v2): staleness in the update
     ],
+    ROLLOUT_VERSION,
 )
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -153,4 +166,10 @@ ALL: dict[str, pa.Schema] = {
 }
 
 # Versions a reader of the current code can read, per table.
-READABLE_VERSIONS: dict[str, set[str]] = {name: {SCHEMA_VERSION} for name in ALL}
+READABLE_VERSIONS: dict[str, set[str]] = {
+    name: {SCHEMA_VERSION, s.metadata[b"schema_version"].decode()} for name, s in ALL.items()
+}
+# Nullable columns added since an older readable version: read as nulls from a table of that version.
+ADDED_COLUMNS: dict[tuple[str, str], tuple[str, ...]] = {
+    (name, SCHEMA_VERSION): ("policy_version",) for name in ("trajectories", "trees", "samples")
+}

@@ -112,6 +112,7 @@ def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Pat
             "group_id": kept["group_id"],
             **tokens,
             "algo": pa.array([est.name] * kept.num_rows, pa.string()),
+            "policy_version": kept["policy_version"],
         }
     )
     ref = write_table(samples, SAMPLES, out / "samples.parquet")
@@ -222,6 +223,7 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
     tokens = node_samples(kept_nodes, adv[keep], lambda i: label(int(keep[i])))
     tree_col = pa.array([tree_ids[t] for t in tree_of[keep]], pa.string())
     problem_ids = trees["problem_id"].to_pylist()
+    versions = trees["policy_version"].to_pylist()
     source = pc.binary_join_element_wise(tree_col, pa.array(node_id[keep].astype(str)), "/")
     group = pc.binary_join_element_wise(tree_col, pa.array(local_parent[keep].astype(str)), "/")
     samples = pa.table(
@@ -232,6 +234,7 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
             "group_id": group,
             **tokens,
             "algo": pa.array([est.name] * keep.size, pa.string()),
+            "policy_version": pa.array([versions[t] for t in tree_of[keep]], pa.int32()),
         }
     )
     ref = write_table(samples, SAMPLES, out / "samples.parquet")

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from maths import prompts
 from maths.eval_metrics import bench_key, pass_at_k, summarize
 from runtime import progress
+from runtime.engines import live
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput
 from schemas.params.evaluate import EvalParams
@@ -291,19 +292,20 @@ def run(
     bad = sorted({k for k in kinds.values() if k not in EVALUATORS})
     if bad:
         raise ValueError(f"problems of kind {bad} cannot be evaluated; kinds known: {sorted(EVALUATORS)}")
-    t0 = time.perf_counter()
-    eng = engine if engine is not None else _engine_for(params, inputs.get("checkpoint"))
-    t_engine = time.perf_counter() - t0
+    with live.exclusive():  # the checkpoint's weights stay in the engine for the whole evaluation
+        t0 = time.perf_counter()
+        eng = engine if engine is not None else _engine_for(params, inputs.get("checkpoint"))
+        t_engine = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    rows: list[dict] = []
-    for kind, evaluate in EVALUATORS.items():
-        subset = [p for p in problems if p["kind"] == kind]
-        if subset:
-            progress.report("evaluate", 0, len(problems), f"{len(subset)} {kind} problems")
-            rows += evaluate(eng, subset, params, bench)
-    progress.report("evaluate", len(problems), len(problems), "done")
-    elapsed = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        rows: list[dict] = []
+        for kind, evaluate in EVALUATORS.items():
+            subset = [p for p in problems if p["kind"] == kind]
+            if subset:
+                progress.report("evaluate", 0, len(problems), f"{len(subset)} {kind} problems")
+                rows += evaluate(eng, subset, params, bench)
+        progress.report("evaluate", len(problems), len(problems), "done")
+        elapsed = time.perf_counter() - t1
 
     no_verdict = collections.Counter(r["benchmark"] for r in rows if r.pop(NO_VERDICT, False))
     ref = write_table(rows, EVAL_RESULTS, out / "eval_results.parquet")

@@ -143,9 +143,13 @@ class Lab:
     def score_params(self, fam: str) -> ScoreParams:
         return ScoreParams(**(secret.SECRET_TOOL_SCORE if fam == "secret-tool" else {}))
 
-    def roll_and_score(self, fam: str, ckpt: str, iteration: int, rp: RolloutParams, out: Path):
+    def roll_and_score(
+        self, fam: str, ckpt: str, iteration: int, rp: RolloutParams, out: Path, version: int | None = None
+    ):
         table = "trees" if fam == "secret-code" else "trajectories"
         inputs = {"problems": self.problems(fam), "checkpoint": ckpt, "iteration": str(iteration)}
+        if version is not None:
+            inputs["policy_version"] = str(version)
         rolled = rollout.run(rp, inputs, out / "rollout")
         scored = score.run(
             self.score_params(fam), {table: rolled.uri(table), "problems": inputs["problems"]}, out / "score"
@@ -165,11 +169,14 @@ class Lab:
         iterations: int,
         tag: str,
         measure_each=False,
+        staleness: int = 0,
         **update_kw,
     ) -> tuple[str, list[float]]:
         """``iterations`` RL iterations from ``ckpt``: the last checkpoint and, with ``measure_each``, the
         mean reward measured after each iteration. ``update_kw``: update parameters other than the defaults
-        (``dtype`` auto: bf16 on a CPU with native bf16 matmuls, else fp32)."""
+        (``dtype`` auto: bf16 on a CPU with native bf16 matmuls, else fp32). ``staleness`` k: as the
+        asynchronous pipeline (max_staleness=k) does, each rollout uses the checkpoint k updates behind the one
+        its samples then train (the first ones: the starting policy), recorded as their policy version."""
         rewards = []
         fam = family(estimator)
         rp = self.rollout_params(
@@ -177,17 +184,24 @@ class Lab:
         )
         adv_params = AdvantageParams(estimator=estimator, **({"norm_scope": scope} if scope else {}))
         upd_params = UpdateParams(
-            **{"lr": LR, "minibatch_size": 16, "micro_batch_size": 16, "seed": SEED, **update_kw}
+            **{"lr": LR, "minibatch_size": 16, "micro_batch_size": 16, "seed": SEED, **update_kw},
+            max_staleness=staleness,
         )
+        ckpts = [ckpt]  # policy version v: ckpts[v]
         for k in range(1, iterations + 1):
             out = self.root / tag / f"iter-{k}"
-            table, scored = self.roll_and_score(fam, ckpt, k, rp, out)
+            behind = max(0, len(ckpts) - 1 - staleness)
+            table, scored = self.roll_and_score(fam, ckpts[behind], k, rp, out, version=behind)
             adv = advantages.run(adv_params, {table: scored.uri(table)}, out / "advantages")
             if adv.tables["samples"].rows:  # else every group tied: nothing to learn (drive() skips too)
-                upd = update.run(
-                    upd_params, {"samples": adv.uri("samples"), "checkpoint": ckpt}, out / "update"
-                )
+                inputs = {
+                    "samples": adv.uri("samples"),
+                    "checkpoint": ckpt,
+                    "policy_version": str(len(ckpts) - 1),
+                }
+                upd = update.run(upd_params, inputs, out / "update")
                 ckpt = upd.uri("checkpoint")
+                ckpts.append(ckpt)
             if measure_each:
                 rewards.append(self.measure(family(estimator), ckpt, f"{tag}-iter-{k}"))
         return ckpt, rewards
@@ -217,6 +231,18 @@ def test_rl_raises_the_reward(lab, estimator, scope):
     end = lab.measure(fam, final, f"learn-{estimator}-{scope}")
     line = _report("learn", estimator, scope, start, end)
     assert end - start >= GAIN[fam], f"{line}: gain below the margin {GAIN[fam]}"
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gtpo"])
+def test_rl_raises_the_reward_from_one_version_stale_samples(lab, estimator):
+    """The asynchronous pipeline's k = 1: every rollout after the first is one update behind the policy its
+    samples train (importance-weighted, decoupled PPO); it must still learn."""
+    fam = family(estimator)
+    ckpt, start = lab.policy(fam, "noisy")
+    end, _ = lab.train(estimator, None, ckpt, LEARN_ITERS, f"learn-stale-{estimator}", staleness=1)
+    after = lab.measure(fam, end, f"learn-stale-{estimator}")
+    _report("learn-stale", estimator, None, start, after)
+    assert after - start >= GAIN[fam], f"{estimator} with 1-stale samples: {start:.3f} -> {after:.3f}"
 
 
 def test_murphy_learns_with_its_trees_packed(lab):

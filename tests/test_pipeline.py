@@ -307,3 +307,57 @@ def test_verify_judges_current_versions_and_its_repairs_make_it_green(harness, t
     assert main(verify) == 0
     notes = capsys.readouterr().out.splitlines()[1:]
     assert any(score_v1 in n for n in notes) and any(adv_v1 in n for n in notes)
+
+
+def test_asynchronous_pipeline_overlaps_the_next_rollout_with_the_update(harness, tiny_model, tmp_path):
+    """max_staleness=1: the rollout of iteration k+1 runs (a Prefect task run of its own) while update k trains,
+    on the checkpoint update k started from; its rows record that policy version; update k+1 trains them as
+    1 version stale. The k=0 run's rollouts record versions 0 and 1, each on-policy."""
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import pipeline
+
+    roots = {k: tmp_path / f"k{k}" for k in (0, 1)}
+    results = {}
+    for k, root in roots.items():
+        params = tiny_params(tiny_model, root, iterations=3, max_staleness=k, eval={"max_problems": 1})
+        results[k] = (params, pipeline(params))
+
+    def look(k: int):
+        params, result = results[k]
+        store = RunStore(params.run_root, result["run_id"])
+        manifest = store.load()
+        rec = {key: e["versions"][e["current"]] for key, e in manifest["stages"].items()}
+        versions = {
+            it: set(read_table(store.current_output("rollout", it).uri("trajectories"), tables.TRAJECTORIES)
+                    ["policy_version"].to_pylist())
+            for it in (1, 2, 3)
+        }  # fmt: skip
+        return rec, versions, result
+
+    rec, versions, _ = look(0)
+    assert versions == {1: {0}, 2: {1}, 3: {2}}
+    assert (
+        rec["iter-2/rollout"]["inputs"]["checkpoint"]
+        == rec["iter-1/update"]["output"]["tables"]["checkpoint"]["uri"]
+    )
+    assert rec["iter-2/update"]["output"]["metrics"]["actor/stale_fraction"] == 0.0
+
+    rec, versions, result = look(1)
+    assert versions == {1: {0}, 2: {0}, 3: {1}}  # each generated before the update it overlapped
+    ckpt1 = rec["iter-1/update"]["output"]["tables"]["checkpoint"]["uri"]
+    assert rec["iter-2/rollout"]["inputs"]["checkpoint"] == rec["iter-1/rollout"]["inputs"]["checkpoint"]
+    assert rec["iter-3/rollout"]["inputs"]["checkpoint"] == ckpt1
+    assert rec["iter-2/update"]["inputs"]["policy_version"] == "1"
+    metrics = rec["iter-2/update"]["output"]["metrics"]
+    assert metrics["actor/stale_fraction"] == 1.0 and metrics["actor/staleness_max"] == 1.0
+    assert metrics["actor/dropped_stale"] == 0.0
+    # the Prefect task runs: rollout[iter=2] started before update[iter=1] ended
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        flow_run_id = RunStore(results[1][0].run_root, result["run_id"]).load()["prefect_flow_run_id"]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    by_name = {r.name: r for r in runs}
+    roll2, upd1 = by_name["rollout[iter=2]"], by_name["update[iter=1]"]
+    assert roll2.start_time < upd1.end_time and upd1.start_time < roll2.end_time

@@ -194,3 +194,64 @@ def test_k3_is_nonnegative_and_zero_at_equality(pairs):
     a, b = (torch.tensor(x) for x in zip(*pairs, strict=True))
     assert torch.all(pl.kl(a, b, "k3") >= -1e-6)
     assert torch.all(pl.kl(a, a, "k3").abs() < 1e-6)
+
+
+# --- the asynchronous pipeline's stale samples (decoupled PPO with a truncated behaviour -> proximal weight) ----
+def _stale_case():
+    # row 0 on-policy, row 1 stale; two trained tokens each
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]])
+    old = torch.tensor([[-1.2, -2.0], [-0.7, -1.0]])  # π_prox: the policy before this update
+    roll = torch.tensor([[-1.2, -2.1], [-1.0, -3.0]])  # π_behav: what generated the tokens
+    adv = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])
+    mask = torch.ones(2, 2)
+    return logp, old, roll, adv, mask
+
+
+def test_no_stale_row_is_exactly_the_synchronous_loss():
+    logp, old, roll, adv, mask = _stale_case()
+    plain, st0 = pl.policy_loss(logp, old, adv, mask, rollout_logp=roll)
+    for stale in (None, torch.tensor([False, False])):
+        loss, st = pl.policy_loss(logp, old, adv, mask, rollout_logp=roll, stale=stale, stale_cap=2.0)
+        assert torch.equal(loss, plain) and st == st0
+
+
+def test_stale_rows_are_weighted_by_the_truncated_behaviour_ratio_hand_computed():
+    logp, old, roll, adv, mask = _stale_case()
+    loss, st = pl.policy_loss(
+        logp, old, adv, mask, rollout_logp=roll, stale=torch.tensor([False, True]), stale_cap=2.0
+    )
+
+    def ppo(lp, o, a, eps=0.2):
+        r = math.exp(lp - o)
+        return max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+
+    # row 1's weights: exp(-0.7 - -1.0) = 1.3499 (under the cap), exp(-1.0 - -3.0) = 7.389 -> capped at 2
+    w = [1.0, 1.0, math.exp(0.3), 2.0]
+    terms = [ppo(-1.0, -1.2, 1.0), ppo(-2.0, -2.0, 1.0), ppo(-0.5, -0.7, -1.0), ppo(-1.5, -1.0, 2.0)]
+    expected = sum(wi * t for wi, t in zip(w, terms, strict=True)) / 4  # token-mean
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert st["stale_tokens"] == 2 and st["stale_is_capped"] == 1
+    assert st["stale_is_weight"] == pytest.approx(math.exp(0.3) + 2.0, rel=1e-6)
+    assert st["stale_is_max"] == pytest.approx(math.exp(2.0), rel=1e-6)
+    rec = pl.stale_step_record(st)
+    assert rec["stale_is_weight"] == pytest.approx((math.exp(0.3) + 2.0) / 2, rel=1e-6)
+    assert rec["stale_is_capped"] == 0.5 and pl.stale_step_record({"tokens": 4.0}) == {}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.05, 1.0), st.lists(st.booleans(), min_size=3, max_size=3))
+def test_stale_weights_never_exceed_the_cap_and_leave_fresh_rows_alone(cap, flags):
+    g = torch.Generator().manual_seed(0)
+    logp, old, roll = (-torch.rand(3, 4, generator=g) * 3 for _ in range(3))
+    adv, mask = torch.randn(3, 4, generator=g), torch.ones(3, 4)
+    stale = torch.tensor(flags)
+    per_tok = lambda **kw: pl.policy_loss(logp, old, adv, mask, agg="token-mean", rollout_logp=roll, **kw)[0]  # noqa: E731
+    fresh_only = per_tok(stale=torch.zeros(3, dtype=torch.bool))
+    weighted = per_tok(stale=stale, stale_cap=cap)
+    if not stale.any():
+        assert torch.equal(weighted, fresh_only)
+    raw = torch.exp(old - roll)
+    w = torch.where(stale[:, None], raw.clamp(max=cap), torch.ones_like(raw))
+    assert float(w.max()) <= max(cap, 1.0) + 1e-6
+    pg, _ = pl.ppo_clip(logp, old, adv, eps_low=0.2, eps_high=0.2)
+    assert weighted.item() == pytest.approx(float((pg * w).mean()), rel=1e-5, abs=1e-7)

@@ -99,6 +99,7 @@ def _trajectory_row(**turn_overrides) -> dict:
         "correct": None,
         "reward": None,
         "reward_components": None,
+        "policy_version": 0,
     }
 
 
@@ -126,7 +127,7 @@ def test_nested_values_survive_exactly(tmp_path):
     back = read_table(tmp_path / "trees.parquet", TREES).to_pylist()
     assert [n["parent_id"] for n in back[0]["nodes"]] == [-1, 0]
     assert back[0]["nodes"][1]["pruned"] is True
-    assert back == rows
+    assert back == [dict(rows[0], policy_version=None)]  # left out: an added column, written as null
 
 
 # --- validation ---------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_reader_refuses_unknown_schema_version(tmp_path):
     meta = dict(table.schema.metadata)
     meta[b"schema_version"] = b"999"
     pq.write_table(table.replace_schema_metadata(meta), path)
-    with pytest.raises(SchemaError, match=r"schema_version '999' is not readable.*readable: \['1'\]"):
+    with pytest.raises(SchemaError, match=r"schema_version '999' is not readable.*readable: \['1'(, '2')?\]"):
         read_table(path, TRAJECTORIES)
 
 
@@ -243,3 +244,18 @@ def test_writer_killed_mid_write_leaves_no_file_under_final_name(tmp_path):
     assert not target.exists()
     with pytest.raises(FileNotFoundError):
         read_table(target, TRAJECTORIES)
+
+
+def test_a_version_1_rollout_table_reads_with_null_policy_versions(tmp_path):
+    """Runs stored before the asynchronous pipeline (trajectories/trees/samples schema_version 1, no
+    ``policy_version``) stay readable: the added column comes back as nulls."""
+    path = tmp_path / "t.parquet"
+    write_table([_trajectory_row()], TRAJECTORIES, path)
+    table = pq.read_table(path).drop_columns(["policy_version"])
+    meta = dict(table.schema.metadata)
+    meta[b"schema_version"] = b"1"
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    back = read_table(path, TRAJECTORIES)
+    assert back.schema.metadata[b"schema_version"] == b"2"
+    assert back["policy_version"].to_pylist() == [None]
+    assert back.drop_columns(["policy_version"]).to_pylist() == table.to_pylist()

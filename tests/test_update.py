@@ -481,3 +481,26 @@ def test_bf16_update_moves_each_sequence_as_fp32_does(tiny_model, samples, tmp_p
         )
 
     assert dist(after, after32) < 0.5 * dist(after32, before), (dist(after, after32), dist(after32, before))
+
+
+def test_within_staleness_marks_and_drops_by_policy_version():
+    from stages.update.samples import Sample, SamplesError, within_staleness
+
+    def sample(version):
+        one = torch.ones(3)
+        return Sample(f"s{version}", torch.arange(3), one, one, -one, version=version)
+
+    samples = [sample(v) for v in (3, 2, 1, None)]
+    kept, stale = within_staleness(samples, "3", max_staleness=1)
+    assert [s.version for s in kept] == [3, 2, None]  # version 1 is 2 updates behind: dropped
+    assert [s.stale for s in kept] == [False, True, False]  # unrecorded: on-policy
+    assert stale.metrics["actor/dropped_stale"] == 1 and stale.metrics["actor/staleness_max"] == 2
+    assert "1 sample(s) more than 1 versions stale" in stale.notes[0]
+    kept, stale = within_staleness(
+        [sample(v) for v in (3, 2, 1)], None, 0
+    )  # no checkpoint version: on-policy
+    assert len(kept) == 3 and not any(s.stale for s in kept) and stale.metrics == {}
+    with pytest.raises(SamplesError, match="nothing to train on"):
+        within_staleness([sample(0)], 2, max_staleness=1)
+    with pytest.raises(SamplesError, match="newer than the checkpoint"):
+        within_staleness([sample(5)], 2, max_staleness=1)

@@ -6,12 +6,31 @@ imports a backend library, so callers can ask "is an engine live?" for free.
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 Engine = Any  # runtime.engines.base.Engine; not imported, so this registry sits below every backend
 
 ENGINES: list[Engine] = []  # most recently used last
+# Held by whoever generates with the live engines (a rollout or an evaluation, for the whole stage) or changes
+# them (an update pushing weights or freeing the KV cache): with the asynchronous pipeline a rollout runs in
+# another thread while the update trains, and its weights must not change under it.
+_IN_USE = threading.RLock()
+
+
+@contextmanager
+def exclusive(wait: bool = True):
+    """Hold the live engines for this block; yields False (and holds nothing) when ``wait`` is False and
+    another thread holds them."""
+    if not _IN_USE.acquire(blocking=wait):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _IN_USE.release()
 
 
 def touch(engine: Engine) -> None:

@@ -81,6 +81,14 @@ class PipelineParams(BaseModel):
     evaluate_every: int = Field(
         1, ge=0, description="Evaluate after every k-th iteration (0: only at the end)"
     )
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="Asynchronous pipeline: with k ≥ 1 the next iteration's rollout runs while this iteration's "
+        "update trains (on the newest weights the engine has), and no sample is trained on more than k policy "
+        "versions after it was generated (stale samples are importance-weighted). 0: one stage after another",
+    )
     data: DataParams = Field(default_factory=DataParams)
     warmstart: WarmstartParams = Field(default_factory=WarmstartParams)
     rollout: RolloutParams = Field(default_factory=RolloutParams)
@@ -115,4 +123,5 @@ class PipelineParams(BaseModel):
         algo = ALGORITHMS[self.algorithm]
         self.rollout.kind = algo.rollout
         self.advantages.estimator = estimator_for(self.algorithm, self.advantages.estimator)
+        self.update.max_staleness = self.max_staleness  # the update enforces the bound the pipeline keeps
         return self

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from maths import prompts
+from runtime.engines import live
 from schemas.outputs import StageOutput
 from schemas.params.rollout import RolloutParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
@@ -105,10 +106,14 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
             for k, w in enumerate(workers)
         ]
     else:
-        t0 = time.perf_counter()
-        engine = build_engine(params, inputs["checkpoint"])
-        t_engine = time.perf_counter() - t0
-        rows, stats = rollout_rows(engine, usable, params, iteration)
+        with live.exclusive():  # the engine's weights stay this checkpoint's for the whole rollout
+            t0 = time.perf_counter()
+            engine = build_engine(params, inputs["checkpoint"])
+            t_engine = time.perf_counter() - t0
+            rows, stats = rollout_rows(engine, usable, params, iteration)
+    version = int(inputs["policy_version"]) if "policy_version" in inputs else None  # None: not recorded
+    for r in rows:
+        r["policy_version"] = version
     out = Path(out)
     if params.kind == "trajectories":
         name, ref = "trajectories", write_table(rows, TRAJECTORIES, out / "trajectories.parquet")

@@ -74,7 +74,7 @@ import torch
 from runtime import checkpoint as ckpt
 from runtime.devices import PeakMemory, resolve_device  # noqa: F401 - re-exported for callers of the update stage
 from runtime.engines.base import EngineError, same_architecture
-from runtime.engines.live import live_engine
+from runtime.engines.live import exclusive, live_engine
 from runtime.memory import trim_heap
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
@@ -86,6 +86,7 @@ from stages.update.samples import (  # noqa: F401 - re-exported for callers of t
     load_samples,
     minibatches,
     order_seed,
+    within_staleness,
 )
 from stages.update.trainer import Trainer, clip_grad_norm  # noqa: F401
 
@@ -113,11 +114,14 @@ def sync_live_engine(weights: torch.nn.Module | Path, checkpoint_dir: Path) -> t
         return None, f"live engine not checked ({type(e).__name__}: {e}): not synced"
     if not same:
         return None, f"live engine serves {engine.model_dir}, another architecture: not synced"
-    t0 = time.perf_counter()
-    if isinstance(weights, torch.nn.Module):
-        engine.update_weights(weights.state_dict(), source=str(checkpoint_dir))
-    else:
-        engine.update_weights(str(weights), source=str(checkpoint_dir))
+    with (
+        exclusive()
+    ):  # a rollout running beside this update (max_staleness ≥ 1) finishes on its weights first
+        t0 = time.perf_counter()
+        if isinstance(weights, torch.nn.Module):
+            engine.update_weights(weights.state_dict(), source=str(checkpoint_dir))
+        else:
+            engine.update_weights(str(weights), source=str(checkpoint_dir))
     return time.perf_counter() - t0, "pushed the new weights into the live rollout engine"
 
 
@@ -139,6 +143,7 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
         raise KeyError("kl_beta > 0 needs inputs['ref_checkpoint'] (the reference policy, usually the base)")
     t0 = time.perf_counter()
     samples = load_samples(inputs["samples"])  # before anything heavy: bad input fails fast, writes nothing
+    samples, stale = within_staleness(samples, inputs.get("policy_version"), params.max_staleness)
     released = release_engine_cache()
     device, _ = resolve_device(params.device, params.dtype)
     threads, before = None, torch.get_num_threads()
@@ -168,6 +173,8 @@ def run(params: UpdateParams, inputs: dict[str, str], out: Path) -> StageOutput:
             trim_heap()  # the trainer's model, gradients and optimizer state go back to the system
     if released:
         result.metrics["memory/engine_cache_released_mb"] = released / 2**20
+    result.metrics.update(stale.metrics)
+    result.notes += stale.notes
     return result
 
 
@@ -178,11 +185,14 @@ def release_engine_cache() -> int:
     engine = live_engine()
     if engine is None:
         return 0
-    try:
-        return engine.release_cache()
-    except EngineError as e:  # a stream in flight: leave the engine as it is
-        log.warning("live engine's cache not released: %s", e)
-        return 0
+    with exclusive(wait=False) as idle:
+        if not idle:  # a rollout generates beside this update (max_staleness ≥ 1): its cache stays
+            return 0
+        try:
+            return engine.release_cache()
+        except EngineError as e:  # a stream in flight: leave the engine as it is
+            log.warning("live engine's cache not released: %s", e)
+            return 0
 
 
 def _run_here(
@@ -242,12 +252,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("out", type=Path)
     ap.add_argument("--ref-checkpoint")
+    ap.add_argument("--policy-version", help="the version of CHECKPOINT (staleness of the samples)")
     ap.add_argument("--params", default="{}", help="UpdateParams as JSON")
     ap.add_argument("--result", type=Path, help="write the StageOutput JSON here (rank 0)")
     a = ap.parse_args(argv)
     inputs = {"samples": a.samples, "checkpoint": a.checkpoint}
     if a.ref_checkpoint:
         inputs["ref_checkpoint"] = a.ref_checkpoint
+    if a.policy_version is not None:
+        inputs["policy_version"] = a.policy_version
     rank = ddist.global_rank()
     try:
         result = run(UpdateParams.model_validate_json(a.params), inputs, a.out)

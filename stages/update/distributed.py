@@ -314,7 +314,9 @@ def threads_pinned(want: int) -> bool:
     return torch.get_num_threads() != want and not os.environ.get(CHILD_ENV)
 
 
-def launch(params: UpdateParams, inputs: dict[str, str], out: Path, threads: int | None = None) -> StageOutput:
+def launch(
+    params: UpdateParams, inputs: dict[str, str], out: Path, threads: int | None = None
+) -> StageOutput:
     """Run this node's share of the update in a subprocess; rank 0's StageOutput on node 0: under torchrun
     (``torchrun_command``), or, with ``threads``, as one plain process with that many OpenMP threads.
 
@@ -329,6 +331,8 @@ def launch(params: UpdateParams, inputs: dict[str, str], out: Path, threads: int
         ]  # fmt: skip
         if inputs.get("ref_checkpoint"):
             cmd += ["--ref-checkpoint", str(inputs["ref_checkpoint"])]
+        if inputs.get("policy_version") is not None:
+            cmd += ["--policy-version", str(inputs["policy_version"])]
         env = dict(
             os.environ,
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

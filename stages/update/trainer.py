@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from maths import policy_loss as pl
 from maths.policy_loss import logits_needed, policy_loss, selected_logprobs, token_entropy, token_logprobs
 from runtime import checkpoint as ckpt
 from runtime import progress
@@ -18,11 +19,7 @@ from runtime.devices import PeakMemory, resolve_device
 from schemas.params.update import UpdateParams
 from stages.update import distributed as ddist
 from stages.update import prefix as shared
-from stages.update.samples import (
-    Sample,
-    collate,
-    minibatches,
-)
+from stages.update.samples import Sample, collate, logprob_gap, minibatches
 
 SUMMED = ("loss", "tokens", "clipped", "approx_kl", "entropy", "grad_norm", "kl_ref", "tis_weight")
 
@@ -223,7 +220,7 @@ class Trainer:
                 if self.steps[-1]["early_stop"]:
                     break
         t_train = time.perf_counter() - t1
-        metrics = self._logprob_gap(samples) if p.old_logprobs == "recompute" or self.legacy else {}
+        metrics = logprob_gap(samples) if p.old_logprobs == "recompute" or self.legacy else {}
         self.history.extend(self.steps)
         self.update_idx += 1
         n_steps, n_measured = self.step - steps_before, len(self.steps)
@@ -296,6 +293,7 @@ class Trainer:
             {k: st[k] for k in ("step", "lr", "grad_norm", "clip_frac", "loss", "tokens", "early_stop")}
         )
         rec.update({k: st[k] / tok for k in ("approx_kl", "entropy", "kl_ref", "tis_weight") if k in st})
+        rec.update(pl.stale_step_record(st))
         return rec
 
     def _optimizer_step(self, mb: list[Sample], with_ref: bool) -> dict[str, float]:
@@ -310,6 +308,7 @@ class Trainer:
         acc = {"loss": 0.0, "tokens": 0.0, "clipped": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         acc.update({"tis_weight": 0.0} if p.tis_cap is not None else {})
         acc.update({"kl_ref": 0.0} if with_ref else {})
+        acc.update(pl.STALE_SUMS if any(s.stale for s in mb) else {})  # the same keys on every rank
         self.optimizer.zero_grad(set_to_none=True)
         key = shared.micro_key if p.shared_prefix and not w.distributed else len
         micros = ddist.rank_micro_batches(mb, p.micro_batch_size, w, key=key)
@@ -320,7 +319,10 @@ class Trainer:
                     (self.forward(self.train_model, b).float().sum() * 0.0).backward()
                 else:
                     self._micro_step(b, micro, n_tokens, float(len(mb)), with_ref, acc)
+        is_max = acc.pop("stale_is_max", None)  # a max, not a sum: this rank's
         acc = ddist.all_reduce_sums(acc, w, self.device)  # every rank takes the same early-stop decision
+        if is_max is not None:
+            acc["stale_is_max"] = is_max
         params = [q for q in self.model.parameters() if q.requires_grad]
         grad_norm = clip_grad_norm(params, p.max_grad_norm)
         kl = acc["approx_kl"] / max(acc["tokens"], 1.0)
@@ -371,6 +373,8 @@ class Trainer:
             ref_logp=b.get("ref_logp") if with_ref else None,
             rollout_logp=b["rollout_logp"],
             tis_cap=p.tis_cap,
+            stale=b["stale"],
+            stale_cap=p.stale_is_cap,
             n_tokens=n_tokens,
             n_seqs=n_seqs,
             norm_tokens=float(p.loss_norm_tokens),
@@ -379,13 +383,7 @@ class Trainer:
         (loss * self.world.size).backward()
         acc["loss"] += float(loss.detach())
         for k, v in st.items():
-            acc[k] = acc.get(k, 0.0) + v
-
-    @staticmethod
-    def _logprob_gap(samples: list[Sample]) -> dict[str, float]:
-        """|rollout − recomputed π_old log-prob| over trained tokens: mean and max."""
-        gaps = torch.cat([(s.rollout_logp - s.old_logp).abs()[s.mask > 0] for s in samples])
-        return {"actor/logprob_gap_mean": float(gaps.mean()), "actor/logprob_gap_max": float(gaps.max())}
+            acc[k] = max(acc.get(k, 0.0), v) if k == "stale_is_max" else acc.get(k, 0.0) + v
 
     def policy_for_rollout(self) -> torch.nn.Module | None:
         """The plain transformers model the rollout engine should run (LoRA: a merged copy; FSDP2: a gathered
