@@ -155,9 +155,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_runs(a: argparse.Namespace) -> int:
     import time
 
-    from flows.report import run_summary_cells
-    from flows.runstore import list_runs
+    from flows.report import run_summary_cells, stage_versions
+    from flows.runstore import RunStore, list_runs
 
+    if a.run:  # one run: every stage's versions, the current one, a rerun's overrides, staleness
+        print(stage_versions(RunStore(a.root, a.run)))
+        return 0
     runs = list_runs(a.root)
     if not runs:
         print(f"no runs under {a.root}")
@@ -308,7 +311,8 @@ def parser() -> argparse.ArgumentParser:
     common(vf, sets=False)
     vf.set_defaults(fn=cmd_verify)
 
-    ls = sub.add_parser("runs", help="list runs with their status")
+    ls = sub.add_parser("runs", help="list runs with their status (RUN: its stages' versions and staleness)")
+    ls.add_argument("run", nargs="?", help="a run id: show every stage's versions, overrides and staleness")
     common(ls, sets=False)
     ls.set_defaults(fn=cmd_runs)
 

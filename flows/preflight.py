@@ -195,8 +195,9 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
 
     tracking(root)
     stage_overrides(name, record["params"], overrides)
+    store = RunStore(root, rid)
     try:
-        check_inputs(RunStore(root, rid), record["inputs"])
+        check_inputs(store, store.current_inputs(record["inputs"])[0])  # what the rerun will read
     except IntegrityError as e:
         raise PreflightError(str(e)) from None
 
@@ -205,10 +206,10 @@ def stage_overrides(stage: str, recorded: dict[str, Any], overrides: dict[str, A
     """``turntree stage --set``: the overridden parameters must validate for that stage."""
     from pydantic import ValidationError
 
-    from flows.runner import params_model
+    from flows.runner import params_model, rerun_params
 
     try:
-        params_model(stage).model_validate({**recorded, **overrides})
+        params_model(stage).model_validate(rerun_params(stage, recorded, overrides))
     except ValidationError as e:
         parts = [
             f"{'.'.join(str(x) for x in err['loc'])}: "

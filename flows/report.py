@@ -9,6 +9,7 @@ CLI stays fast to start.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -268,3 +269,48 @@ def describe_params(model: Any, prefix: str = "") -> list[str]:
             )
             lines.append(f"{prefix}{name}: {shown}{desc}")
     return lines
+
+
+def stage_versions(store) -> str:
+    """``turntree runs RUN``: one line per stage of the run, in pipeline order: its versions (the current one
+    starred), the current version's rerun overrides, and whether it is stale (made from a superseded version
+    of an upstream stage's output)."""
+    from flows.runstore import parse_key
+    from stages import PIPELINE_STAGES
+
+    manifest = store.load()
+    stale = store.stale_stages()
+
+    def order(key: str) -> tuple[int, int]:
+        stage, it = parse_key(key)
+        return (it or 0, PIPELINE_STAGES.index(stage) if stage in PIPELINE_STAGES else 99)
+
+    lines = [
+        f"run {manifest['run_id']} ({manifest.get('status', '?')})",
+        f"{'stage':<22} {'versions':<16} notes",
+    ]
+    for key in sorted(manifest["stages"], key=order):
+        entry = manifest["stages"][key]
+        cur = entry.get("current")
+        versions = " ".join(
+            f"{v}*" if v == cur else v for v in sorted(entry["versions"], key=lambda v: int(v[1:]))
+        )
+        record = entry["versions"].get(cur, {})
+        notes = []
+        if record.get("overrides"):
+            flat = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_flatten(record["overrides"]).items()))
+            notes.append(f"rerun with {flat}")
+        if key in stale:
+            notes.append(f"STALE: {stale[key]}")
+        lines.append(f"{key:<22} {versions:<16} {'; '.join(notes)}")
+    return "\n".join(lines)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

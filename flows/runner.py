@@ -54,6 +54,19 @@ def params_model(stage: str) -> type[BaseModel]:
     return PipelineParams.model_fields[params_field(stage)].annotation
 
 
+def rerun_params(stage: str, recorded: dict, overrides: dict | None) -> dict:
+    """A stage rerun's parameters: the recorded ones deep-merged with ``overrides`` (one entry of a nested
+    dict, e.g. ``reward_weights.correct``, leaves the others as recorded), which may be spelled as for ``run``
+    (``score.shaping_alpha``) or without the section (``shaping_alpha``)."""
+    from flows.config import deep_merge
+
+    overrides = dict(overrides or {})
+    section = params_field(stage)
+    if isinstance(overrides.get(section), dict) and section not in params_model(stage).model_fields:
+        overrides = deep_merge(overrides.pop(section), overrides)
+    return deep_merge(recorded, overrides)
+
+
 def default_run_id(params: PipelineParams) -> str:
     """Same parameters -> same run id, so rerunning a pipeline resumes it instead of starting over."""
     body = params.model_dump(exclude={"run_id", "run_root", "dispatch"})

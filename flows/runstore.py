@@ -336,6 +336,52 @@ class RunStore:
                 bad.append(f"{ref.uri}: {why}")
         return bad
 
+    def current_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``inputs`` with every stored table of a superseded version replaced by the same table of its stage's
+        current version (what a stage rerun reads: a chain of reruns builds on each other), and one line per
+        replacement."""
+        manifest, out, moved = self.load(), {}, []
+        for name, uri in inputs.items():
+            hit = self.recorded_ref(uri) if isinstance(uri, str) else None
+            if hit is None:
+                out[name] = uri
+                continue
+            key, version, _ = hit
+            entry = manifest["stages"][key]
+            current = entry.get("current", version)
+            old_tables = entry["versions"][version]["output"]["tables"]
+            table = next(t for t, ref in old_tables.items() if ref["uri"] == uri)
+            new_tables = entry["versions"][current]["output"]["tables"]
+            out[name] = new_tables[table]["uri"] if table in new_tables else uri
+            if out[name] != uri:
+                moved.append(f"{name}: {key} {version} -> {current} (current)")
+        return out, moved
+
+    def stale_stages(self) -> dict[str, str]:
+        """stage key -> why, for each stage whose current version was made from a superseded version of another
+        stage's output (a rerun upstream made a newer one): the pipeline's next run recomputes it from the
+        current one, or ``turntree stage`` reruns it."""
+        stages, stale = self.load()["stages"], {}
+        for key, entry in stages.items():
+            record = entry.get("versions", {}).get(entry.get("current"))
+            for uri in (record or {}).get("inputs", {}).values():
+                hit = self.recorded_ref(uri) if isinstance(uri, str) else None
+                if hit and hit[1] != stages[hit[0]].get("current"):
+                    stale[key] = f"reads {hit[0]} {hit[1]}, superseded by {stages[hit[0]]['current']}"
+        return stale
+
+    def note_current(self, stage: str, iteration: int | None, **fields: Any) -> None:
+        """Add ``fields`` (e.g. a rerun's ``overrides``) to the record of the stage's current version."""
+
+        def add(manifest: dict[str, Any]) -> None:
+            entry = manifest["stages"][stage_key(stage, iteration)]
+            entry["versions"][entry["current"]].update(fields)
+
+        with manifest_lock(self.root, self.run_id):
+            manifest = self.load()
+            add(manifest)
+            self.save(manifest)
+
     def recorded_ref(self, uri: str) -> tuple[str, str, TableRef] | None:
         """(stage key, version, recorded ref) of the committed output stored at ``uri``, if any."""
         for key, entry in self.load()["stages"].items():

@@ -2,9 +2,12 @@
 
     turntree stage score --run gtpo-1a2b3c4d5e --iter 1 [--set shaping_alpha=0.3]
 
-The rerun reads the inputs recorded for the stage's current version in the run manifest, applies parameter
-overrides, writes the next version (``v2``, ``v3``…) and marks it current. No other stage's output is touched;
-downstream stages keep reading what they read before until they are rerun themselves. The MLflow child run is
+The rerun reads the inputs recorded for the stage's current version in the run manifest, each stored table at
+its stage's *current* version (so ``stage score`` then ``stage advantages`` builds advantages on the new score),
+deep-merges the parameter overrides into the recorded parameters, writes the next version (``v2``, ``v3``…),
+marks it current and records the overrides with it. No other stage's output is touched; downstream stages keep
+reading what they read before until they are rerun (``RunStore.stale_stages`` names them; the pipeline's next
+run recomputes them from the current versions and keeps every rerun's own version). The MLflow child run is
 linked to the run's parent with the ``mlflow.parentRunId`` tag, even when the parent finished long ago.
 """
 
@@ -15,7 +18,7 @@ from typing import Any, get_args
 from prefect import flow, get_run_logger
 
 from flows.locks import run_lock
-from flows.runner import RunContext, params_model, run_stage
+from flows.runner import RunContext, params_model, rerun_params, run_stage
 from flows.runstore import RunStore
 from flows.watch import watched
 from schemas.params import StageName  # a typed choice in the Prefect UI's run form
@@ -40,7 +43,8 @@ def _rerun(root, run_id, stage, iteration, overrides, flow_run_id) -> dict[str, 
     store = RunStore(root, run_id)
     manifest = store.load()
     record = store.stage_record(stage, iteration)
-    params = params_model(stage).model_validate({**record["params"], **(overrides or {})})
+    params = params_model(stage).model_validate(rerun_params(stage, record["params"], overrides))
+    inputs, moved = store.current_inputs(record["inputs"])  # a chain of reruns builds on each other
     ctx = RunContext(
         root=root,
         run_id=run_id,
@@ -48,7 +52,8 @@ def _rerun(root, run_id, stage, iteration, overrides, flow_run_id) -> dict[str, 
         mlflow_parent=manifest.get("mlflow_run_id"),
         flow_run_id=flow_run_id,
     )
-    out = run_stage(stage, params, record["inputs"], ctx, iteration)
+    out = run_stage(stage, params, inputs, ctx, iteration)
+    store.note_current(stage, iteration, overrides=overrides or {}, rebased_inputs=moved)
     return {
         "run_id": run_id,
         "stage": stage,

@@ -361,3 +361,38 @@ def test_asynchronous_pipeline_overlaps_the_next_rollout_with_the_update(harness
     by_name = {r.name: r for r in runs}
     roll2, upd1 = by_name["rollout[iter=2]"], by_name["update[iter=1]"]
     assert roll2.start_time < upd1.end_time and upd1.start_time < roll2.end_time
+
+
+def test_chained_reruns_build_on_each_other_and_the_next_run_keeps_them(harness, tiny_model, tmp_path, capsys):
+    """Issue 26 item 1: `stage score --set …` then `stage advantages --set …` used to build advantages v2 from
+    score v1, and a later `run` rebuilt advantages with the run's γ, losing the γ rerun without a word."""
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    params = tiny_params(tiny_model, tmp_path, eval={"max_problems": 1})
+    run = pipeline(params)["run_id"]
+    root = params.run_root
+    stage = ["stage", "--run", run, "--iter", "1", "--root", root]
+    assert main([stage[0], "score", *stage[1:], "--set", "score.shaping_alpha=0.3"]) == 0  # run's spelling
+    assert main([stage[0], "score", *stage[1:], "--set", "reward_weights.math_answer=2"]) == 0  # nested, 2nd
+    assert main([stage[0], "advantages", *stage[1:], "--set", "gamma=0.5"]) == 0
+    store = RunStore(root, run)
+    score = store.stage_record("score", 1)
+    assert score["params"]["shaping_alpha"] == 0.3  # v3 kept v2's override: a rerun of the current version
+    assert score["params"]["reward_weights"] == {"math_answer": 2.0}
+    adv = store.stage_record("advantages", 1)
+    assert "/iter-1/score/v3/" in adv["inputs"]["trajectories"] and adv["params"]["gamma"] == 0.5
+    assert adv["overrides"] == {"gamma": 0.5} and adv["rebased_inputs"]
+    assert store.stale_stages() == {"iter-1/update": "reads iter-1/advantages v1, superseded by v2"}
+    capsys.readouterr()
+    assert main(["runs", run, "--root", root]) == 0
+    view = capsys.readouterr().out
+    assert "iter-1/advantages" in view and "v1 v2*" in view and "rerun with gamma=0.5" in view
+    assert "STALE: reads iter-1/advantages v1, superseded by v2" in view
+
+    pipeline(params)  # the next run keeps both reruns and recomputes only what was stale
+    manifest = RunStore(root, run).load()["stages"]
+    assert manifest["iter-1/score"]["current"] == "v3" and manifest["iter-1/advantages"]["current"] == "v2"
+    update = manifest["iter-1/update"]
+    assert update["current"] == "v2" and "/advantages/v2/" in update["versions"]["v2"]["inputs"]["samples"]
+    assert RunStore(root, run).stale_stages() == {}
