@@ -143,7 +143,17 @@ def register_final(
     """Register the final checkpoint as a version of ``turntree-<algorithm>`` (once per run)."""
     from flows.runner import model_card
 
-    if store.load().get("registered_model"):
+    manifest = store.load()
+    if manifest.get("registered_model"):
+        return
+    made = {
+        r["output"]["tables"]["checkpoint"]["uri"]
+        for key, e in manifest["stages"].items()
+        if key.endswith("/update")
+        for r in e["versions"].values()
+    }
+    if checkpoint not in made:  # every update was skipped: the checkpoint is the starting policy, not trained
+        log.warning("no update of run %s produced a checkpoint: nothing registered in MLflow", ctx.run_id)
         return
     name = f"turntree-{p.algorithm}"
     try:

@@ -363,7 +363,9 @@ def test_asynchronous_pipeline_overlaps_the_next_rollout_with_the_update(harness
     assert roll2.start_time < upd1.end_time and upd1.start_time < roll2.end_time
 
 
-def test_chained_reruns_build_on_each_other_and_the_next_run_keeps_them(harness, tiny_model, tmp_path, capsys):
+def test_chained_reruns_build_on_each_other_and_the_next_run_keeps_them(
+    harness, tiny_model, tmp_path, capsys
+):
     """Issue 26 item 1: `stage score --set …` then `stage advantages --set …` used to build advantages v2 from
     score v1, and a later `run` rebuilt advantages with the run's γ, losing the γ rerun without a word."""
     from flows.cli import main
@@ -396,3 +398,23 @@ def test_chained_reruns_build_on_each_other_and_the_next_run_keeps_them(harness,
     update = manifest["iter-1/update"]
     assert update["current"] == "v2" and "/advantages/v2/" in update["versions"]["v2"]["inputs"]["samples"]
     assert RunStore(root, run).stale_stages() == {}
+
+
+def test_a_checkpoint_no_update_produced_is_never_registered(tmp_path, tiny_model):
+    """Issue 26 item 3: a run whose every group tied (each update skipped) registered the untrained base."""
+    from flows.pipeline import register_final
+    from flows.runner import RunContext
+
+    class Registry:  # records what would be registered (the real one is exercised by the pipeline tests)
+        calls: list = []
+
+        def register(self, *args, **kw):
+            self.calls.append(args)
+            return "1"
+
+    params = tiny_params(tiny_model, tmp_path)
+    store = RunStore(str(tmp_path), "r")
+    store.create_or_open(params.identity())
+    ctx = RunContext(root=str(tmp_path), run_id="r", algo="gtpo", git_sha="x")
+    register_final(store, ctx, Registry(), str(tiny_model), params)
+    assert Registry.calls == [] and "registered_model" not in store.load()
