@@ -19,7 +19,7 @@ from maths.segments import (
 from maths.vectors import same_length
 from schemas.registry import Registry
 
-NormScope = Literal["end_aligned", "absorbing", "turn_position", "group", "batch"]
+NormScope = Literal["end_aligned", "end_aligned_discounted", "absorbing", "turn_position", "group", "batch"]
 
 
 # --- GTPO ---------------------------------------------------------------------------------------------------
@@ -62,7 +62,25 @@ def gtpo_flat(
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     returns = discounted_returns(values, lengths, gamma)
     members, set_codes, n_sets = NORM_SCOPES.lookup(norm_scope)(returns, codes, n_groups, lengths, gamma)
+    if norm_scope in GROUP_SCALED:
+        return _group_scaled(members, set_codes, n_sets, np.repeat(codes, lengths), n_groups, eps)
     return segment_zscore(members, set_codes, n_sets, eps=eps)[: returns.size]
+
+
+def _group_scaled(members, set_codes, n_sets, turn_group, n_groups, eps):
+    """(R_ij − mean S) / (scale_g + ε): centred on the turn's set as usual, but one scale per group, the largest
+    std of its sets. With an outcome-only reward every set is S_gd = γ^d · {r_i}, so scale_g = std {r_i} and
+    A_ij = γ^d · the GRPO advantage: an earlier turn's advantage shrinks by γ per turn left (the discount acts,
+    unlike under ``end_aligned``, where it cancels inside each set's z-score)."""
+    centred = segment_zscore(members, set_codes, n_sets, scale_by_std=False)
+    count = np.bincount(set_codes, minlength=n_sets).astype(np.float64)
+    std = np.sqrt(
+        np.bincount(set_codes, weights=centred * centred, minlength=n_sets) / np.maximum(count - 1, 1)
+    )
+    m = turn_group.size
+    scale = np.zeros(n_groups)
+    np.maximum.at(scale, turn_group, std[set_codes[:m]])  # every set holds a real turn (the longest one's)
+    return centred[:m] / (scale[turn_group] + eps)
 
 
 # A scope maps (returns (M,), codes (N,), n_groups, lengths (N,), gamma) to the normalisation sets' members:
@@ -80,6 +98,7 @@ def gtpo_flat(
 #
 #   scope           (a)  (b)  (c)  (d)
 #   end_aligned      ✓    ✓    ✓    ✓    default
+#   end_aligned_discounted ✓ ✓ ✓    ✗    end_aligned's sets, one scale per group: A = γ^d · GRPO (outcome-only)
 #   absorbing        ✓    ✓    ✗¹   ✗
 #   turn_position    ✓    ✗²   ✗¹   ✗
 #   group            ✗    ✗    ✗    ✗    (a) if returns are constant along trajectories, (b) if T = 1
@@ -169,13 +188,18 @@ def _slot_codes(group, slot, n_groups, lengths):
     return codes, n_groups * width
 
 
-NORM_SCOPES: Registry[Callable] = Registry("norm_scope", {
-    "end_aligned": _scope_end_aligned,
-    "absorbing": _scope_absorbing,
-    "turn_position": _scope_turn_position,
-    "group": _scope_group,
-    "batch": _scope_batch,
-}.items())
+GROUP_SCALED = {"end_aligned_discounted"}  # centred per set, scaled per group (``_group_scaled``)
+NORM_SCOPES: Registry[Callable] = Registry(
+    "norm_scope",
+    {
+        "end_aligned": _scope_end_aligned,
+        "end_aligned_discounted": _scope_end_aligned,
+        "absorbing": _scope_absorbing,
+        "turn_position": _scope_turn_position,
+        "group": _scope_group,
+        "batch": _scope_batch,
+    }.items(),
+)
 
 
 def gtpo(

@@ -28,6 +28,7 @@ S2 = 1 / math.sqrt(2)
 
 KEEPS = {  # the NORM_SCOPES table: invariants each scope guarantees
     "end_aligned": {"a", "b", "c", "c0", "d"},
+    "end_aligned_discounted": {"a", "b", "c", "c0"},
     "absorbing": {"a", "b", "c0"},
     "turn_position": {"a", "c0"},
     "group": set(),
@@ -217,7 +218,7 @@ def test_c_the_only_success_gets_no_negative_turn(data):
             for a, s in zip(adv, success, strict=True):
                 if s:
                     assert (a >= 0).all(), (scope, gamma, a)
-                    if gamma > 0 and scope == "end_aligned":  # every set: the success is its strict maximum
+                    if gamma > 0 and scope.startswith("end_aligned"):  # every set: the success is its max
                         assert (a > 0).all(), (scope, gamma, a)
 
 
@@ -229,6 +230,28 @@ def test_end_aligned_adding_a_constant_to_every_outcome_changes_nothing(data, c,
     shifted = [t[:-1] + [t[-1] + c] for t in with_penalty]
     for a, b in zip(gtpo(with_penalty, ids, gamma=gamma), gtpo(shifted, ids, gamma=gamma), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches(outcome_group()), st.floats(0.3, 1.0))
+def test_end_aligned_discounted_is_gamma_to_the_turns_left_times_grpo(data, gamma):
+    """The discount acts: with an outcome-only reward, turn j of a T-turn trajectory gets γ^(T−j) × its GRPO
+    advantage (``end_aligned`` gives the GRPO advantage on every turn, property (d))."""
+    turns, ids, _ = data
+    ref = grpo([t[-1] for t in turns], ids, eps=1e-12)
+    adv = gtpo(turns, ids, gamma=gamma, norm_scope="end_aligned_discounted", eps=1e-12)
+    for a, g, t in zip(adv, ref, turns, strict=True):
+        left = np.arange(len(t))[::-1]
+        np.testing.assert_allclose(a, gamma**left * g, atol=1e-6)
+
+
+def test_end_aligned_discounted_hand_computed():
+    """Group of two: a 2-turn success (0, 1) and a 1-turn failure (0); γ = 0.5. Sets S_0 = {1, 0} (std 0.7071),
+    S_1 = {0.5, 0.5 · 0 = 0} (std 0.3536); scale = 0.7071. Success: turn 1 (d = 1) (0.5 − 0.25) / 0.7071 =
+    0.3536, turn 2 (d = 0) (1 − 0.5) / 0.7071 = 0.7071; failure: (0 − 0.5) / 0.7071 = −0.7071."""
+    adv = gtpo([[0.0, 1.0], [0.0]], np.array([0, 0]), gamma=0.5, norm_scope="end_aligned_discounted", eps=0)
+    np.testing.assert_allclose(adv[0], [0.25 / (2 * S2 * 0.5), 0.5 / (2 * S2 * 0.5)])  # / std{1, 0} = 1/√2
+    np.testing.assert_allclose(adv[1], [-0.5 / (2 * S2 * 0.5)])
 
 
 # --- MURPHY -------------------------------------------------------------------------------------------------

@@ -53,10 +53,13 @@ class AdvantageParams(BaseModel):
 
     estimator: Literal["grpo", "dr_grpo", "gtpo", "murphy"] = Field("grpo", description="Advantage estimator")
     gamma: float = Field(0.9, ge=0.0, le=1.0, description="(open) GTPO turn discount γ")
-    norm_scope: Literal["end_aligned", "absorbing", "turn_position", "group", "batch"] = Field(
+    norm_scope: Literal[
+        "end_aligned", "end_aligned_discounted", "absorbing", "turn_position", "group", "batch"
+    ] = Field(
         "end_aligned",
         description="(open) GTPO normalisation set. end_aligned: per number of turns left, every trajectory of "
-        "the group present; unlike group it gives successes no negative turns (maths.advantages.NORM_SCOPES)",
+        "the group present; unlike group it gives successes no negative turns (maths.advantages.NORM_SCOPES). "
+        "end_aligned_discounted: the same sets, one scale per group, so γ acts (outcome-only: γ^d × GRPO's)",
     )
     murphy_mode: Literal["max", "mean"] = Field(
         "max", description="MaRS (max) or MeRS (mean, bounded: R = r + (1 − r) · γ_m · mean child R)"
