@@ -152,6 +152,16 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(a: argparse.Namespace) -> int:
+    from flows import preflight
+
+    study, name, cells = preflight.study_file(a.config, a.set, a.root)  # exit 2 before Prefect starts
+    set_env_defaults(cells[0].params.run_root)
+    from flows.study import run_study
+
+    return run_study(study, name, a.root, a.out or f"reports/studies/{name}", a.config, a.set, a.wait)
+
+
 def cmd_runs(a: argparse.Namespace) -> int:
     import time
 
@@ -310,6 +320,13 @@ def parser() -> argparse.ArgumentParser:
     vf.add_argument("run", help="run id (see `turntree runs`)")
     common(vf, sets=False)
     vf.set_defaults(fn=cmd_verify)
+
+    st = sub.add_parser("study", help="methods x seeds (x grid): a pipeline run per cell, paired tests")
+    st.add_argument("--config", required=True, help="study file (configs/studies/; schemas/params/study.py)")
+    st.add_argument("--out", help="report directory (default: reports/studies/<name>)")
+    st.add_argument("--wait", action="store_true", help="wait for another process running this study")
+    common(st)
+    st.set_defaults(fn=cmd_study)
 
     ls = sub.add_parser("runs", help="list runs with their status (RUN: its stages' versions and staleness)")
     ls.add_argument("run", nargs="?", help="a run id: show every stage's versions, overrides and staleness")

@@ -186,6 +186,46 @@ def existing_run(root: str, rid: str, params: dict[str, Any]) -> None:
         )
 
 
+def study_file(path: str, sets: list[str], root: str) -> tuple[Any, str, list[Any]]:
+    """``turntree study``: the study file (with ``--set`` overrides) and its cells (``stages.study.plan.load``),
+    then each cell as a run (``study``); returns (StudyParams, name, cells)."""
+    from flows.config import load_config
+    from stages.study.plan import StudyError, load
+
+    try:
+        found = load(load_config(path, sets), Path(path).stem, root)
+    except StudyError as e:
+        raise PreflightError(f"study {path}: {e}") from None
+    study(found[2])
+    return found
+
+
+def study(cells: list[Any]) -> None:
+    """``turntree study``: every cell (``stages.study.plan.Cell``) passes a run's checks, and a cell whose run
+    exists was made with the same parameters (else the study file changed under it)."""
+    done: set[tuple] = set()
+
+    def once(key: tuple, check, *args) -> None:  # cells share most of their inputs: check each once
+        if key not in done:
+            done.add(key)
+            check(*args)
+
+    for c in cells:
+        p = c.params
+        once(("root", p.run_root), run_root, p.run_root)
+        once(("model", p.model), model, p.model)
+        once(("sources", *p.data.sources), sources, list(p.data.sources))
+        once(("ray", p.rollout.workers, p.rollout.ray_address, p.score.sandbox_ray), ray_cluster, p)
+        once(("dispatch", p.run_root, p.dispatch.model_dump_json()), dispatch, p)
+        try:
+            existing_run(p.run_root, c.run_id, p.identity())
+        except PreflightError:
+            raise PreflightError(
+                f"study cell {c.run_id}: its run exists with other parameters (the study file changed since it "
+                "ran); give the study another name: (a new set of runs), or remove that run"
+            ) from None
+
+
 def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dict[str, Any]) -> None:
     """``turntree stage``: the ``--set`` overrides must validate for the stage, and the stored inputs it will
     read must still be what their stages committed (else: the file and the command that rewrites it)."""

@@ -78,6 +78,15 @@ def _mean_step(out, r, parent, child_ret, gamma):
     out[parent] = r[parent] + (1.0 - r[parent]) * gamma * total[parent] / count[parent]
 
 
+def max_tree_nodes(group_size: int, child_group_size: int, depth: int) -> int:
+    """Nodes of a MURPHY tree in which every attempt fails (the most it can grow): G roots, G' children per
+    failed node, S levels: G · (1 + G' + … + G'^(S−1)). A tree that passes early has fewer
+    (``stages.rollout.tree``: a passed node is a leaf)."""
+    if min(group_size, child_group_size, depth) < 1:
+        raise ValueError(f"max_tree_nodes needs G, G', S >= 1, got {group_size}, {child_group_size}, {depth}")
+    return group_size * sum(child_group_size**d for d in range(depth))
+
+
 RETURN_MODES: Registry[Callable] = Registry("mode", {"max": _max_step, "mean": _mean_step}.items())
 
 

@@ -7,7 +7,8 @@ with native bf16 matmuls, fp32 on one without) and of the warm-start stage's sou
 ``<cache>/warmstart/<key>/checkpoint`` plus ``output.json`` (the metrics and notes of the run that made it).
 Entries are written to a temporary directory and renamed into place, so a killed run never leaves a half entry;
 a hit is copied into the stage's output directory (hard links when possible: checkpoints are never modified in
-place) and verified against the entry's recorded hash.
+place) and verified against the entry's recorded hash. Runs that need the same key at the same time (a study's
+cells running concurrently) take turns on ``<key>.lock``: one trains, the others then find its entry.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.checkpoint import directory_ref, directory_sha256
@@ -56,6 +58,23 @@ def _copy_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst)
 
 
+@contextmanager
+def _one_at_a_time(entry: Path) -> Iterator[None]:
+    """Hold ``<entry>.lock`` (flock; released when the process dies): one process trains a key, the others wait
+    for its entry. A cache this process cannot write is used without the lock."""
+    import fcntl
+
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        f = open(entry.parent / f".{entry.name}.lock", "a")  # closed by the with below
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def cached_run(
     params, inputs: dict[str, str], out: Path, train: Callable[..., StageOutput], code: str
 ) -> StageOutput:
@@ -63,6 +82,11 @@ def cached_run(
     ``code``: the source of the stage that trains (part of the key)."""
     t0 = time.perf_counter()
     key = cache_key(params, inputs, code)
+    with _one_at_a_time(cache_root() / key):
+        return _cached_run(params, inputs, out, train, key, t0)
+
+
+def _cached_run(params, inputs, out: Path, train: Callable[..., StageOutput], key: str, t0: float):
     entry = cache_root() / key
     out.mkdir(parents=True, exist_ok=True)
     if (entry / "output.json").is_file():

@@ -60,6 +60,8 @@ STAGES: dict[str, StageSpec] = {
                   ("eval_results",), "pass@1 at Iter-1..K / math accuracy with confidence intervals"),
         StageSpec("compare", "stages.compare", "eval", None, 0, ("eval_results",), ("report",),
                   "comparison report of several evaluations (run by `turntree compare`)"),
+        StageSpec("study", "stages.study", "eval", None, 0, ("eval_results",), ("report",),
+                  "a study's report: cells, compute, learning curves, paired tests (run by `turntree study`)"),
     )
 }  # fmt: skip
 PIPELINE_STAGES = ("data", "warmstart", "rollout", "score", "advantages", "update", "evaluate")

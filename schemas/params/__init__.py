@@ -9,6 +9,7 @@ from schemas.params.evaluate import EvalParams
 from schemas.params.pipeline import DispatchParams, PipelineParams, StageName
 from schemas.params.rewards import AdvantageParams, ScoreParams
 from schemas.params.rollout import RolloutParams
+from schemas.params.study import StudyMethod, StudyParams
 from schemas.params.update import UpdateParams, WarmstartParams
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "RolloutParams",
     "ScoreParams",
     "StageName",
+    "StudyMethod",
+    "StudyParams",
     "UpdateParams",
     "WarmstartParams",
 ]
