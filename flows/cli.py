@@ -316,17 +316,17 @@ def parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(fn=cmd_compare)
 
-    vf = sub.add_parser("verify", help="check a run's stored files against its manifest (exit 1 if bad)")
-    vf.add_argument("run", help="run id (see `turntree runs`)")
-    common(vf, sets=False)
-    vf.set_defaults(fn=cmd_verify)
-
     st = sub.add_parser("study", help="methods x seeds (x grid): a pipeline run per cell, paired tests")
     st.add_argument("--config", required=True, help="study file (configs/studies/; schemas/params/study.py)")
     st.add_argument("--out", help="report directory (default: reports/studies/<name>)")
     st.add_argument("--wait", action="store_true", help="wait for another process running this study")
     common(st)
     st.set_defaults(fn=cmd_study)
+
+    vf = sub.add_parser("verify", help="check a run's stored files against its manifest (exit 1 if bad)")
+    vf.add_argument("run", help="run id (see `turntree runs`)")
+    common(vf, sets=False)
+    vf.set_defaults(fn=cmd_verify)
 
     ls = sub.add_parser("runs", help="list runs with their status (RUN: its stages' versions and staleness)")
     ls.add_argument("run", nargs="?", help="a run id: show every stage's versions, overrides and staleness")
@@ -381,10 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     global VERBOSE
     args = parser().parse_args(argv)
     VERBOSE = bool(getattr(args, "verbose", False))
-    from flows.locks import Terminated, install_sigterm
+    from flows.watch import Terminated, install_sigterm
 
     install_sigterm()  # SIGTERM unwinds like Ctrl-C: the temporary Prefect server is stopped, the lock released
     try:
+        if getattr(args, "root", None):  # before anything reads, writes or prints it
+            from flows.preflight import root_credentials
+
+            root_credentials(args.root)
         return args.fn(args)
     except UserError as e:
         print(f"turntree: error: {e}", file=sys.stderr)

@@ -61,7 +61,7 @@ def compare_flow(
         if mlflow_run:
             train_runs[name] = mlflow_run
     tracker = Tracker(run_root)
-    curves = metric_histories(train_runs, tracking_uri=tracker.uri) if train_runs else None
+    curves = metric_histories(train_runs, tracking_uri=tracker.store_uri) if train_runs else None
     result = compare(evals, Path(out), curves, bootstrap=params.bootstrap, seed=params.seed)
     run = tracker.start_parent(
         "compare",

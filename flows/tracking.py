@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.uris import redact, redact_all, without_userinfo
+
 log = logging.getLogger("turntree.tracking")
 EXPERIMENT = "turntree"
 KIND_TAG = "mlflow.experimentKind"
@@ -48,7 +50,8 @@ def ui_base() -> str:
     http(s)://…, which serves its UI too); "" otherwise."""
     ui = os.environ.get("TURNTREE_MLFLOW_UI", "")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return (ui or (uri if uri.startswith(("http://", "https://")) else "")).rstrip("/")
+    # a link is printed and recorded (Prefect's run summary): never with the credentials of the URI it came from
+    return without_userinfo(ui or (uri if uri.startswith(("http://", "https://")) else "")).rstrip("/")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -64,20 +67,23 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """Thin wrapper over MlflowClient bound to one tracking URI and experiment."""
+    """Thin wrapper over MlflowClient bound to one tracking URI and experiment. What it logs (parameters, tags,
+    dicts, texts) has the credentials of any URI in it redacted (``flows.uris``); ``uri`` is the tracking URI
+    as it may be recorded or shown (its password redacted), ``store_uri`` the one the client uses."""
 
     def __init__(self, run_root: str):
         from mlflow import MlflowClient
 
-        self.uri = tracking_uri(run_root)
+        self.store_uri = tracking_uri(run_root)
+        self.uri = redact(self.store_uri)
         # no mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which would then override the next run
         # root's store in this process (and in every child process)
-        self.client = MlflowClient(self.uri)
+        self.client = MlflowClient(self.store_uri)
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             art = None
-            if self.uri.startswith("sqlite:///"):
-                art = Path(self.uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
+            if self.store_uri.startswith("sqlite:///"):
+                art = Path(self.store_uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=art)
         else:
             self.experiment_id = exp.experiment_id
@@ -86,13 +92,13 @@ class Tracker:
 
     # --- runs -----------------------------------------------------------------------------------------
     def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=redact_all(tags))
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_id}
+            self.experiment_id, run_name=name, tags=redact_all({**tags, "mlflow.parentRunId": parent_id})
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -109,7 +115,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten(params)
+        flat = flatten(redact_all(params))
         items = [Param(k, v) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
@@ -123,10 +129,10 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def log_dict(self, run_id: str, data: dict[str, Any], name: str) -> None:
-        self.client.log_dict(run_id, data, name)
+        self.client.log_dict(run_id, redact_all(data), name)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
+        self.client.log_text(run_id, redact(text), name)
 
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_path)
@@ -226,7 +232,9 @@ class Tracker:
         (``stored_at``: the URI, when ``checkpoint`` is a local copy of a remote one)."""
         self.log_text(run_id, card, "model/README.md")
         files = sorted(p.name for p in Path(checkpoint).iterdir()) if Path(checkpoint).is_dir() else []
-        self.log_dict(run_id, {"checkpoint": stored_at or checkpoint, "files": files}, "model/checkpoint.json")
+        self.log_dict(
+            run_id, {"checkpoint": stored_at or checkpoint, "files": files}, "model/checkpoint.json"
+        )
         config = Path(checkpoint) / "config.json"
         if config.is_file():
             self.log_artifact(run_id, str(config), "model")

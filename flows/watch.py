@@ -28,3 +28,20 @@ def watched(root: str, run_id: str):
         return
     with watchdog.Watchdog(dump_path(root, run_id), watchdog.stall_timeout()) as w:
         yield w
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so a run unwinds like Ctrl-C: the temporary Prefect server and the workers it
+    started are stopped (their atexit hooks run), the run is marked failed and its lock released."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def install_sigterm() -> None:
+    """SIGTERM raises ``Terminated`` in the main thread (the watchdog ends the process when that cannot run)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)

@@ -145,19 +145,13 @@ def s3_env(endpoint: str) -> dict[str, str]:
 def start_mlflow_server(
     backend: str, artifacts: str, port: int, env: dict[str, str], log
 ) -> subprocess.Popen:
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        backend,
-        "--artifacts-destination",
-        artifacts,
-    ]
+    # the store in the environment, as infra/ passes it (never a database URI on a command line)
+    cmd = [str(BIN / "mlflow"), "server", "--artifacts-destination", artifacts]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     return subprocess.Popen(
         cmd,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": backend},
     )

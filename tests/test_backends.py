@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -144,6 +145,194 @@ def test_remote_root_needs_a_reachable_tracking_server_before_any_work(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/elsewhere.db")
     assert main(["run", "--root", "s3://no-such-bucket/runs", *argv[3:]]) == 2
     assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+
+
+# --- one writer per run across machines: conditional writes (If-None-Match / If-Match) ------------------
+# "Another machine" is another process with its own local lock directory (TURNTREE_LOCK_DIR): the file lock of
+# a remote root is per machine, so only what is in the bucket can keep the two apart.
+_HOLDER = """
+import sys, time
+from flows.locks import held_token, run_lock
+with run_lock(sys.argv[1], "r1"):
+    print(held_token(sys.argv[1], "r1"), flush=True)
+    time.sleep(120)
+"""
+
+
+def _other_machine(s3_env_set: str, tmp_path: Path, root: str, ttl: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        **s3_env(s3_env_set),
+        "PYTHONPATH": str(REPO),
+        "TURNTREE_LOCK_DIR": str(tmp_path / "other-machine-locks"),
+        "TURNTREE_REMOTE_LOCK_TTL": ttl,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, root], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+
+
+def test_the_run_lock_of_an_s3_root_holds_across_machines(s3_env_set, tmp_path):
+    """A writer on another machine holds the run: this one is refused naming it (its local lock file is
+    elsewhere, so only the lease in the bucket can say so); a stage step with the holder's token may write from
+    here, a forged token may not; once the holder dies without releasing, its lease lapses and is taken over."""
+    from flows.locks import NotAuthorised, RunLocked, authorised, held_token, run_lock
+
+    root = f"s3://{BUCKET}/leases"
+    holder = _other_machine(s3_env_set, tmp_path, root, ttl="3")
+    try:
+        token = holder.stdout.readline().strip()
+        assert len(token) == 32, token
+        with pytest.raises(RunLocked, match=f"process {holder.pid} on "):
+            with run_lock(root, "r1"):
+                pass
+        with run_lock(root, "r2"):  # another run is not blocked
+            pass
+        with authorised(root, "r1", token):  # a step the holder dispatched here
+            pass
+        with pytest.raises(NotAuthorised, match=f"process {holder.pid}"):
+            with authorised(root, "r1", "f" * 32):
+                pass
+        time.sleep(
+            2.5
+        )  # the holder renews its lease (every ttl/3): still refused after its first ttl is over
+        with pytest.raises(RunLocked):
+            with run_lock(root, "r1"):
+                pass
+    finally:
+        holder.kill()  # dies holding it: no release
+        holder.wait()
+    from flows.locks import read_lease
+
+    deadline = time.monotonic() + 30
+    while not read_lease(root, "r1")["expired"]:
+        assert time.monotonic() < deadline, read_lease(root, "r1")
+        time.sleep(0.5)
+    with run_lock(root, "r1"):  # taken over once it lapsed
+        mine = held_token(root, "r1")
+        assert read_lease(root, "r1")["token"] == mine != token
+        with pytest.raises(NotAuthorised):  # the dead holder's steps write nothing any more
+            with authorised(root, "r1", token):
+                pass
+    assert read_lease(root, "r1")["released"]
+
+
+def test_a_writer_that_lost_its_lease_writes_nothing(s3_env_set, monkeypatch):
+    """The lease is taken over (its holder paused past its ttl, or the store says so): the next manifest write
+    and the next version claim of the former holder are refused."""
+    from flows.locks import RunLocked, run_lock
+
+    monkeypatch.setenv("TURNTREE_REMOTE_LOCK_TTL", "1.5")
+    root = f"s3://{BUCKET}/lost"
+    store = RunStore(root, "r1")
+    with run_lock(root, "r1"):
+        store.create_or_open({"a": 1})
+        # another machine takes the lease over (as after this process paused past its ttl)
+        s3_client(s3_env_set).put_object(
+            Bucket=BUCKET, Key="lost/.locks/r1.lock", Body=b'{"host": "b", "pid": 1}'
+        )
+        time.sleep(1.2)  # its next renewal (every ttl/3) finds the lease changed
+        with pytest.raises(RunLocked, match="no longer holds the run's lease .another process took it over"):
+            store.update(status="running")
+        with pytest.raises(RunLocked, match="no longer holds the run's lease"):
+            _commit_one(store, "late")
+    assert RunStore(root, "r1").load()["status"] == "created"
+    assert not _keys(s3_env_set, "lost/r1/data/")
+
+
+def _commit_one(store: RunStore, prompt: str) -> StageOutput:
+    scratch = store.scratch_dir("data", None)
+    ref = write_table([{**ROW, "prompt": prompt}], tables.PROBLEMS, scratch / "problems.parquet")
+    out = StageOutput(stage="data", tables={"problems": ref}, metrics={})
+    return store.commit("data", None, scratch, out, inputs={}, params={"p": prompt}, params_field="data")
+
+
+def test_manifest_writes_are_conditional_so_no_writer_undoes_another(s3_env_set, monkeypatch):
+    """Two writers of one run on different machines: a manifest saved from a stale read is refused (If-Match),
+    a create that finds the manifest made meanwhile opens it instead of replacing it (If-None-Match: *), and
+    two read-modify-writes that race both land."""
+    root = f"s3://{BUCKET}/cas"
+    a, b = RunStore(root, "r1"), RunStore(root, "r1")
+    # create: b creates the run and commits a stage while a still believes there is no manifest
+    real_exists, seen = RunStore.exists, []
+
+    def a_looks_first(self):
+        if self is a and not seen:
+            seen.append(1)
+            b.create_or_open({"x": 1})
+            _commit_one(b, "from-b")
+            return False
+        return real_exists(self)
+
+    monkeypatch.setattr(RunStore, "exists", a_looks_first)
+    assert a.create_or_open({"x": 1})["stages"]["data"]["current"] == "v1"  # opened, not replaced
+    monkeypatch.setattr(RunStore, "exists", real_exists)
+    assert "data" in RunStore(root, "r1").load()["stages"]
+    # update: a's read is stale once b has written; saving it is refused, and nothing of b's is lost
+    from flows.runstore import ManifestChanged
+
+    manifest = a.load()
+    b.update(status="running")
+    manifest["status"] = "stale"
+    with pytest.raises(ManifestChanged, match="another writer changed"):
+        a.save(manifest)
+    assert RunStore(root, "r1").load()["status"] == "running"
+    # two updates that interleave (b writes between a's read and a's write) both land
+    real_write, raced = RunStore._write, []
+
+    def b_writes_in_between(self, m, etag):
+        if self is a and not raced:
+            raced.append(1)
+            b.update(from_b=True)
+        return real_write(self, m, etag)
+
+    monkeypatch.setattr(RunStore, "_write", b_writes_in_between)
+    a.update(from_a=True)
+    final = RunStore(root, "r1").load()
+    assert raced and final["from_a"] is True and final["from_b"] is True and final["status"] == "running"
+
+
+def test_two_writers_never_upload_into_the_same_version(s3_env_set, monkeypatch):
+    """a lists the stage's versions (none yet) and picks v1; b commits v1 before a uploads anything. a's claim
+    of v1 fails (If-None-Match: *), so it takes v2: both versions, each with its own bytes and record."""
+    root = f"s3://{BUCKET}/claims"
+    a, b = RunStore(root, "r1"), RunStore(root, "r1")
+    a.create_or_open({})
+    real_next, raced = RunStore.next_version, []
+
+    def b_commits_in_between(self, stage, iteration):
+        version = real_next(self, stage, iteration)
+        if self is a and not raced:
+            raced.append(1)
+            _commit_one(b, "from-b")
+        return version
+
+    monkeypatch.setattr(RunStore, "next_version", b_commits_in_between)
+    out_a = _commit_one(a, "from-a")
+    entry = RunStore(root, "r1").load()["stages"]["data"]
+    assert set(entry["versions"]) == {"v1", "v2"} and entry["current"] == "v2"
+    assert out_a.uri("problems").endswith("/data/v2/problems.parquet")
+    for version, prompt in (("v1", "from-b"), ("v2", "from-a")):
+        ref = entry["versions"][version]["output"]["tables"]["problems"]
+        assert entry["versions"][version]["params"] == {"p": prompt}
+        assert read_table(ref["uri"], tables.PROBLEMS)["prompt"][0].as_py() == prompt
+        body = _get(s3_env_set, ref["uri"].removeprefix(f"s3://{BUCKET}/"))
+        assert hashlib.sha256(body).hexdigest() == ref["sha256"]
+    assert RunStore(root, "r1").verify() == []
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_env_set, monkeypatch):
+    """The run-root check probes the store: a second If-None-Match: * PUT of one key must fail. A store that
+    lets it through (an S3-compatible server without conditional writes) is named, and the probe is removed."""
+    from flows import remote
+
+    root = f"s3://{BUCKET}/probe"
+    assert remote.check_root(root) is None
+    real_put = remote.put_object
+    monkeypatch.setattr(remote, "put_object", lambda uri, data, **kw: real_put(uri, data))  # headers dropped
+    why = remote.check_root(root)
+    assert why and "ignores conditional writes" in why
+    assert _keys(s3_env_set, "probe/") == {}
 
 
 def _psql(url: str, query: str) -> list[tuple]:
@@ -290,7 +479,7 @@ def _check_rerun_and_verify(endpoint: str, pg: str, env: dict, work: Path, root:
     flows = _psql(pg + "/prefect", "SELECT flow.name FROM flow JOIN flow_run ON flow.id = flow_run.flow_id")
     assert ("turntree-stage",) in flows
     res = _cli(["verify", run_id, "--root", root], env, work, 300)
-    assert res.returncode == 0 and "every stored output matches" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "every current output matches" in res.stdout, res.stdout + res.stderr
     key = f"runs/{run_id}/iter-1/advantages/v1/samples.parquet"
     s3_client(endpoint).put_object(Bucket=BUCKET, Key=key, Body=_get(endpoint, key)[:-8])
     res = _cli(["verify", run_id, "--root", root], env, work, 300)

@@ -39,10 +39,14 @@ def _free_port() -> int:
 
 
 def _get(url: str, data: dict | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if data is not None and "/api/2.0/" not in url:  # a POST to `turntree serve`'s Prefect API: CSRF token
+        base = url.split("/api/", 1)[0]
+        with urllib.request.urlopen(f"{base}/api/csrf-token?client=turntree-test", timeout=30) as r:
+            token = json.loads(r.read())["token"]
+        headers |= {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "turntree-test"}
     req = urllib.request.Request(
-        url,
-        data=json.dumps(data).encode() if data is not None else None,
-        headers={"Content-Type": "application/json"},
+        url, data=json.dumps(data).encode() if data is not None else None, headers=headers
     )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
