@@ -119,6 +119,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from flows import preflight
 
     preflight.run_root(a.root)
+    preflight.benchmark(params)
     if a.checkpoint:
         preflight.model(a.checkpoint, "checkpoint")
     set_env_defaults(a.root)
@@ -140,6 +141,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     params = build(EvalParams, {**parse_sets(a.set), **({"benchmark": a.benchmark} if a.benchmark else {})})
     preflight.run_root(a.root)
+    preflight.benchmark(params)
     entries = preflight.compare_entries(a.root, a.entries)
     set_env_defaults(a.root)
     from flows.compare import compare_flow

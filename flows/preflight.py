@@ -116,6 +116,21 @@ def model(spec: str, what: str = "model") -> None:
         raise PreflightError(f"{what} {spec} has no weights (no *.safetensors / *.bin file)")
 
 
+def benchmark(params: Any) -> None:
+    """``turntree eval`` / ``compare``: the benchmark names a known set, a synthetic family or a file (the
+    evaluation's own resolution, ``stages.evaluate._source_for``, run before any work)."""
+    if params.benchmark == "heldout":
+        return
+    from stages.evaluate import _source_for
+
+    try:
+        source, _ = _source_for(params)
+    except (ValueError, FileNotFoundError) as e:
+        raise PreflightError(str(e)) from None
+    if source.startswith("synthetic:"):
+        sources([source])
+
+
 def sources(specs: list[str]) -> None:
     """Every data source resolves: a named set whose file is there, a known synthetic family, hf:<name>, or a
     non-empty file of records."""
@@ -217,7 +232,9 @@ def ray_cluster(params: Any) -> None:
     if params.rollout.workers <= 1 and not params.score.sandbox_ray:
         return
     if importlib.util.find_spec("ray") is None:
-        raise PreflightError("rollout.workers > 1 / score.sandbox_ray need Ray: install turntree's 'ray' extra")
+        raise PreflightError(
+            "rollout.workers > 1 / score.sandbox_ray need Ray: install turntree's 'ray' extra"
+        )
     address = params.rollout.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         try:

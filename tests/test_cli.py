@@ -59,6 +59,9 @@ def test_config_file_merged_with_sets(tmp_path):
         (["stage", "score", "--run", "no-such-run"], "no run 'no-such-run'"),
         (["stage", "bogus", "--run", "x"], "unknown stage 'bogus'"),
         (["eval", "--checkpoint", "/no/such/ckpt"], "checkpoint /no/such/ckpt does not exist"),
+        (["eval", "--model", "tiny", "--benchmark", "no_such"], "unknown benchmark 'no_such'"),
+        (["eval", "--model", "tiny", "--benchmark", "synthetic:nope"], "unknown synthetic family 'nope'"),
+        (["compare", "a=tiny", "--benchmark", "no_such"], "unknown benchmark 'no_such'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
