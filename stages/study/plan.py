@@ -112,7 +112,8 @@ def load(data: dict[str, Any], default_name: str, run_root: str) -> tuple[StudyP
 
 
 def cells(study: StudyParams, name: str, run_root: str) -> list[Cell]:
-    """Every cell of the study, grid point by grid point, then method, then seed (errors name the cell)."""
+    """Every cell of the study, grid point by grid point, then seed, then method (errors name the cell): a study
+    stopped part way has every method of its first seeds, so its paired comparisons already mean something."""
     _reserved("base", study.base)
     for key in study.grid:
         _reserved("grid", nest({key: None}))
@@ -120,10 +121,10 @@ def cells(study: StudyParams, name: str, run_root: str) -> list[Cell]:
     base.setdefault("run_root", run_root)
     out: list[Cell] = []
     for label, frag, overrides in grid_points(study.grid):
-        for m in study.methods:
-            own = nest(m.overrides)
-            _reserved(f"method {m.name}", own)
-            for seed in study.seeds:
+        for seed in study.seeds:
+            for m in study.methods:
+                own = nest(m.overrides)
+                _reserved(f"method {m.name}", own)
                 run_id = "-".join(x for x in (name, m.name, frag, f"s{seed}") if x)
                 if len(run_id) > 128:
                     raise StudyError(
