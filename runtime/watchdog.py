@@ -197,6 +197,10 @@ class Watchdog:
 
     def _on_termination(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        # usually the main thread runs the handler by itself; only one stuck in a wait needs waking (a signal
+        # interrupts whatever system call it is in, which some native code handles badly: not at once)
+        if self._stop.wait(min(1.0, self.grace_s / 2)):
+            return
         signal.pthread_kill(self._main, _WAKE)  # the main thread runs the pending handler now
         if self._stop.wait(self.grace_s):
             return
