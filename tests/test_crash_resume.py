@@ -96,6 +96,53 @@ def test_sigkill_mid_run_then_resume(tiny_model, tmp_path):
     assert "completed)" in out and "Prefect:" in out and "MLflow:" in out  # the run story and its links
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_when", ["ahead-rollout-committed", "update-1-committed"])
+def test_sigkill_in_an_overlapped_iteration_then_resume(tiny_model, tmp_path, kill_when):
+    """max_staleness=1: killed while iteration 2's rollout runs beside update 1 (right after either one is
+    committed), then rerun: no committed rollout is generated again, no update trains its samples twice (every
+    stage committed before the kill keeps its single version), and the run completes."""
+    root = tmp_path / "runs"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({**_config(tiny_model, root), "max_staleness": 1, "iterations": 3}))
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(root / ".prefect-results"),
+    }
+    key = "iter-2/rollout" if kill_when == "ahead-rollout-committed" else "iter-1/update"
+    proc = _run(cfg, env)
+    deadline, killed_after = time.monotonic() + 900, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = list_runs(str(root)) if root.exists() else []
+            stages = runs[0].get("stages", {}) if runs else {}
+            if key in stages:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_after = {k: dict(v["versions"]) for k, v in stages.items()}
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_after is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert killed_after, (
+        "the run finished or timed out before it could be killed: " + proc.stdout.read()[-3000:]
+    )
+    again = _run(cfg, env)
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out[-4000:]
+    (manifest,) = list_runs(str(root))
+    assert manifest["status"] == "completed"
+    for k, versions in killed_after.items():  # nothing committed before the kill was made again
+        assert manifest["stages"][k]["versions"] == versions, k
+    for it in (1, 2, 3):  # one version of every stage: no rollout lost and redone, no update run twice
+        for stage in ("rollout", "update"):
+            assert set(manifest["stages"][f"iter-{it}/{stage}"]["versions"]) == {"v1"}, (it, stage)
+    rec = manifest["stages"]["iter-2/rollout"]["versions"]["v1"]
+    assert rec["inputs"]["policy_version"] == "0"  # generated beside update 1, by the policy before it
+
+
 def _children() -> dict[int, list[int]]:
     """ppid -> pids of every live process (from /proc)."""
     out: dict[int, list[int]] = {}
