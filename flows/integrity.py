@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -98,9 +99,13 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+_PARSE = threading.Lock()  # CPython 3.11's parser is not thread-safe ("AST constructor recursion depth mismatch")
+
+
 def _imports(name: str, path: Path) -> set[str]:
     """Project modules ``name`` imports (lazily or not), plus the packages above each (they run on import)."""
-    tree = ast.parse(path.read_text(), str(path))
+    with _PARSE:  # an asynchronous pipeline hashes stage code from two threads at once
+        tree = ast.parse(path.read_text(), str(path))
     is_pkg = path.name == "__init__.py"
     found: set[str] = set()
     for node in ast.walk(tree):

@@ -15,7 +15,7 @@ from flows.runstore import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
-CELLS = ["smoke-grpo-s0", "smoke-grpo-s1", "smoke-gtpo-s0", "smoke-gtpo-s1"]
+CELLS = ["smoke-grpo-s0", "smoke-gtpo-s0", "smoke-grpo-s1", "smoke-gtpo-s1"]  # seed by seed
 
 
 @pytest.fixture(scope="module")
