@@ -111,7 +111,7 @@ def test_cells_are_subflows_of_the_study_flow(study):
         )
         cells = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=CELLS)))
         parents = {client.read_task_run(c.parent_task_run_id).flow_run_id for c in cells}
-    assert sorted({c.name for c in cells}) == CELLS and parents <= {r.id for r in studies}
+    assert sorted({c.name for c in cells}) == sorted(CELLS) and parents <= {r.id for r in studies}
 
 
 def test_rerun_resumes_every_cell(study):
