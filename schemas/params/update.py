@@ -185,20 +185,6 @@ class WarmstartParams(BaseModel):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup of the learning rate (optimizer steps)")
     batch_size: int = Field(8, ge=1, description="Demonstrations per step")
     micro_batch_size: int = Field(4, ge=1, description="Demonstrations per forward pass")
-    max_staleness: int = Field(
-        0,
-        ge=0,
-        le=8,
-        description="Samples whose rollout policy is more than this many updates behind the trained one are "
-        "dropped (set from the pipeline's max_staleness; 0: synchronous, every sample is on-policy)",
-    )
-    stale_is_cap: float = Field(
-        2.0,
-        gt=0,
-        description="Stale samples (policy_version behind the trained checkpoint) are weighted by the truncated "
-        "importance ratio min(π_prox/π_behav, cap): π_prox the policy before this update (log π_old, recomputed), "
-        "π_behav the rollout's (decoupled PPO, docs/algorithms.md); on-policy samples keep weight 1",
-    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (total L2 norm)")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many demonstrations")
     split: Literal["train", "eval", "any"] = Field(
