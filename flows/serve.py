@@ -252,6 +252,7 @@ def deploy(pools: list[str], prefect_file: str) -> int:
                 return res.returncode
             what = "deployments" if i == 0 else "the stage step"
             print(
-                f"{what} registered to work pool {pool!r}; start a worker with `prefect worker start --pool {pool}`"
+                f"{what} registered to work pool {pool!r}; start a worker with "
+                f"`PREFECT_API_URL={env.get('PREFECT_API_URL', '$PREFECT_API_URL')} {prefect} worker start --pool {pool}`"
             )
     return 0
