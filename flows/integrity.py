@@ -99,7 +99,8 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-_PARSE = threading.Lock()  # CPython 3.11's parser is not thread-safe ("AST constructor recursion depth mismatch")
+# CPython 3.11's parser is not thread-safe ("AST constructor recursion depth mismatch")
+_PARSE = threading.Lock()
 
 
 def _imports(name: str, path: Path) -> set[str]:

@@ -137,7 +137,6 @@ def murphy(
     return segment_zscore(returns, sets, n_sets, eps=eps)
 
 
-
 # --- pruning (MURPHY InterP / IntraP) -----------------------------------------------------------------------
 def prune(
     ret: np.ndarray,
