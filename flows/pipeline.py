@@ -56,9 +56,13 @@ def _call(
             stage=stage, run_id=ctx.run_id, run_root=ctx.root, iteration=it, params=params, inputs=inputs
         )
         return dispatch_stage(req, pool)
-    task = stage_runner(stage)
+    return stage_runner(stage)(*_task_args(stage, params, inputs, ctx, it, upstream))
+
+
+def _task_args(stage, params, inputs, ctx, it, upstream) -> tuple:
+    """``flows.tasks.stage_task``'s arguments (the upstream outputs last: Prefect's data edges)."""
     ups = [u for u in upstream if u is not None]
-    return task(stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, upstream=ups)
+    return stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, ups
 
 
 def _submit(
@@ -74,11 +78,7 @@ def _submit(
     if p.dispatch.pool_for(stage):
         return _in_thread(_call, stage, p, inputs, ctx, it, upstream)
     params = getattr(p, params_field(stage)).model_dump(mode="json")
-    ups = [u for u in upstream if u is not None]
-    future = stage_runner(stage).submit(
-        stage, params, inputs, fingerprint(inputs), ctx.root, ctx.run_id, it, ctx, upstream=ups
-    )
-    return future.result
+    return stage_runner(stage).submit(*_task_args(stage, params, inputs, ctx, it, upstream)).result
 
 
 def _in_thread(fn: Callable[..., StageOutput | None], *args) -> Callable[[], StageOutput | None]:

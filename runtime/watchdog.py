@@ -214,14 +214,18 @@ class Watchdog:
         now = time.monotonic()
         if self.suspend_depth or not self.stall_s:
             self._last = now
+            self._cpu_mark = (now, self._cpu_mark[1])  # a stale CPU figure can only count as busy: harmless
             return
+        last = self._last
+        if last != self._cpu_mark[0]:  # a beat since the mark: CPU is measured over the silence after it
+            self._cpu_mark = (last, _tree_cpu_seconds())
         if now - self._last < self.stall_s:
             return
         t0, c0 = self._cpu_mark
         c1 = _tree_cpu_seconds()
-        self._cpu_mark = (now, c1)
         if (c1 - c0) > self.idle_cpu * (now - t0):  # busy, only silent: not a stall
             self._last = now
+            self._cpu_mark = (now, c1)
             return
         idle = now - self._last
         why = f"stage {self.label} made no progress for {idle:.0f} s"

@@ -78,7 +78,7 @@ with watchdog.Watchdog({str(dump)!r}, stall_s=1.0, poll_s=0.2) as w:
     assert "stalled: stage rollout (iteration 1) made no progress for" in out
     assert str(dump) in out and "rerun the same command to resume" in out
     text = dump.read_text()
-    assert "wait_for_the_engine" in text and "turntree-watchdog" not in text.split("===")[0]
+    assert "wait_for_the_engine" in text  # the main thread's stack, stuck in its lock wait
     assert "Current thread" in text or "Thread 0x" in text
 
 
