@@ -7,7 +7,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.turntree-installed
-want=$(cat pyproject.toml overrides.txt infra/setup.sh | sha256sum | cut -c1-16)
+extras=${TURNTREE_EXTRAS:-cpu,lora,dev}
+# The stamp covers the extras asked for: TURNTREE_EXTRAS=gpu,... on an existing venv installs them.
+want=$( (cat pyproject.toml overrides.txt infra/setup.sh; echo "extras=$extras") | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -19,7 +21,6 @@ uv_args=(--override overrides.txt)
 for idx in $(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/null || true); do
   uv_args+=(--extra-index-url "$idx")
 done
-extras=${TURNTREE_EXTRAS:-cpu,lora,dev}
 # --compile-bytecode: imports of torch/transformers/vLLM cost tens of seconds per process when .pyc files
 # cannot be written (PYTHONDONTWRITEBYTECODE is set on some machines); compile them once here.
 .venv/bin/uv pip install "${uv_args[@]}" --index-strategy unsafe-best-match --compile-bytecode -e ".[${extras}]"
