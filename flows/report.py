@@ -13,39 +13,76 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-LINE_EVERY_S = 5.0  # without a terminal: at most one progress line per stage every this many seconds
+# Without a terminal: a line per running stage every this many seconds (env TURNTREE_PROGRESS_EVERY).
+LINE_EVERY_S = 30.0
 
 
 # --- live progress ------------------------------------------------------------------------------------------
 class LineProgress:
     """``runtime.progress`` hook for logs and pipes: a stage that runs longer than ``every`` seconds prints a
-    line every ``every`` seconds (done/total, elapsed, ETA) and one when it finishes; quick stages print nothing."""
+    line every ``every`` seconds (done/total, elapsed, ETA; "running" before its first report: ``tick`` prints
+    those, so a stage that reports rarely still shows it is alive) and one when it finishes; quick stages print
+    nothing."""
 
     def __init__(self, stream: TextIO | None = None, every: float = LINE_EVERY_S, clock=time.monotonic):
         self.stream, self.every, self.clock = stream or sys.stderr, every, clock
         self.started: dict[str, float] = {}
         self.last: dict[str, float] = {}
+        self.state: dict[str, tuple[int, int, str]] = {}
         self.printed: set[str] = set()
+        self.lock = threading.Lock()
+
+    def begin(self, stage: str) -> None:
+        with self.lock:
+            self._start(stage, self.clock())
+
+    def end(self, stage: str) -> None:
+        with self.lock:
+            if stage in self.started:
+                self._finish(stage, self.clock() - self.started[stage], "")
 
     def __call__(self, stage: str, done: int, total: int, message: str) -> None:
-        now = self.clock()
+        with self.lock:
+            now = self.clock()
+            self._start(stage, now)
+            self.state[stage] = (done, total, message)
+            if total and done >= total:
+                self._finish(stage, now - self.started[stage], f"{done}/{total} {message}")
+            elif now - self.last[stage] >= self.every:
+                self._status(stage, now)
+
+    def tick(self) -> None:
+        """A line for each stage that has been silent for ``every`` seconds (a thread calls this every second)."""
+        with self.lock:
+            now = self.clock()
+            for stage in [s for s, t in self.last.items() if now - t >= self.every]:
+                self._status(stage, now)
+
+    def _start(self, stage: str, now: float) -> None:
         if stage not in self.started:
             self.started[stage] = self.last[stage] = now
+            self.state[stage] = (0, 0, "")
+
+    def _status(self, stage: str, now: float) -> None:
+        done, total, message = self.state[stage]
         elapsed = now - self.started[stage]
-        if total and done >= total:
-            if stage in self.printed:
-                self._line(f"{stage}: done {done}/{total} in {elapsed:.0f}s {message}".rstrip())
-            self.started.pop(stage), self.last.pop(stage), self.printed.discard(stage)
-            return
-        if now - self.last[stage] >= self.every:
-            eta = f", ~{elapsed / done * (total - done):.0f}s left" if done and total else ""
+        if total:
+            eta = f", ~{elapsed / done * (total - done):.0f}s left" if done else ""
             self._line(f"{stage}: {done}/{total} {message} ({elapsed:.0f}s{eta})")
-            self.last[stage] = now
-            self.printed.add(stage)
+        else:
+            self._line(f"{stage}: running ({elapsed:.0f}s)")
+        self.last[stage] = now
+        self.printed.add(stage)
+
+    def _finish(self, stage: str, elapsed: float, what: str) -> None:
+        if stage in self.printed:
+            self._line(f"{stage}: done{' ' + what.strip() if what.strip() else ''} in {elapsed:.0f}s")
+        self.started.pop(stage), self.last.pop(stage), self.state.pop(stage), self.printed.discard(stage)
 
     def _line(self, text: str) -> None:
         print(f"  {text}", file=self.stream, flush=True)
@@ -59,11 +96,20 @@ def progress_display(tty: bool | None = None) -> Iterator[None]:
 
     tty = sys.stderr.isatty() if tty is None else tty
     if not tty:
-        hook = LineProgress()
+        hook = LineProgress(every=float(os.environ.get("TURNTREE_PROGRESS_EVERY") or LINE_EVERY_S))
+        stop = threading.Event()
+
+        def ticker() -> None:
+            while not stop.wait(1.0):
+                hook.tick()
+
         prog.add_hook(hook)
+        thread = threading.Thread(target=ticker, name="turntree-progress-lines", daemon=True)
+        thread.start()
         try:
             yield
         finally:
+            stop.set()
             prog.remove_hook(hook)
         return
     from rich.console import Console

@@ -104,9 +104,11 @@ def stage_task(
         return done
     hook = _ProgressArtifact(stage, artifact_key(run_id, "iter", iteration, stage, "progress"))
     progress.add_hook(hook)
+    progress.begin(stage)
     try:
         out = run_stage(stage, model, inputs, ctx, iteration)
     finally:
+        progress.end(stage)
         progress.remove_hook(hook)
     logger.info("%s done: %s", stage, {k: f"{v.rows} rows @ {v.uri}" for k, v in out.tables.items()})
     return out

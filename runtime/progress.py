@@ -1,7 +1,9 @@
 """A process-wide progress hook, so long stages can report progress without importing prefect.
 
 Stages call ``report(stage, done, total, message)``; the flow installs a hook that updates a Prefect progress
-artifact, the CLI one that drives a rich progress bar. With no hook installed, reports go to the log.
+artifact, the CLI one that drives a rich progress bar. With no hook installed, reports go to the log. The flow
+also says when a stage begins and ends (``begin``/``end``), so a display can tell that a stage runs before its
+first report; hooks that have ``begin``/``end`` methods hear those.
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ def report(stage: str, done: int, total: int, message: str = "") -> None:
     for hook in list(_hooks):
         try:
             hook(stage, done, total, message)
+        except Exception as e:  # a broken progress display must never break a stage
+            log.warning("progress hook failed: %s", e)
+
+
+def begin(stage: str) -> None:
+    """``stage`` starts running (hooks with a ``begin(stage)`` method hear it)."""
+    _lifecycle("begin", stage)
+
+
+def end(stage: str) -> None:
+    """``stage`` stopped running, done or failed (hooks with an ``end(stage)`` method hear it)."""
+    _lifecycle("end", stage)
+
+
+def _lifecycle(event: str, stage: str) -> None:
+    watchdog.beat()
+    for hook in list(_hooks):
+        fn = getattr(hook, event, None)
+        if fn is None:
+            continue
+        try:
+            fn(stage)
         except Exception as e:  # a broken progress display must never break a stage
             log.warning("progress hook failed: %s", e)
 

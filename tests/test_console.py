@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,35 @@ def test_line_progress_prints_only_long_stages_every_few_seconds():
         now[0] = t
         hook("update", done, 4, "loss 0.1")
     lines = out.getvalue().splitlines()
-    assert lines == ["  update: 2/4 loss 0.1 (6s, ~6s left)", "  update: done 4/4 in 12s loss 0.1"]
+    assert lines == ["  update: 2/4 loss 0.1 (6s, ~6s left)", "  update: done 4/4 loss 0.1 in 12s"]
+
+
+def test_line_progress_shows_a_stage_that_reports_rarely_every_period():
+    """A pipe or a log file sees each long stage every ``every`` seconds, before its first report too (an update
+    reports once per optimizer step, a minute apart on a CPU), and when it ends; a quick one stays silent."""
+    now = [0.0]
+    out = io.StringIO()
+    hook = LineProgress(out, every=30.0, clock=lambda: now[0])
+    hook.begin("score")
+    now[0] = 2.0
+    hook.tick()
+    hook.end("score")
+    now[0] = 10.0
+    hook.begin("update")
+    for t in (39.0, 41.0, 55.0, 72.0):
+        now[0] = t
+        hook.tick()
+    hook("update", 1, 2, "loss 0.5")
+    now[0] = 105.0
+    hook.tick()
+    hook.end("update")
+    hook.end("update")  # ended twice (a report said done, then the flow): one line
+    assert out.getvalue().splitlines() == [
+        "  update: running (31s)",
+        "  update: running (62s)",
+        "  update: 1/2 loss 0.5 (95s, ~95s left)",
+        "  update: done in 95s",
+    ]
 
 
 def test_story_table_before_after_and_links(monkeypatch):
@@ -119,13 +148,14 @@ def test_runs_shows_key_metrics(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quiet_run_tells_its_story(tiny_model, tmp_path):
-    """A default (quiet) `turntree run` of the tiny pipeline: no library chatter, the table and the links."""
+    """A default (quiet) `turntree run` of the tiny pipeline, piped: no library chatter, a progress line per long
+    stage every TURNTREE_PROGRESS_EVERY seconds (30 by default), the table and the links."""
     from schemas.params.presets import tiny_pipeline
 
     body = tiny_pipeline(str(tiny_model), str(tmp_path / "runs"))
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(body))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TURNTREE_PROGRESS_EVERY": "2"}
     env.pop("PREFECT_API_URL", None)
     res = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(cfg)],
@@ -137,7 +167,10 @@ def test_quiet_run_tells_its_story(tiny_model, tmp_path):
     )
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
-    lines = text.splitlines()
+    progress = [line for line in res.stderr.splitlines() if re.match(r"  \w+: (running|done|\d+/\d+)", line)]
+    assert any(re.match(r"  rollout: .*\(\d+s", line) for line in progress), res.stderr
+    assert any(re.match(r"  rollout: done .*in \d+s$", line) for line in progress), res.stderr
+    lines = [line for line in text.splitlines() if line not in progress]
     assert len(lines) <= 20, text
     for noise in ("INFO", "WARNING", "Warning", "it/s]", "\r", "Traceback", "4200 (after"):
         assert noise not in text, (noise, text)
