@@ -22,11 +22,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import State
 
 from flows.locks import run_lock
+from flows.notices import notices
 from flows.runner import RunContext, default_run_id, fingerprint, params_field
 from flows.runstore import RunStore
-from flows.tasks import artifact_key, prepare_model, stage_runner
+from flows.tasks import artifact_key, prepare_model, skipped_stage, stage_runner
 from flows.tracking import Tracker
 from flows.watch import watched
 from schemas.algorithms import ALGORITHMS
@@ -56,7 +58,12 @@ def _call(
             stage=stage, run_id=ctx.run_id, run_root=ctx.root, iteration=it, params=params, inputs=inputs
         )
         return dispatch_stage(req, pool)
-    return stage_runner(stage)(*_task_args(stage, params, inputs, ctx, it, upstream))
+    return _output(stage_runner(stage)(*_task_args(stage, params, inputs, ctx, it, upstream)))
+
+
+def _output(value: StageOutput | State | None) -> StageOutput | None:
+    """A stage task's output (a reused stage returns its Cached state, whose data is the output)."""
+    return value.result() if isinstance(value, State) else value
 
 
 def _task_args(stage, params, inputs, ctx, it, upstream) -> tuple:
@@ -78,7 +85,8 @@ def _submit(
     if p.dispatch.pool_for(stage):
         return _in_thread(_call, stage, p, inputs, ctx, it, upstream)
     params = getattr(p, params_field(stage)).model_dump(mode="json")
-    return stage_runner(stage).submit(*_task_args(stage, params, inputs, ctx, it, upstream)).result
+    future = stage_runner(stage).submit(*_task_args(stage, params, inputs, ctx, it, upstream))
+    return lambda: _output(future.result())
 
 
 def _in_thread(fn: Callable[..., StageOutput | None], *args) -> Callable[[], StageOutput | None]:
@@ -177,12 +185,14 @@ def drive(
     checkpoint: str,
     on_iteration: Callable[[int, dict[str, float]], None] = lambda k, m: None,
     submit: StageSubmit | None = None,
+    on_skip: Callable[[str, int, str, StageOutput], None] = lambda stage, k, why, upstream: None,
 ) -> tuple[str, list[dict]]:
     """The stage sequence, independent of how a stage is called (Prefect task or plain function).
 
     Returns the final checkpoint and one metrics dict per iteration. An iteration whose samples table is empty
     (every group tied, nothing to learn) skips the update and keeps the checkpoint. The starting policy (after
     the warm start) is evaluated as iteration 0, so the last evaluation compares with it on the same problems.
+    ``on_skip(stage, iteration, why, upstream)`` hears of a stage the loop skips (the flow draws it as a node).
     """
     summary: list[dict[str, Any]] = []
     data = call("data", params, {}, ctx, STAGES["data"].iteration)
@@ -244,6 +254,7 @@ def drive(
             )
         if adv and adv.tables["samples"].rows == 0:
             log.warning("iteration %d: no sample carries signal (all groups tied): update skipped", k)
+            on_skip("update", k, "no sample carries signal (all groups tied)", adv)
         elif adv:
             upd_inputs = {
                 "samples": adv.uri("samples"),
@@ -318,7 +329,10 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
         )
 
     try:
-        checkpoint, summary = drive(params, ctx, _call, prepare_model(params.model), table_artifact, _submit)
+        with notices() as seen:
+            checkpoint, summary = drive(
+                params, ctx, _call, prepare_model(params.model), table_artifact, _submit, skipped_stage
+            )
     except BaseException:
         store.update(status="failed")
         tracker.end(ctx.mlflow_parent, "FAILED")
@@ -329,7 +343,7 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
     tracker.end(ctx.mlflow_parent, "FINISHED")
     create_markdown_artifact(
         key=artifact_key(ctx.run_id, "summary"),
-        markdown=_summary_md(ctx, store, tracker, summary),
+        markdown=_summary_md(ctx, store, tracker, summary, seen.messages),
         description=f"turntree run {ctx.run_id}",
     )
     return {
@@ -342,7 +356,9 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
     }
 
 
-def _summary_md(ctx: RunContext, store: RunStore, tracker, summary: list[dict[str, Any]]) -> str:
+def _summary_md(
+    ctx: RunContext, store: RunStore, tracker, summary: list[dict[str, Any]], warnings: list[str] = ()
+) -> str:
     lines = [
         f"# turntree run `{ctx.run_id}`",
         "",
@@ -364,4 +380,6 @@ def _summary_md(ctx: RunContext, store: RunStore, tracker, summary: list[dict[st
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s in summary:
         lines.append("| " + " | ".join(str(s.get(c, "")) for c in cols) + " |")
+    if warnings:
+        lines += ["", f"## Warnings ({len(warnings)})", "", *(f"- {w}" for w in warnings)]
     return "\n".join(lines)

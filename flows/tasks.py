@@ -22,6 +22,7 @@ import time
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.states import Completed, State
 
 from flows.runner import RunContext, params_model, run_stage, stage_code
 from flows.runstore import RunStore
@@ -101,7 +102,7 @@ def stage_task(
     done = reusable(stage, params, inputs, fingerprints, root, run_id, iteration)
     if done is not None:  # committed (and verified just now) but not in Prefect's cache under this key
         logger.info("%s: reusing the verified committed output %s", stage, sorted(done.tables))
-        return done
+        return Completed(name="Cached", message="reused the run's verified committed output", data=done)
     hook = _ProgressArtifact(stage, artifact_key(run_id, "iter", iteration, stage, "progress"))
     progress.add_hook(hook)
     progress.begin(stage)
@@ -112,6 +113,14 @@ def stage_task(
         progress.remove_hook(hook)
     logger.info("%s done: %s", stage, {k: f"{v.rows} rows @ {v.uri}" for k, v in out.tables.items()})
     return out
+
+
+@task(task_run_name="{stage}[iter={iteration}]")
+def skipped_stage(stage: str, iteration: int, why: str, upstream: StageOutput | None = None) -> State:
+    """A node in the flow's graph for a stage the pipeline skipped (its state is named Skipped, its message says
+    why), drawn after the output that made it skip."""
+    get_run_logger().warning("%s of iteration %d skipped: %s", stage, iteration, why)
+    return Completed(name="Skipped", message=why)
 
 
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

@@ -1,0 +1,72 @@
+"""What a user of the Prefect UI sees of a run (issue 26 item 6), read back from a real (ephemeral) Prefect
+server: the pipeline's warnings in the flow run's logs and summary, a skipped update as a node of the graph
+(state Skipped, drawn after the advantages that made it skip), and reused stages in a Cached state."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from flows.runstore import RunStore
+from schemas.params import PipelineParams
+from schemas.params.presets import tiny_pipeline
+
+
+@pytest.mark.slow
+def test_warnings_skipped_updates_and_reused_stages_show_in_prefect(tiny_model, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+    from flows.tasks import artifact_key
+
+    # the random tiny model earns the same reward everywhere: with tied groups dropped, the update is skipped
+    body = tiny_pipeline(
+        str(tiny_model),
+        str(tmp_path / "runs"),
+        "grpo",
+        advantages={"keep_zero_signal": False},
+        eval={"max_problems": 1},
+    )
+    params = PipelineParams.model_validate(body)
+
+    def task_runs(client, flow_run_id):
+        flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        return {t.name: t for t in client.read_task_runs(flow_run_filter=flt)}
+
+    with prefect_test_harness(server_startup_timeout=180):
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results-1"}):
+            result = pipeline(params)
+        store = RunStore(params.run_root, result["run_id"])
+        first = store.load()["prefect_flow_run_id"]
+        APILogHandler().flush()  # logs go to the server in batches
+        with get_client(sync_client=True) as client:
+            tasks = task_runs(client, first)
+            for _ in range(20):
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first])))
+                if any("update skipped" in x.message for x in logs):
+                    break
+                time.sleep(0.5)
+            artifacts = client.read_artifacts()
+        skipped = tasks["update[iter=1]"]
+        assert skipped.state_name == "Skipped" and "no sample carries signal" in skipped.state.message
+        assert str(tasks["advantages[iter=1]"].id) in {str(i.id) for i in skipped.task_inputs["upstream"]}
+        warned = [x for x in logs if x.level == logging.WARNING and "update skipped" in x.message]
+        assert warned, [(x.level, x.message) for x in logs]
+        (summary,) = [a for a in artifacts if a.key == artifact_key(result["run_id"], "summary")]
+        assert "## Warnings" in summary.data and "update skipped" in summary.data
+
+        # the same run again, Prefect's own result cache elsewhere: each stage is reused from the run store
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results-2"}):
+            pipeline(params)
+        second = store.load()["prefect_flow_run_id"]
+        assert second != first
+        with get_client(sync_client=True) as client:
+            tasks = task_runs(client, second)
+        reused = {n: t.state_name for n, t in tasks.items() if "[iter=" in n and not n.startswith("update")}
+        assert reused and set(reused.values()) == {"Cached"}, reused
