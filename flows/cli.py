@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.config import UserError, build, deep_merge, load_config, parse_sets, validation_message  # noqa: F401
+from flows.config import UserError, build, load_config, parse_sets
 
 DEFAULT_ROOT = os.environ.get("TURNTREE_RUN_ROOT", "runs")
 
@@ -104,7 +104,9 @@ def cmd_stage(a: argparse.Namespace) -> int:
 
         print(f"turntree: stage rerun failed: {state.message}", file=sys.stderr)
         return exit_code(state.result(raise_on_failure=False))
-    print(json.dumps(state.result(), indent=2))
+    from flows.summaries import stage_summary
+
+    print(json.dumps(state.result(), indent=2) if a.json else stage_summary(state.result()))
     return 0
 
 
@@ -150,7 +152,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if not state.is_completed():
         print(f"turntree: comparison failed: {state.message}", file=sys.stderr)
         return 1
-    print(json.dumps(state.result(), indent=2, default=str))
+    from flows.summaries import compare_summary
+
+    print(json.dumps(state.result(), indent=2, default=str) if a.json else compare_summary(state.result()))
     return 0
 
 
@@ -264,8 +268,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="show library logs, bars and warnings")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp, sets=True):
+    def common(sp, sets=True, as_json=False):
         sp.add_argument("--root", default=DEFAULT_ROOT, help="run storage root (default: %(default)s)")
+        if as_json:
+            sp.add_argument("--json", action="store_true", help="print the result as JSON, not a summary")
         sp.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="as turntree -v"
         )
@@ -296,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="run id (see `turntree runs`)")
     s.add_argument("--iter", type=int, default=1, help="iteration of a per-iteration stage (default 1)")
     s.add_argument("--wait", action="store_true", help="wait for another process writing this run to finish")
-    common(s)
+    common(s, as_json=True)
     s.set_defaults(fn=cmd_stage)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark")
@@ -309,13 +315,11 @@ def parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser(
-        "compare", help="evaluate several checkpoints/runs on the same problems; table + plots"
-    )
+    c = sub.add_parser("compare", help="evaluate checkpoints/runs on the same problems; table + plots")
     c.add_argument("entries", nargs="+", metavar="NAME=CHECKPOINT_OR_RUN_ID")
     c.add_argument("--benchmark")
     c.add_argument("--out", default="reports/compare", help="report directory")
-    common(c)
+    common(c, as_json=True)
     c.set_defaults(fn=cmd_compare)
 
     st = sub.add_parser("study", help="methods x seeds (x grid): a pipeline run per cell, paired tests")
@@ -357,10 +361,7 @@ def parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dprep = dsub.add_parser("prepare", help="normalise problem sets into DIR/problems.parquet")
     dprep.add_argument(
-        "sources",
-        nargs="+",
-        help="humaneval | mbpp | gsm8k | synthetic:tool-arith | "
-        "synthetic:func-synth | a JSONL/Parquet path | hf:<name>",
+        "sources", nargs="+", help="benchmarks, synthetic:<family>, JSONL/Parquet paths, hf:<name>"
     )
     dprep.add_argument("--out", required=True)
     # flags and defaults come from DataParams (schemas.params.data), the one place they are declared

@@ -241,14 +241,18 @@ def before_after(per_iter: dict[int, dict[str, float]]) -> str | None:
     )
 
 
+def prefect_ui() -> str:
+    """The Prefect UI's base URL when a server outlives the command (PREFECT_API_URL), else ''."""
+    return os.environ.get("PREFECT_API_URL", "").rstrip("/").removesuffix("/api")
+
+
 def links(manifest: dict[str, Any], experiment_id: str | None, root: str) -> list[str]:
     """Where to look next. A Prefect link only when the flow ran on a server that outlives the command
     (PREFECT_API_URL); an MLflow link to the UI that `turntree serve` starts (or TURNTREE_MLFLOW_UI)."""
     out = []
     flow_run = manifest.get("prefect_flow_run_id")
-    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
-    if flow_run and api:
-        out.append(f"Prefect: {api.removesuffix('/api')}/runs/flow-run/{flow_run}")
+    if flow_run and prefect_ui():
+        out.append(f"Prefect: {prefect_ui()}/runs/flow-run/{flow_run}")
     elif flow_run:
         out.append(
             "Prefect: this run used a temporary server; to browse runs, start `turntree serve` and export "

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from flows.integrity import IntegrityError, code_hash, dir_fingerprint
 from flows.remote import check_stored, is_remote, local_view, localize
-from flows.runstore import RunStore, git_sha
+from flows.runstore import RunStore, git_sha, stage_key
 from runtime import watchdog
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
@@ -113,8 +113,11 @@ def run_stage(
     inputs: dict[str, str],
     ctx: RunContext,
     iteration: int | None,
+    tags: dict[str, str] | None = None,
 ) -> StageOutput:
-    """Run the stage's ``run`` and commit its output as the stage's next version."""
+    """Run the stage's ``run`` and commit its output as the stage's next version. Its MLflow child run is named
+    and tagged with that version (``turntree.version``; ``turntree.current`` true, and false on the child of
+    the version it supersedes); ``tags`` (a rerun's overrides) go on the child too."""
     spec = stage_spec(stage)
     missing = spec.missing_inputs(inputs)
     if missing:
@@ -126,7 +129,8 @@ def run_stage(
     prints = fingerprint(inputs)
     scratch = store.scratch_dir(stage, iteration)
     step = iteration or 0
-    tracker, child = _start_child(ctx, stage, iteration, params)
+    tracker, child = _start_child(ctx, stage, iteration, params, tags or {})
+    previous = _current_child(store, stage, iteration)
     t0 = time.perf_counter()
     label = stage if iteration is None else f"{stage} (iteration {iteration})"
     watchdog.beat(label)
@@ -151,10 +155,20 @@ def run_stage(
         params_field=params_field(stage),
         code=code,
         fingerprints=prints,
-        made_by={"host": socket.gethostname(), "pid": os.getpid(), "flow_run_id": ctx.flow_run_id},
+        made_by={
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "flow_run_id": ctx.flow_run_id,
+            **({"mlflow_run_id": child} if child else {}),
+        },
     )
     if tracker and child:
         try:
+            version = store.load()["stages"][stage_key(stage, iteration)]["current"]
+            tracker.rename(child, f"{_child_name(stage, iteration)} {version}")
+            tracker.set_tags(child, {"turntree.version": version, "turntree.current": "true"})
+            if previous and previous != child:
+                tracker.set_tags(previous, {"turntree.current": "false"})
             _log_outputs(tracker, child, ctx, stage, output, step)
             tracker.end(child, "FINISHED")
         except Exception as e:  # tracking trouble must not lose a finished stage's output
@@ -188,14 +202,29 @@ def _cleanup(scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _start_child(ctx: RunContext, stage: str, iteration: int | None, params: BaseModel):
+def _child_name(stage: str, iteration: int | None) -> str:
+    return stage if iteration is None else f"iter-{iteration}/{stage}"
+
+
+def _current_child(store: RunStore, stage: str, iteration: int | None) -> str | None:
+    """The MLflow child run of the stage's current version (before a new one is committed), if recorded."""
+    entry = store.load()["stages"].get(stage_key(stage, iteration)) or {}
+    record = entry.get("versions", {}).get(entry.get("current") or "", {})
+    return record.get("made_by", {}).get("mlflow_run_id")
+
+
+def _start_child(
+    ctx: RunContext, stage: str, iteration: int | None, params: BaseModel, extra: dict[str, str]
+):
     if not ctx.mlflow_parent:
         return None, None
     from flows.tracking import Tracker
 
     tracker = Tracker(ctx.root)
-    name = stage if iteration is None else f"iter-{iteration}/{stage}"
+    name = _child_name(stage, iteration)
     tags = {
+        **extra,
+        "turntree.stage_key": stage_key(stage, iteration),
         "stage": stage,
         "algo": ctx.algo,
         "git_sha": ctx.git_sha,

@@ -8,11 +8,16 @@ deep-merges the parameter overrides into the recorded parameters, writes the nex
 marks it current and records the overrides with it. No other stage's output is touched; downstream stages keep
 reading what they read before until they are rerun (``RunStore.stale_stages`` names them; the pipeline's next
 run recomputes them from the current versions and keeps every rerun's own version). The MLflow child run is
-linked to the run's parent with the ``mlflow.parentRunId`` tag, even when the parent finished long ago.
+linked to the run's parent with the ``mlflow.parentRunId`` tag, even when the parent finished long ago, named
+``iter-k/<stage> vN`` and tagged with its version and overrides. The Prefect flow run is named
+``<run>/iter-k/<stage> vN`` and tagged ``run:<run>``; the pipeline's flow run gets a "reruns" artifact listing
+every rerun of the run with a link to each.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any, get_args
 
 from prefect import flow, get_run_logger
@@ -52,15 +57,28 @@ def _rerun(root, run_id, stage, iteration, overrides, flow_run_id) -> dict[str, 
         mlflow_parent=manifest.get("mlflow_run_id"),
         flow_run_id=flow_run_id,
     )
-    out = run_stage(stage, params, inputs, ctx, iteration)
+    tags = {"turntree.rerun": "true", "turntree.overrides": json.dumps(overrides or {}, sort_keys=True)}
+    out = run_stage(stage, params, inputs, ctx, iteration, tags=tags)
     store.note_current(stage, iteration, overrides=overrides or {}, rebased_inputs=moved)
+    key = _key(stage, iteration)
     return {
         "run_id": run_id,
         "stage": stage,
         "iteration": iteration,
-        "version": store.load()["stages"][_key(stage, iteration)]["current"],
+        "key": key,
+        "version": store.load()["stages"][key]["current"],
+        "overrides": overrides or {},
+        "read": {name: _where(store, uri) for name, uri in inputs.items()},
+        "rebased_inputs": moved,
+        "stale": store.stale_stages(),
         "output": out.model_dump(mode="json"),
     }
+
+
+def _where(store: RunStore, uri: Any) -> str:
+    """``iter-1/score v2`` for a stored table, else the value itself (a model name, a number)."""
+    hit = store.recorded_ref(uri) if isinstance(uri, str) else None
+    return f"{hit[0]} {hit[1]}" if hit else str(uri)
 
 
 def _key(stage: str, iteration: int | None) -> str:
@@ -69,7 +87,75 @@ def _key(stage: str, iteration: int | None) -> str:
     return stage_key(stage, iteration)
 
 
-@flow(name="turntree-stage", log_prints=True)
+def rerun_name() -> str:
+    """The rerun's flow run name, ``<run>/iter-k/<stage> vN`` (the version it is about to write)."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    key = _key(p["stage"], p.get("iteration"))
+    try:
+        version = RunStore(p.get("run_root", "runs"), p["run_id"]).next_version(
+            p["stage"], p.get("iteration")
+        )
+    except Exception:  # a missing run: the flow itself says so in one line
+        version = "rerun"
+    return f"{p['run_id']}/{key} {version}"
+
+
+def _show_in_prefect(root: str, run_id: str, result: dict[str, Any], flow_run_id: str) -> None:
+    """Tag this flow run with its run and stage, and list the run's reruns (with links) in an artifact of the
+    pipeline's flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    from flows.report import prefect_ui
+    from flows.tasks import artifact_key
+
+    manifest = RunStore(root, run_id).load()
+    ui = prefect_ui()
+
+    def link(rec: dict[str, Any]) -> str:
+        fr = rec.get("made_by", {}).get("flow_run_id")
+        return f"[flow run]({ui}/runs/flow-run/{fr})" if ui and fr and fr != "none" else ""
+
+    rows = [
+        f"| `{key}` | {v} | `{json.dumps(rec['overrides'], sort_keys=True)}` | {link(rec)} |"
+        for key, entry in sorted(manifest["stages"].items())
+        for v, rec in sorted(entry["versions"].items(), key=lambda kv: int(kv[0][1:]))
+        if "overrides" in rec
+    ]
+    head = [
+        f"# Reruns of run `{run_id}`",
+        "",
+        "| stage | version | overrides | Prefect |",
+        "|---|---|---|---|",
+    ]
+    md = "\n".join(head + rows)
+    tags = [f"run:{run_id}", f"stage:{result['key']}", "rerun"]
+    try:
+        with get_client(sync_client=True) as client:
+            if flow_run_id != "none":
+                current = client.read_flow_run(flow_run_id).tags or []
+                client.update_flow_run(flow_run_id, tags=sorted({*current, *tags}))
+            pipeline_run = manifest.get("prefect_flow_run_id")
+            try:  # on this server (a CLI run's temporary server is gone): attach the list to it
+                client.read_flow_run(pipeline_run)
+            except Exception:
+                pipeline_run = None
+            client.create_artifact(
+                ArtifactCreate(
+                    key=artifact_key(run_id, "reruns"),
+                    type="markdown",
+                    data=md,
+                    description=f"reruns of turntree run {run_id}",
+                    flow_run_id=pipeline_run,
+                )
+            )
+    except Exception as e:  # tags and artifacts are a convenience: the rerun itself is done
+        logging.getLogger("turntree.stage").warning("could not show the rerun in Prefect: %s", e)
+
+
+@flow(name="turntree-stage", log_prints=True, flow_run_name=rerun_name)
 def stage_flow(
     run_id: str,
     stage: StageName,
@@ -80,6 +166,8 @@ def stage_flow(
     """Rerun ``stage`` (of ``iteration``, when the stage is per-iteration) of run ``run_id``."""
     from prefect.runtime import flow_run
 
-    result = rerun(run_root, run_id, stage, iteration, overrides, flow_run_id=str(flow_run.id or "none"))
+    fr = str(flow_run.id or "none")
+    result = rerun(run_root, run_id, stage, iteration, overrides, flow_run_id=fr)
     get_run_logger().info("stage %s of run %s rerun as %s", stage, run_id, result["version"])
+    _show_in_prefect(run_root, run_id, result, fr)
     return result

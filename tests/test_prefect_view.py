@@ -1,9 +1,12 @@
-"""What a user of the Prefect UI sees of a run (issue 26 item 6), read back from a real (ephemeral) Prefect
-server: the pipeline's warnings in the flow run's logs and summary, a skipped update as a node of the graph
-(state Skipped, drawn after the advantages that made it skip), and reused stages in a Cached state."""
+"""What a user of the Prefect and MLflow UIs sees of a run, read back from a real (ephemeral) Prefect server and
+MLflow on SQLite: the pipeline's warnings in the flow run's logs and summary, a skipped update as a node of the
+graph (state Skipped, drawn after the advantages that made it skip), reused stages in a Cached state (issue 26
+item 6); a stage rerun named and tagged with its version in both, listed on the pipeline's flow run, and a
+summary on the terminal (item 2)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -70,3 +73,61 @@ def test_warnings_skipped_updates_and_reused_stages_show_in_prefect(tiny_model, 
             tasks = task_runs(client, second)
         reused = {n: t.state_name for n, t in tasks.items() if "[iter=" in n and not n.startswith("update")}
         assert reused and set(reused.values()) == {"Cached"}, reused
+        _rerun_is_visible(params, result["run_id"], second)
+
+
+def _rerun_is_visible(params: PipelineParams, rid: str, pipeline_run: str) -> None:
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    from flows.tasks import artifact_key
+    from flows.tracking import tracking_uri
+
+    root = params.run_root
+    out = _cli(["stage", "score", "--run", rid, "--iter", "1", "--root", root, "--set", "shaping_alpha=0.3"])
+    lines = out.splitlines()
+    assert lines[0] == f"run {rid}: iter-1/score rerun as v2 (now current) with shaping_alpha=0.3", out
+    assert any(line.startswith("  read   trajectories: iter-1/rollout v1") for line in lines), out
+    assert any(line.startswith("  wrote  trajectories: ") and "/iter-1/score/v2/" in line for line in lines)
+    assert any(line.startswith("  now stale: iter-1/advantages") for line in lines), out
+    as_json = json.loads(_cli(["stage", "score", "--run", rid, "--iter", "1", "--root", root, "--json"]))
+    assert as_json["version"] == "v3" and as_json["overrides"] == {}
+
+    with get_client(sync_client=True) as client:
+        reruns = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"run:{rid}", "rerun"]))
+        )
+        (listing,) = [a for a in client.read_artifacts() if a.key == artifact_key(rid, "reruns")][-1:]
+    assert sorted(r.name for r in reruns) == [f"{rid}/iter-1/score v2", f"{rid}/iter-1/score v3"]
+    assert "stage:iter-1/score" in reruns[0].tags
+    assert str(listing.flow_run_id) == pipeline_run and "| `iter-1/score` | v2 |" in listing.data
+    assert '"shaping_alpha": 0.3' in listing.data
+
+    store = RunStore(root, rid)
+    client = mlflow.MlflowClient(tracking_uri(root))
+    parent = store.load()["mlflow_run_id"]
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    score = {c.info.run_name: c.data.tags for c in children if c.data.tags.get("stage") == "score"}
+    assert score["iter-1/score v3"]["turntree.current"] == "true"
+    assert score["iter-1/score v2"]["turntree.current"] == "false"
+    assert score["iter-1/score v1"]["turntree.current"] == "false"
+    assert json.loads(score["iter-1/score v2"]["turntree.overrides"]) == {"shaping_alpha": 0.3}
+    assert (
+        score["iter-1/score v2"]["turntree.version"] == "v2"
+        and "turntree.rerun" not in score["iter-1/score v1"]
+    )
+
+
+def _cli(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    return buf.getvalue()

@@ -1,0 +1,64 @@
+"""What `turntree stage` and `turntree compare` print for a person (``--json`` prints the result itself)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SHOWN_METRICS = 8  # a rerun's summary lists this many of its metrics (all of them are in MLflow and --json)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def stage_summary(result: dict[str, Any]) -> str:
+    """A stage rerun: what it wrote (version, tables), what it read, its overrides, a few metrics, and what is
+    now stale downstream."""
+    over = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_flat(result.get("overrides") or {}).items()))
+    lines = [
+        f"run {result['run_id']}: {result['key']} rerun as {result['version']} (now current)"
+        + (f" with {over}" if over else " with the recorded parameters")
+    ]
+    lines += [f"  read   {name}: {where}" for name, where in sorted(result.get("read", {}).items())]
+    lines += [f"  moved  {line}" for line in result.get("rebased_inputs", [])]
+    out = result.get("output", {})
+    for name, ref in sorted(out.get("tables", {}).items()):
+        lines.append(f"  wrote  {name}: {ref.get('rows', '?')} rows at {ref['uri']}")
+    metrics = out.get("metrics", {})
+    if metrics:
+        shown = sorted(metrics.items())[:SHOWN_METRICS]
+        more = len(metrics) - len(shown)
+        lines.append(
+            "  metrics " + ", ".join(f"{k} {v:.4g}" for k, v in shown) + (f" (+{more} more)" if more else "")
+        )
+    stale = result.get("stale") or {}
+    if stale:
+        lines.append(f"  now stale: {', '.join(sorted(stale))}")
+        lines.append(
+            "  (rerun them with `turntree stage`, or `turntree run` recomputes them from the current versions;"
+            " `turntree runs RUN` shows every version)"
+        )
+    return "\n".join(lines)
+
+
+def compare_summary(result: dict[str, Any]) -> str:
+    """A comparison: held-out accuracy per entry and benchmark (the report has the CIs, tests and curves)."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in result.get("metrics", {}).items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "eval":
+            rows.setdefault((parts[1], parts[2]), {})[parts[3]] = value
+    lines = []
+    if rows:
+        stats = sorted({s for r in rows.values() for s in r})
+        lines.append(f"{'benchmark':<24} {'entry':<16} " + " ".join(f"{s:>{max(len(s), 8)}}" for s in stats))
+        for (bench, entry), r in sorted(rows.items()):
+            cells = " ".join(f"{r.get(s, float('nan')):>{max(len(s), 8)}.4g}" for s in stats)
+            lines.append(f"{bench:<24} {entry:<16} {cells}")
+    lines.append(f"report: {result['report']}")
+    lines.append(f"MLflow run: {result.get('mlflow_run_id', '?')}")
+    return "\n".join(lines)
