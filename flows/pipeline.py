@@ -26,7 +26,7 @@ from prefect.states import State
 
 from flows.locks import run_lock
 from flows.notices import notices
-from flows.runner import RunContext, default_run_id, fingerprint, params_field
+from flows.runner import RunContext, default_run_id, fingerprint, params_field, source_tags
 from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model, skipped_stage, stage_runner
 from flows.tracking import Tracker
@@ -117,7 +117,7 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
         tags = {
             "algo": p.algorithm,
             "git_sha": ctx.git_sha,
-            "mlflow.source.git.commit": ctx.git_sha,
+            **source_tags(ctx.git_sha),
             "mlflow.note.content": _description(p, run_id),
             "prefect.flow_run_id": ctx.flow_run_id,
             "stage": "pipeline",
@@ -148,8 +148,9 @@ def _description(p: PipelineParams, run_id: str) -> str:
 def register_final(
     store: RunStore, ctx: RunContext, tracker: Tracker, checkpoint: str, p: PipelineParams
 ) -> None:
-    """Register the final checkpoint as a version of ``turntree-<algorithm>`` (once per run)."""
-    from flows.runner import model_card
+    """Register the final checkpoint as a version of ``turntree-<algorithm>-<base model>`` (once per run), with a
+    card that holds its held-out accuracy before -> after, its hyperparameters and data."""
+    from flows.cards import registered_name, registry_card
 
     manifest = store.load()
     if manifest.get("registered_model"):
@@ -163,9 +164,9 @@ def register_final(
     if checkpoint not in made:  # every update was skipped: the checkpoint is the starting policy, not trained
         log.warning("no update of run %s produced a checkpoint: nothing registered in MLflow", ctx.run_id)
         return
-    name = f"turntree-{p.algorithm}"
+    name = registered_name(p)
     try:
-        card = model_card(ctx, "update", p.iterations, checkpoint)
+        card = registry_card(ctx, p, manifest, checkpoint)
         version = tracker.register(name, checkpoint, ctx.mlflow_parent, card, {"turntree.run_id": ctx.run_id})
     except Exception as e:  # the registry is a convenience: a finished run stays finished
         log.warning("could not register the final checkpoint in MLflow: %s", e)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from flows.cards import model_card
 from flows.integrity import IntegrityError, code_hash, dir_fingerprint
 from flows.remote import check_stored, is_remote, local_view, localize
 from flows.runstore import RunStore, git_sha, stage_key
@@ -202,6 +204,25 @@ def _cleanup(scratch: Path) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def source_tags(sha: str) -> dict[str, str]:
+    """MLflow's Source of a run: this repository (its ``origin`` remote, else its path) at commit ``sha``."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        url = subprocess.run(
+            ["git", "-C", str(repo), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        url = ""
+    tags = {
+        "mlflow.source.type": "PROJECT",
+        "mlflow.source.name": f"{url or repo} (flows/pipeline.py)",
+        "mlflow.source.git.commit": sha,
+    }
+    if url:
+        tags["mlflow.source.git.repoURL"] = url
+    return tags
+
+
 def _child_name(stage: str, iteration: int | None) -> str:
     return stage if iteration is None else f"iter-{iteration}/{stage}"
 
@@ -228,7 +249,7 @@ def _start_child(
         "stage": stage,
         "algo": ctx.algo,
         "git_sha": ctx.git_sha,
-        "mlflow.source.git.commit": ctx.git_sha,
+        **source_tags(ctx.git_sha),
         "prefect.flow_run_id": ctx.flow_run_id,
         "turntree.run_id": ctx.run_id,
     }
@@ -257,27 +278,3 @@ def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: Stage
                 records = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
                 for run in (child, ctx.mlflow_parent):
                     tracker.log_steps(run, records)
-
-
-def model_card(ctx: RunContext, stage: str, iteration: int, checkpoint: str) -> str:
-    """A checkpoint's card: which run, data, algorithm and stage made it, and where its weights are."""
-    params = RunStore(ctx.root, ctx.run_id).load().get("params", {})
-    made_by = (
-        "supervised warm start"
-        if stage == "warmstart"
-        else f"{ctx.algo.upper()} update, iteration {iteration}"
-    )
-    return "\n".join(
-        [
-            f"# turntree checkpoint: run `{ctx.run_id}`, {made_by}",
-            "",
-            f"- base model: `{params.get('model', '?')}`",
-            f"- algorithm: **{ctx.algo}** (estimator `{params.get('advantages', {}).get('estimator', '?')}`)",
-            f"- data: {', '.join(params.get('data', {}).get('sources', []) or ['?'])}",
-            f"- weights (Hugging Face format): `{checkpoint}`",
-            f"- git commit: `{ctx.git_sha}`; Prefect flow run: `{ctx.flow_run_id}`",
-            "",
-            "Load with `transformers.AutoModelForCausalLM.from_pretrained(<weights>)`, or evaluate with "
-            f"`turntree eval --checkpoint {checkpoint}`.",
-        ]
-    )

@@ -412,9 +412,10 @@ def _check_run(endpoint: str, pg: str, env: dict[str, str], run_id: str) -> None
     manifest = json.loads(_get(endpoint, f"runs/{run_id}/manifest.json"))
     assert manifest["status"] == "completed" and manifest["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
     assert manifest["final_checkpoint"].startswith(f"s3://{BUCKET}/runs/{run_id}/iter-1/update/v1/")
-    assert manifest["registered_model"] == "turntree-gtpo/1"  # its source: the checkpoint's URI
+    name = "turntree-gtpo-" + Path(manifest["params"]["model"]).name.lower()  # the tiny model's directory
+    assert manifest["registered_model"] == f"{name}/1"  # its source: the checkpoint's URI
     sources = _psql(pg + "/mlflow", "SELECT name, version, source FROM model_versions")
-    assert sources == [("turntree-gtpo", 1, manifest["final_checkpoint"])], sources
+    assert sources == [(name, 1, manifest["final_checkpoint"])], sources
     parquet = 0
     for key, entry in manifest["stages"].items():
         for version, record in entry["versions"].items():

@@ -178,3 +178,15 @@ def test_quiet_run_tells_its_story(tiny_model, tmp_path):
     assert any(line.startswith("0 ") for line in lines) and any(line.startswith("1 ") for line in lines)
     assert any("starting policy" in line and "-> iteration 1" in line for line in lines)
     assert any(line.startswith("MLflow:  http://127.0.0.1:5000/#/experiments/") for line in lines)
+
+
+def test_registered_model_name_is_one_per_algorithm_and_base_model():
+    from flows.cards import registered_name
+    from schemas.params import PipelineParams
+
+    def name(**kw):
+        return registered_name(PipelineParams.model_validate(kw))
+
+    assert name(algorithm="gtpo", model="smollm2") == "turntree-gtpo-smollm2"
+    assert name(algorithm="grpo", model="/m/SmolLM2-135M-Instruct/") == "turntree-grpo-smollm2-135m-instruct"
+    assert name(algorithm="gtpo", model="tiny") != name(algorithm="gtpo", model="smollm2")

@@ -4,6 +4,7 @@ SQLite: stage outputs, MLflow runs read back, cached reruns, single-stage reruns
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,14 @@ def test_run_tells_its_story_in_prefect_and_mlflow(gtpo_run):
     }
     assert {("problems-train", "training"), ("problems-eval", "evaluation")} <= contexts
     name, version = manifest["registered_model"].rsplit("/", 1)
+    assert name == f"turntree-gtpo-{Path(params.model).name.lower()}"  # one name per algorithm and base model
     mv = client.get_model_version(name, version)
     assert mv.source == result["checkpoint"] and mv.run_id == parent.info.run_id
+    # the version's card: held-out before -> after with CIs, hyperparameters, data; the run's Source is the repo
+    assert re.search(r"starting policy \S+ .*\[[\d.]+, [\d.]+\] -> iteration 1 ", mv.description), mv.description
+    assert "- learning rate (warmup): " in mv.description and "synthetic:tool-arith" in mv.description
+    assert parent.data.tags["mlflow.source.type"] == "PROJECT"
+    assert parent.data.tags["mlflow.source.name"].endswith("(flows/pipeline.py)")
     children = _runs(result["tracking_uri"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     update = next(c for c in children if c.data.tags["stage"] == "update")
     card = Path(client.download_artifacts(update.info.run_id, "model/README.md")).read_text()
