@@ -381,6 +381,13 @@ def _summary_md(
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for s in summary:
         lines.append("| " + " | ".join(str(s.get(c, "")) for c in cols) + " |")
+    done = sorted(int(k[5:].split("/")[0]) for k in store.load()["stages"] if k.endswith("/advantages"))
+    if done and ctx.mlflow_parent:
+        views = [
+            f"[iteration {k}]({tracker.artifact_url(ctx.mlflow_parent, f'completions/iter-{k}.html')})"
+            for k in done
+        ]
+        lines += ["", "Completions (every trajectory, turn by turn; sortable): " + ", ".join(views)]
     if warnings:
         lines += ["", f"## Warnings ({len(warnings)})", "", *(f"- {w}" for w in warnings)]
     return "\n".join(lines)

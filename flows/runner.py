@@ -172,6 +172,8 @@ def run_stage(
             if previous and previous != child:
                 tracker.set_tags(previous, {"turntree.current": "false"})
             _log_outputs(tracker, child, ctx, stage, output, step)
+            if stage == "advantages":
+                _log_completions(tracker, child, ctx, store, inputs, output, step)
             tracker.end(child, "FINISHED")
         except Exception as e:  # tracking trouble must not lose a finished stage's output
             log.warning("MLflow logging of stage %s failed: %s", stage, e)
@@ -264,7 +266,7 @@ def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: Stage
     for name, ref in output.tables.items():
         if ref.uri.endswith(".parquet") and (is_remote(ref.uri) or os.path.exists(ref.uri)):
             tracker.log_sample_table(child, ref.uri, name)
-            if name in ("trajectories", "trees"):
+            if name in ("trajectories", "trees") and stage != "rollout":  # unscored: no rewards yet
                 tracker.log_transcripts(child, ref.uri, name)
             if name == "problems":
                 for split, context in (("train", "training"), ("eval", "evaluation")):
@@ -278,3 +280,21 @@ def _log_outputs(tracker, child: str, ctx: RunContext, stage: str, output: Stage
                 records = [json.loads(line) for line in steps.read_text().splitlines() if line.strip()]
                 for run in (child, ctx.mlflow_parent):
                     tracker.log_steps(run, records)
+
+
+def _log_completions(tracker, child, ctx, store, inputs, output, step) -> None:
+    """The iteration's completions viewer (``flows.completions``) on the advantages child and the parent."""
+    from flows.completions import completion_rows, completions_html
+
+    rollout = output.tables["trees"].uri if "trees" in output.tables else inputs.get("trajectories")
+    data = store.current_output("data", stage_spec("data").iteration)
+    if not rollout or is_remote(rollout):  # a remote root: the stored tables are the viewer
+        return
+    samples = output.tables.get("samples")
+    rows = completion_rows(rollout, samples.uri if samples else None, data.uri("problems") if data else None)
+    if not rows:
+        return
+    page = completions_html(rows, f"run {ctx.run_id}, iteration {step}: {len(rows)} turns / nodes")
+    for run in (child, ctx.mlflow_parent):
+        tracker.log_rows(run, rows, f"completions/iter-{step}.json")
+        tracker.log_text(run, page, f"completions/iter-{step}.html")

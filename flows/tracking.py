@@ -159,6 +159,17 @@ class Tracker:
                 )
         self.client.log_table(run_id, df, f"samples/{name}.json")
 
+    def log_rows(self, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
+        """``rows`` (dicts of one set of keys) as an MLflow table artifact."""
+        import pandas as pd
+
+        self.client.log_table(run_id, pd.DataFrame(rows), name)
+
+    def artifact_url(self, run_id: str, path: str) -> str:
+        """An artifact's page in the MLflow UI."""
+        base = (ui_base() or "http://127.0.0.1:5000").rstrip("/")
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}"
+
     def log_dataset(self, run_id: str, uri: str, name: str, context: str, split: str | None = None) -> None:
         """The table at ``uri`` (only its rows of ``split``, when given) as an MLflow dataset input."""
         import warnings

@@ -154,7 +154,9 @@ def test_run_tells_its_story_in_prefect_and_mlflow(gtpo_run):
     mv = client.get_model_version(name, version)
     assert mv.source == result["checkpoint"] and mv.run_id == parent.info.run_id
     # the version's card: held-out before -> after with CIs, hyperparameters, data; the run's Source is the repo
-    assert re.search(r"starting policy \S+ .*\[[\d.]+, [\d.]+\] -> iteration 1 ", mv.description), mv.description
+    assert re.search(r"starting policy \S+ .*\[[\d.]+, [\d.]+\] -> iteration 1 ", mv.description), (
+        mv.description
+    )
     assert "- learning rate (warmup): " in mv.description and "synthetic:tool-arith" in mv.description
     assert parent.data.tags["mlflow.source.type"] == "PROJECT"
     assert parent.data.tags["mlflow.source.name"].endswith("(flows/pipeline.py)")
@@ -167,6 +169,21 @@ def test_run_tells_its_story_in_prefect_and_mlflow(gtpo_run):
         Path(client.download_artifacts(score.info.run_id, "transcripts/trajectories.json")).read_text()
     )
     assert {"turn", "text", "code", "observation", "turn_reward"} <= set(table["columns"]) and table["data"]
+    # the completions viewer on the parent: every turn of every trajectory, with prompt, reference, advantage
+    viewer = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "completions/iter-1.json")).read_text()
+    )
+    turns = read_table(
+        RunStore(params.run_root, result["run_id"]).current_output("score", 1).uri("trajectories")
+    )
+    assert len(viewer["data"]) == sum(len(t) for t in turns.column("turns").to_pylist())
+    assert {"prompt", "reference", "turn_reward", "advantage", "reward", "stop_reason"} <= set(
+        viewer["columns"]
+    )
+    assert (
+        "<table>"
+        in Path(client.download_artifacts(parent.info.run_id, "completions/iter-1.html")).read_text()
+    )
 
 
 def test_rerun_with_same_params_skips_completed_stages(gtpo_run):
