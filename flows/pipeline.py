@@ -375,7 +375,7 @@ def _summary_md(
         if any(k in s for s in summary)
     ]
     evals = sorted(
-        {k for s in summary for k in s if k.startswith("eval/") and "pass_at_1_iter" in k and "_ci_" not in k}
+        {k for s in summary for k in s if k.startswith("eval/") and "pass_at_1_attempt" in k and "_ci_" not in k}
     )
     cols = ["iteration", *keys, *evals]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

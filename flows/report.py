@@ -166,7 +166,7 @@ def headline(metrics: dict[str, float]) -> dict[str, Any] | None:
     and the number of problems; None without an evaluation."""
     benches = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.count("/") == 2})
     for bench in benches:
-        for name, label in (("accuracy", "accuracy"), ("pass_at_1_iter1", "pass@1")):
+        for name, label in (("accuracy", "accuracy"), ("pass_at_1_attempt1", "pass@1")):
             key = f"eval/{bench}/{name}"
             if key in metrics:
                 return {

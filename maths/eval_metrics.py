@@ -6,7 +6,7 @@ Definitions (docs/algorithms.md, "Evaluation"):
 - A *sample* is one independent run of the self-correction loop on a problem: attempt 1 from the task prompt,
   then, while it fails and fewer than K attempts were made, another attempt from the feedback prompt.
   A sample is **solved at iteration k** if any of its first k attempts passes all tests.
-- ``pass_at_1_iter<k>`` = mean over problems of (samples solved at k) / n — the unbiased pass@1 at Iter-k.
+- ``pass_at_1_attempt<k>`` = mean over problems of (samples solved at k) / n — the unbiased pass@1 at Iter-k.
 - ``pass_at_<k>`` (n > 1 only) = mean over problems of the unbiased pass@k estimator of Chen et al. 2021
   (arXiv 2107.03374), 1 − C(n−c, k) / C(n, k), on first attempts (c = samples passing at attempt 1).
 - ``accuracy`` (math) = mean over problems of the fraction of samples whose final answer is right.
@@ -157,7 +157,7 @@ def group_metrics(
 ) -> dict[str, float]:
     """Metrics of one group of sample records (one benchmark, or one difficulty of it), names unprefixed.
 
-    kind "code": pass_at_1_iter1..K with CIs; kind "math": accuracy with CI (and pass_at_1_iter1, equal to
+    kind "code": pass_at_1_attempt1..K with CIs; kind "math": accuracy with CI (and pass_at_1_attempt1, equal to
     it, so plots treat both kinds alike). Both: pass_at_<k> (n > 1), avg_turns, avg_tool_calls, problems,
     samples_per_problem.
     """
@@ -169,7 +169,7 @@ def group_metrics(
     curve = iteration_curve(records, k_max)
     m: dict[str, float] = {"problems": float(len(by_problem)), "samples_per_problem": float(min(n_per))}
     for k in range(1, k_max + 1):
-        m.update(_with_ci(f"pass_at_1_iter{k}", curve[:, k - 1], bootstrap, seed + k))
+        m.update(_with_ci(f"pass_at_1_attempt{k}", curve[:, k - 1], bootstrap, seed + k))
     if kind == "math":
         m.update(_with_ci("accuracy", curve[:, 0], bootstrap, seed + 1))
     n = min(n_per)

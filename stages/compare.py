@@ -56,7 +56,7 @@ def metric_histories(
 def method_summaries(
     eval_tables: Mapping[str, str], *, bootstrap: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{method: {benchmark: metrics}} where metrics are group_metrics' (pass_at_1_iter<k> with CIs, …).
+    """{method: {benchmark: metrics}} where metrics are group_metrics' (pass_at_1_attempt<k> with CIs, …).
 
     Iterations per benchmark = the largest attempt number in that benchmark's rows (1 for math).
     """
@@ -80,7 +80,7 @@ def method_summaries(
 
 def _iters(m: Mapping[str, float]) -> int:
     k = 0
-    while f"pass_at_1_iter{k + 1}" in m:
+    while f"pass_at_1_attempt{k + 1}" in m:
         k += 1
     return k
 
@@ -103,9 +103,9 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Mapping[str, float]]]) -
     for method, per in summaries.items():
         for bench, m in per.items():
             k = _iters(m)
-            gain = m[f"pass_at_1_iter{k}"] - m["pass_at_1_iter1"] if k else float("nan")
+            gain = m[f"pass_at_1_attempt{k}"] - m["pass_at_1_attempt1"] if k else float("nan")
             cells = [method, bench, f"{m['problems']:.0f}", f"{m['samples_per_problem']:.0f}"]
-            cells += [_fmt(m, f"pass_at_1_iter{i}") for i in range(1, k_max + 1)]
+            cells += [_fmt(m, f"pass_at_1_attempt{i}") for i in range(1, k_max + 1)]
             cells += [f"{gain:+.3f}", f"{m['avg_turns']:.2f}", f"{m['avg_tool_calls']:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -132,9 +132,9 @@ def plot_pass_vs_iteration(summaries: Mapping[str, Mapping[str, Mapping[str, flo
             if not m:
                 continue
             ks = list(range(1, _iters(m) + 1))
-            y = [m[f"pass_at_1_iter{k}"] for k in ks]
-            lo = [y[j] - m.get(f"pass_at_1_iter{k}_ci_low", y[j]) for j, k in enumerate(ks)]
-            hi = [m.get(f"pass_at_1_iter{k}_ci_high", y[j]) - y[j] for j, k in enumerate(ks)]
+            y = [m[f"pass_at_1_attempt{k}"] for k in ks]
+            lo = [y[j] - m.get(f"pass_at_1_attempt{k}_ci_low", y[j]) for j, k in enumerate(ks)]
+            hi = [m.get(f"pass_at_1_attempt{k}_ci_high", y[j]) - y[j] for j, k in enumerate(ks)]
             x = [k + (i - (len(summaries) - 1) / 2) * 0.04 for k in ks]  # small dodge so bars don't overlap
             ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=4, label=method)
         ax.set_title(f"{bench}")
@@ -190,7 +190,7 @@ def compare(
     """Write report.md and PNGs for ``eval_tables`` ({method: eval_results uri}) into ``out``.
 
     Returns a StageOutput whose tables are the report and the PNGs (rows = methods for the report, 0 for
-    images) and whose metrics are ``eval/<bench>/<method>/pass_at_1_iter<k>`` (+ CIs) per method.
+    images) and whose metrics are ``eval/<bench>/<method>/pass_at_1_attempt<k>`` (+ CIs) per method.
     """
     if not eval_tables:
         raise ValueError("compare needs at least one {method: eval_results uri}")
@@ -224,7 +224,7 @@ def compare(
     for method, per in summaries.items():
         for bench, m in per.items():
             for key, value in m.items():
-                if key.startswith("pass_at_1_iter"):
+                if key.startswith("pass_at_1_attempt"):
                     metrics[f"eval/{bench_key(bench)}/{bench_key(method)}/{key}"] = value
     metrics.update(paired_metrics)
     return StageOutput(stage="compare", tables=tables, metrics=metrics, notes=[f"report: {report}"])
@@ -261,7 +261,7 @@ def paired_differences(
             for it in (1, k):
                 d = paired_bootstrap_diff(problem_scores(a, it), problem_scores(b, it), resamples=bootstrap, seed=seed)
                 cells.append(f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
-                prefix = f"eval/{bench_key(bench)}/{bench_key(method)}_vs_{bench_key(base)}/diff_iter{it}"
+                prefix = f"eval/{bench_key(bench)}/{bench_key(method)}_vs_{bench_key(base)}/diff_attempt{it}"
                 metrics.update({prefix: d["diff"], f"{prefix}_ci_low": d["ci_low"], f"{prefix}_ci_high": d["ci_high"]})
             lines.append(f"| {method} | {bench} | {d['problems']:.0f} | {cells[0]} | {cells[1]} |")
     return lines + [""], metrics

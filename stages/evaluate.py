@@ -2,7 +2,7 @@
 
     run(EvalParams, {"checkpoint": model_dir, "problems": problems uri (optional)}, out) -> StageOutput
         tables:  {"eval_results": out/eval_results.parquet}  (schemas.tables.EVAL_RESULTS, one row per attempt)
-        metrics: eval/<bench>/pass_at_1_iter<k> (+ _ci_low/_ci_high, 95% bootstrap over problems), k = 1..K
+        metrics: eval/<bench>/pass_at_1_attempt<k> (+ _ci_low/_ci_high, 95% bootstrap over problems), k = 1..K
                  eval/<bench>/pass_at_<k> (unbiased, n > 1), eval/<bench>/accuracy (math, + CI),
                  eval/<bench>/avg_turns, eval/<bench>/avg_tool_calls, eval/<bench>/difficulty/<d>/…,
                  eval/<bench>/problems_per_min, timing/evaluate, timing/evaluate_engine          (names: maths.eval_metrics)

@@ -89,10 +89,10 @@ def test_iteration_curve_hand_computed():
     )
     m = summarize(rows, kinds={}, iterations=3, bootstrap=0)
     # Iter-1: p1 1/2, p2 0, p3 0 -> 1/6 ; Iter-2: p1 1, 0, 0 -> 1/3 ; Iter-3: 1, 0, 1/2 -> 1/2
-    assert m["eval/b/pass_at_1_iter1"] == pytest.approx(1 / 6)
-    assert m["eval/b/pass_at_1_iter2"] == pytest.approx(1 / 3)
-    assert m["eval/b/pass_at_1_iter3"] == pytest.approx(1 / 2)
-    assert m["eval/b/pass_at_1_iter1_ci_low"] == m["eval/b/pass_at_1_iter1"]  # bootstrap off
+    assert m["eval/b/pass_at_1_attempt1"] == pytest.approx(1 / 6)
+    assert m["eval/b/pass_at_1_attempt2"] == pytest.approx(1 / 3)
+    assert m["eval/b/pass_at_1_attempt3"] == pytest.approx(1 / 2)
+    assert m["eval/b/pass_at_1_attempt1_ci_low"] == m["eval/b/pass_at_1_attempt1"]  # bootstrap off
     # n = 2 > 1: pass@2 on first attempts: p1 c=1 -> 1, p2 0, p3 0
     assert m["eval/b/pass_at_2"] == pytest.approx(1 / 3)
     # turns per sample = attempts used: (2 + 1 + 3 + 3 + 3 + 3) / 6
@@ -108,7 +108,7 @@ def test_math_reports_accuracy_and_difficulty_splits():
     )
     m = summarize(rows, kinds={p: "math" for p in "abcd"}, iterations=3, bootstrap=200)
     assert m["eval/synthetic-tool-arith/accuracy"] == pytest.approx(0.75)
-    assert "eval/synthetic-tool-arith/pass_at_1_iter2" not in m  # math: one attempt
+    assert "eval/synthetic-tool-arith/pass_at_1_attempt2" not in m  # math: one attempt
     assert m["eval/synthetic-tool-arith/difficulty/1/accuracy"] == pytest.approx(0.5)
     assert m["eval/synthetic-tool-arith/difficulty/2/accuracy"] == pytest.approx(1.0)
     lo, hi = m["eval/synthetic-tool-arith/accuracy_ci_low"], m["eval/synthetic-tool-arith/accuracy_ci_high"]

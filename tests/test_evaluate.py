@@ -100,9 +100,9 @@ def test_canonical_at_attempt_two_scores_iter1_zero_iter2_one(tmp_path, tokenize
     res, table = _stage(tmp_path, rows, engine, iterations=3, samples=2)
     m = res.metrics
     for bench in ("humaneval", "mbpp"):  # a problems table reports per source
-        assert m[f"eval/{bench}/pass_at_1_iter1"] == 0.0
-        assert m[f"eval/{bench}/pass_at_1_iter2"] == 1.0
-        assert m[f"eval/{bench}/pass_at_1_iter3"] == 1.0
+        assert m[f"eval/{bench}/pass_at_1_attempt1"] == 0.0
+        assert m[f"eval/{bench}/pass_at_1_attempt2"] == 1.0
+        assert m[f"eval/{bench}/pass_at_1_attempt3"] == 1.0
         assert m[f"eval/{bench}/pass_at_2"] == 0.0  # unbiased pass@2 on first attempts, n = 2
         assert m[f"eval/{bench}/avg_turns"] == 2.0
         assert m[f"eval/{bench}/problems_per_min"] > 0
@@ -118,7 +118,7 @@ def test_no_code_block_gets_explicit_feedback(tmp_path, tokenizer):
     rows = humaneval_rows()[:1]
     engine = ScriptedEngine(tokenizer, rows, lambda p, a: "I don't know.", fenced=False)
     res, table = _stage(tmp_path, rows, engine, iterations=2)
-    assert res.metrics["eval/humaneval/pass_at_1_iter2"] == 0.0
+    assert res.metrics["eval/humaneval/pass_at_1_attempt2"] == 0.0
     assert "python code block was found" in table[0]["feedback"]
 
 
@@ -129,7 +129,7 @@ def test_humaneval_canonical_solutions_pass_164_of_164(tmp_path, tokenizer):
     failed = [r["problem_id"] for r in table if not r["passed"]]
     assert failed == [], f"canonical solutions failing in our sandbox: {failed}"
     assert (
-        res.metrics["eval/humaneval/pass_at_1_iter1"] == 1.0 and res.metrics["eval/humaneval/problems"] == 164
+        res.metrics["eval/humaneval/pass_at_1_attempt1"] == 1.0 and res.metrics["eval/humaneval/problems"] == 164
     )
 
 
@@ -217,17 +217,17 @@ def test_real_vllm_path_on_tiny_model(tmp_path, tiny_model, tiny_engine):
     assert len(per_sample) == 3 * 2
     assert {r["attempt"] for r in table} <= {1, 2}
     for key in (
-        "pass_at_1_iter1",
-        "pass_at_1_iter2",
-        "pass_at_1_iter2_ci_low",
-        "pass_at_1_iter2_ci_high",
+        "pass_at_1_attempt1",
+        "pass_at_1_attempt2",
+        "pass_at_1_attempt2_ci_low",
+        "pass_at_1_attempt2_ci_high",
         "pass_at_2",
         "avg_turns",
         "avg_tool_calls",
         "problems_per_min",
     ):
         assert f"eval/humaneval/{key}" in res.metrics, key
-    assert 0.0 <= res.metrics["eval/humaneval/pass_at_1_iter2"] <= 1.0
+    assert 0.0 <= res.metrics["eval/humaneval/pass_at_1_attempt2"] <= 1.0
 
 
 class ScriptedMathEngine:
@@ -275,7 +275,7 @@ def test_math_accuracy_with_tool_use(tmp_path, tokenizer):
     res, table = _stage(tmp_path, rows, engine, samples=2, max_turns=3)
     m = res.metrics
     assert m["eval/m/accuracy"] == pytest.approx(2 / 3)
-    assert m["eval/m/pass_at_1_iter1"] == pytest.approx(2 / 3) and "eval/m/pass_at_1_iter2" not in m
+    assert m["eval/m/pass_at_1_attempt1"] == pytest.approx(2 / 3) and "eval/m/pass_at_1_attempt2" not in m
     assert m["eval/m/avg_turns"] == 2.0 and m["eval/m/avg_tool_calls"] == 1.0
     assert m["eval/m/pass_at_2"] == pytest.approx(2 / 3)
     assert m["eval/m/difficulty/1/accuracy"] == 1.0 and m["eval/m/difficulty/2/accuracy"] == 0.5

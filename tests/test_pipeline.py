@@ -274,7 +274,7 @@ def test_evaluate_flow_and_comparison_report(gtpo_run, tiny_model, tmp_path):
         benchmark="synthetic:func-synth", max_problems=2, iterations=2, max_new_tokens=8, bootstrap=10
     )
     first = evaluate_flow(str(tiny_model), ev, params.run_root)
-    assert "eval/synthetic-func-synth/pass_at_1_iter2" in first["metrics"]
+    assert "eval/synthetic-func-synth/pass_at_1_attempt2" in first["metrics"]
     assert read_table(first["eval_results"], tables.EVAL_RESULTS).num_rows >= 2
     again = evaluate_flow(str(tiny_model), ev, params.run_root)  # stored result reused, not recomputed
     assert again["run_id"] == first["run_id"] and again["eval_results"] == first["eval_results"]

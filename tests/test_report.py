@@ -69,7 +69,7 @@ def test_compare_renders_report_and_plots(tables, tmp_path):
     assert res.tables["report"].rows == 3
     # headline metrics per method; Iter-k is non-decreasing in k
     for m in ("grpo", "gtpo", "murphy"):
-        ys = [res.metrics[f"eval/synthetic-func-synth/{m}/pass_at_1_iter{k}"] for k in (1, 2, 3)]
+        ys = [res.metrics[f"eval/synthetic-func-synth/{m}/pass_at_1_attempt{k}"] for k in (1, 2, 3)]
         assert ys == sorted(ys)
 
 
@@ -79,7 +79,7 @@ def test_compare_without_curves_and_cells(tables, tmp_path):
     summaries = method_summaries({"grpo": tables["grpo"]}, bootstrap=0)
     md = markdown_table(summaries)
     m = summaries["grpo"]["synthetic:func-synth"]
-    assert f"{m['pass_at_1_iter1']:.3f}" in md
+    assert f"{m['pass_at_1_attempt1']:.3f}" in md
     with pytest.raises(ValueError, match="at least one"):
         compare({}, tmp_path / "r2")
 
@@ -120,11 +120,11 @@ def test_compare_reports_paired_differences_against_the_first_method(tables, tmp
     ]
     for m in ("gtpo", "murphy"):
         for it in (1, 3):
-            key = f"eval/synthetic-func-synth/{m}_vs_grpo/diff_iter{it}"
+            key = f"eval/synthetic-func-synth/{m}_vs_grpo/diff_attempt{it}"
             assert res.metrics[f"{key}_ci_low"] <= res.metrics[key] <= res.metrics[f"{key}_ci_high"]
     want = (
-        res.metrics["eval/synthetic-func-synth/murphy/pass_at_1_iter3"]
-        - res.metrics["eval/synthetic-func-synth/grpo/pass_at_1_iter3"]
+        res.metrics["eval/synthetic-func-synth/murphy/pass_at_1_attempt3"]
+        - res.metrics["eval/synthetic-func-synth/grpo/pass_at_1_attempt3"]
     )
-    assert res.metrics["eval/synthetic-func-synth/murphy_vs_grpo/diff_iter3"] == pytest.approx(want)
+    assert res.metrics["eval/synthetic-func-synth/murphy_vs_grpo/diff_attempt3"] == pytest.approx(want)
     assert want > 0
