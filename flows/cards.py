@@ -12,7 +12,9 @@ from flows.runstore import RunStore
 if TYPE_CHECKING:
     from schemas.params import PipelineParams
 
-RunContext = Any  # flows.runner.RunContext (which imports this module): root, run_id, algo, git_sha, flow_run_id
+RunContext = (
+    Any  # flows.runner.RunContext (which imports this module): root, run_id, algo, git_sha, flow_run_id
+)
 
 
 def registered_name(p: PipelineParams) -> str:

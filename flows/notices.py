@@ -27,7 +27,9 @@ class Notices(logging.Handler):
         super().__init__(logging.WARNING)
         self.keep = keep
         self.messages: list[str] = []
-        self._local = threading.local()  # re-entrance guard (a Prefect logger that logs back through turntree)
+        self._local = (
+            threading.local()
+        )  # re-entrance guard (a Prefect logger that logs back through turntree)
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(self._local, "busy", False):

@@ -24,10 +24,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import State
 
+from flows.health import log_health
 from flows.locks import run_lock
 from flows.notices import notices
 from flows.runner import RunContext, default_run_id, fingerprint, params_field, source_tags
 from flows.runstore import RunStore
+from flows.summaries import run_summary_md
 from flows.tasks import artifact_key, prepare_model, skipped_stage, stage_runner
 from flows.tracking import Tracker
 from flows.watch import watched
@@ -328,9 +330,10 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
             table=[{"metric": m, "value": round(v, 6)} for m, v in sorted(metrics.items())],
             description=f"run {ctx.run_id}, iteration {k}",
         )
+        log_health(tracker, ctx.mlflow_parent, store.load())  # the RL health chart, redrawn
 
     try:
-        with notices() as seen:
+        with notices() as seen, tracker.system_metrics(ctx.mlflow_parent):
             checkpoint, summary = drive(
                 params, ctx, _call, prepare_model(params.model), table_artifact, _submit, skipped_stage
             )
@@ -344,7 +347,7 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
     tracker.end(ctx.mlflow_parent, "FINISHED")
     create_markdown_artifact(
         key=artifact_key(ctx.run_id, "summary"),
-        markdown=_summary_md(ctx, store, tracker, summary, seen.messages),
+        markdown=run_summary_md(ctx, store.load(), store.base, tracker, seen.messages),
         description=f"turntree run {ctx.run_id}",
     )
     return {
@@ -355,39 +358,3 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
         "tracking_uri": tracker.uri,
         "iterations": summary,
     }
-
-
-def _summary_md(
-    ctx: RunContext, store: RunStore, tracker, summary: list[dict[str, Any]], warnings: list[str] = ()
-) -> str:
-    lines = [
-        f"# turntree run `{ctx.run_id}`",
-        "",
-        f"- algorithm: **{ctx.algo}**",
-        f"- storage: `{store.base}`",
-        f"- MLflow: [run {ctx.mlflow_parent}]({tracker.run_url(ctx.mlflow_parent)}) (tracking URI `{tracker.uri}`)",
-        f"- git: `{ctx.git_sha}`",
-        "",
-    ]
-    keys = [
-        k
-        for k in ("reward/mean", "adv/zero_signal_frac", "actor/loss", "actor/clip_frac")
-        if any(k in s for s in summary)
-    ]
-    evals = sorted(
-        {k for s in summary for k in s if k.startswith("eval/") and "pass_at_1_attempt" in k and "_ci_" not in k}
-    )
-    cols = ["iteration", *keys, *evals]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for s in summary:
-        lines.append("| " + " | ".join(str(s.get(c, "")) for c in cols) + " |")
-    done = sorted(int(k[5:].split("/")[0]) for k in store.load()["stages"] if k.endswith("/advantages"))
-    if done and ctx.mlflow_parent:
-        views = [
-            f"[iteration {k}]({tracker.artifact_url(ctx.mlflow_parent, f'completions/iter-{k}.html')})"
-            for k in done
-        ]
-        lines += ["", "Completions (every trajectory, turn by turn; sortable): " + ", ".join(views)]
-    if warnings:
-        lines += ["", f"## Warnings ({len(warnings)})", "", *(f"- {w}" for w in warnings)]
-    return "\n".join(lines)

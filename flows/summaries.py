@@ -1,4 +1,5 @@
-"""What `turntree stage` and `turntree compare` print for a person (``--json`` prints the result itself)."""
+"""Summaries for a person: what `turntree stage` and `turntree compare` print (``--json`` prints the result
+itself), and a pipeline run's summary artifact in Prefect (its RL health table, links, warnings)."""
 
 from __future__ import annotations
 
@@ -61,4 +62,48 @@ def compare_summary(result: dict[str, Any]) -> str:
             lines.append(f"{bench:<24} {entry:<16} {cells}")
     lines.append(f"report: {result['report']}")
     lines.append(f"MLflow run: {result.get('mlflow_run_id', '?')}")
+    return "\n".join(lines)
+
+
+def _cell(v: Any, fmt: str = "{:.3f}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def run_summary_md(ctx: Any, manifest: dict[str, Any], base: str, tracker: Any, warnings: list[str]) -> str:
+    """The pipeline flow run's summary: where things are, the health table per iteration (held-out with its
+    95% CI, training reward, zero-signal fraction, response length, truncation), the health chart and the
+    completions of each iteration in MLflow, and the run's warnings."""
+    from flows.health import health_rows
+
+    parent = ctx.mlflow_parent
+    lines = [
+        f"# turntree run `{ctx.run_id}`",
+        "",
+        f"- algorithm: **{ctx.algo}**",
+        f"- storage: `{base}`",
+        f"- MLflow: [run {parent}]({tracker.run_url(parent)}) (tracking URI `{tracker.uri}`); "
+        f"[health chart]({tracker.artifact_url(parent, 'health.png')})",
+        f"- git: `{ctx.git_sha}`",
+        "",
+        "| iteration | held-out (95% CI) | reward | correct | zero-signal | tokens/turn | truncated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in health_rows(manifest):
+        held = ""
+        if r["held_out"] is not None:
+            held = f"{r['held_out']:.3f}"
+            if r["held_out_low"] is not None:
+                held += f" [{r['held_out_low']:.3f}, {r['held_out_high']:.3f}]"
+        cells = [str(r["iteration"]), held, _cell(r["reward"]), _cell(r["correct"], "{:.2f}")]
+        cells += [_cell(r["zero_signal"], "{:.2f}"), _cell(r["response_tokens"], "{:.1f}")]
+        cells += [_cell(r["truncated"], "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    done = sorted(int(k[5:].split("/")[0]) for k in manifest["stages"] if k.endswith("/advantages"))
+    if done and parent:
+        views = [
+            f"[iteration {k}]({tracker.artifact_url(parent, f'completions/iter-{k}.html')})" for k in done
+        ]
+        lines += ["", "Completions (every trajectory, turn by turn; sortable): " + ", ".join(views)]
+    if warnings:
+        lines += ["", f"## Warnings ({len(warnings)})", "", *(f"- {w}" for w in warnings)]
     return "\n".join(lines)

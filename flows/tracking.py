@@ -9,10 +9,12 @@ that file: it needs ``MLFLOW_TRACKING_URI`` (a tracking server), and without one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,36 @@ class Tracker:
                     lambda v: v if isinstance(v, str | type(None)) else json.dumps(v, default=str)
                 )
         self.client.log_table(run_id, df, f"samples/{name}.json")
+
+    def log_bytes(self, run_id: str, data: bytes, name: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(name).name
+            path.write_bytes(data)
+            parent = str(Path(name).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, every_s: float = 10.0) -> Iterator[None]:
+        """MLflow system metrics (CPU, memory, disk, network; GPU when present) of this process's machine on the
+        run while the block runs, every ``every_s`` seconds (the System metrics tab)."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=self.store_uri
+            )
+            monitor.start()
+        except Exception as e:  # psutil missing, or the store refuses: the run goes on without them
+            log.warning("MLflow system metrics are off: %s", e)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()
 
     def log_rows(self, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
         """``rows`` (dicts of one set of keys) as an MLflow table artifact."""

@@ -190,3 +190,15 @@ def test_registered_model_name_is_one_per_algorithm_and_base_model():
     assert name(algorithm="gtpo", model="smollm2") == "turntree-gtpo-smollm2"
     assert name(algorithm="grpo", model="/m/SmolLM2-135M-Instruct/") == "turntree-grpo-smollm2-135m-instruct"
     assert name(algorithm="gtpo", model="tiny") != name(algorithm="gtpo", model="smollm2")
+
+
+def test_health_rows_and_chart_from_the_manifest():
+    from flows.health import health_png, health_rows
+
+    rows = health_rows(_manifest())
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert rows[0]["held_out"] == 0.25 and rows[2]["held_out"] == 0.75 and rows[1]["held_out"] is None
+    assert rows[2]["held_out_low"] is not None and rows[2]["held_out_low"] <= 0.75 <= rows[2]["held_out_high"]
+    png = health_png(_manifest())
+    assert png[:4] == b"\x89PNG" and len(png) > 10_000
+    assert health_png({"stages": {}}) is None

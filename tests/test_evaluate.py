@@ -129,7 +129,8 @@ def test_humaneval_canonical_solutions_pass_164_of_164(tmp_path, tokenizer):
     failed = [r["problem_id"] for r in table if not r["passed"]]
     assert failed == [], f"canonical solutions failing in our sandbox: {failed}"
     assert (
-        res.metrics["eval/humaneval/pass_at_1_attempt1"] == 1.0 and res.metrics["eval/humaneval/problems"] == 164
+        res.metrics["eval/humaneval/pass_at_1_attempt1"] == 1.0
+        and res.metrics["eval/humaneval/problems"] == 164
     )
 
 

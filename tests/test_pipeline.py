@@ -184,6 +184,9 @@ def test_run_tells_its_story_in_prefect_and_mlflow(gtpo_run):
         "<table>"
         in Path(client.download_artifacts(parent.info.run_id, "completions/iter-1.html")).read_text()
     )
+    # the RL health chart and MLflow's system metrics on the parent
+    assert Path(client.download_artifacts(parent.info.run_id, "health.png")).read_bytes()[:4] == b"\x89PNG"
+    assert any(k.startswith("system/cpu") for k in parent.data.metrics), sorted(parent.data.metrics)[:20]
 
 
 def test_rerun_with_same_params_skips_completed_stages(gtpo_run):

@@ -43,7 +43,7 @@ def _setup(root: Path, extras: str | None) -> list[str]:
 def test_setup_installs_once_and_again_when_the_extras_change(tmp_path):
     root = _project(tmp_path)
     first = _setup(root, None)
-    assert any(c.startswith("uv pip install") and '.[cpu,lora,dev]' in c for c in first), first
+    assert any(c.startswith("uv pip install") and ".[cpu,lora,dev]" in c for c in first), first
     assert _setup(root, None) == []  # nothing changed: no install at all
     gpu = _setup(root, "gpu,lora,dev")
     assert any(c.startswith("uv pip install") and ".[gpu,lora,dev]" in c for c in gpu), gpu

@@ -22,7 +22,10 @@ def test_cells_run_ids_seeds_and_overrides():
     study, name, found = load(data, "mystudy", "runs")
     assert name == "mystudy" and len(found) == 2 * 2 * 2
     assert [c.run_id for c in found[:4]] == [
-        "mystudy-grpo-lr1e-06-s0", "mystudy-gtpo-g05-lr1e-06-s0", "mystudy-grpo-lr1e-06-s2", "mystudy-gtpo-g05-lr1e-06-s2"
+        "mystudy-grpo-lr1e-06-s0",
+        "mystudy-gtpo-g05-lr1e-06-s0",
+        "mystudy-grpo-lr1e-06-s2",
+        "mystudy-gtpo-g05-lr1e-06-s2",
     ]  # fmt: skip  (seed-major: a study stopped part way has every method of its first seeds)
     for c in found:
         p = c.params

@@ -17,7 +17,8 @@ with per-request seeding (``seeding``) they are the rows this process would writ
 Metrics: rollout/tokens, rollout/tokens_per_s (generated tokens per second of generate calls),
 rollout/sandbox_s, rollout/turns_mean, rollout/tool_valid_rate (TIR: valid tool calls / tool calls; tree:
 nodes with a code block / nodes), rollout/pass_rate_depth_<d> (tree), rollout/problems,
-rollout/problems_skipped, rollout/nodes (tree), timing/rollout, timing/rollout_engine (the slowest actor's with
+rollout/problems_skipped, rollout/nodes (tree), response lengths, truncation and stop reasons
+(``health.length_metrics``), timing/rollout, timing/rollout_engine (the slowest actor's with
 workers), rollout/ray_workers (distinct Ray worker processes; workers > 1 only, each named in a note).
 """
 
@@ -34,6 +35,7 @@ from runtime.engines import live
 from schemas.outputs import StageOutput
 from schemas.params.rollout import RolloutParams
 from schemas.tables import PROBLEMS, TRAJECTORIES, TREES
+from stages.rollout.health import length_metrics
 from stages.rollout.shard import build_engine, rollout_rows
 from stages.rollout.tir import tir_trajectories
 from stages.rollout.tree import refinement_trees
@@ -148,6 +150,7 @@ def run(params: RolloutParams, inputs: dict[str, str], out: Path) -> StageOutput
             "timing/rollout": time.perf_counter() - t_start,
         }
     )
+    metrics.update(length_metrics(rows, params.kind, params.max_new_tokens))
     if workers:
         metrics["rollout/ray_workers"] = float(len({(w["node_id"], w["pid"]) for w in workers}))
     return StageOutput(stage="rollout", tables={name: ref}, metrics=metrics, notes=notes)
