@@ -281,12 +281,32 @@ def drive(
 
 
 def run_name() -> str:
-    """The flow run's name: the turntree run id, so Prefect's and turntree's names of a run agree."""
+    """The flow run's name: the name a user typed in the run form, else the turntree run id (so Prefect's and
+    turntree's names of a run agree; the run id is always a tag, ``run:<id>``)."""
     from prefect.runtime import flow_run
 
     p = flow_run.parameters.get("params")
     p = p if isinstance(p, PipelineParams) else PipelineParams.model_validate(p or {})
-    return p.run_id or default_run_id(p)
+    given = flow_run.name
+    return given if given and not generated_name(given) else p.run_id or default_run_id(p)
+
+
+def generated_name(name: str) -> bool:
+    """Prefect's own name for a flow run nobody named: adjective-animal (coolname's two-word slugs)."""
+    import re
+    from importlib import resources
+
+    parts = name.split("-")
+    if len(parts) != 2 or not re.fullmatch(r"[a-z]+-[a-z]+", name):
+        return False
+    data = resources.files("coolname") / "data"
+    animals = {
+        w.strip()
+        for f in data.iterdir()
+        if f.name.startswith("animal") and f.name.endswith(".txt")
+        for w in f.read_text().splitlines()
+    }
+    return parts[1] in animals
 
 
 def tag_flow_run(ctx: RunContext, params: PipelineParams) -> None:

@@ -205,6 +205,17 @@ def serve_prefect_only(root: str, prefect_port: int) -> int:
 STEP_ENTRYPOINT = "flows/step.py:stage_step"
 
 
+PIPELINE_ENTRYPOINT = "flows/pipeline.py:pipeline"
+MAIN_JOB = REPO / "configs" / "default.yaml"
+
+
+def main_job_params() -> dict:
+    """The main job's parameters (configs/default.yaml), as the pipeline deployment's defaults."""
+    import yaml
+
+    return yaml.safe_load(MAIN_JOB.read_text())
+
+
 def deploy(pools: list[str], prefect_file: str) -> int:
     """Create each process work pool if missing (an existing pool of any type, e.g. Kubernetes, is kept), then
     `prefect deploy --all` with the repo as working dir: every deployment to the first pool, and the stage step
@@ -222,13 +233,18 @@ def deploy(pools: list[str], prefect_file: str) -> int:
 
     prefect = str(BIN / "prefect")
     config = yaml.safe_load(Path(prefect_file).read_text())
+    for d in config["deployments"]:  # Quick run of the pipeline runs the main job (`make run`'s config)
+        if d["entrypoint"] == PIPELINE_ENTRYPOINT:
+            d.setdefault("parameters", {}).setdefault("params", main_job_params())
     steps_only = {
         **config,
         "deployments": [d for d in config["deployments"] if d["entrypoint"] == STEP_ENTRYPOINT],
     }
     with tempfile.TemporaryDirectory(prefix="turntree-deploy-") as tmp:
-        step_file = Path(tmp) / "prefect.yaml"
+        step_file, main_file = Path(tmp) / "prefect.yaml", Path(tmp) / "main" / "prefect.yaml"
         step_file.write_text(yaml.safe_dump(steps_only, sort_keys=False))
+        main_file.parent.mkdir()
+        main_file.write_text(yaml.safe_dump(config, sort_keys=False))
         for i, pool in enumerate(dict.fromkeys(pools)):
             # TURNTREE_REPO: where the flow runs find the repository (the images' /opt/turntree when deploying
             # from a checkout elsewhere to a Kubernetes pool); default: this checkout.
@@ -244,7 +260,7 @@ def deploy(pools: list[str], prefect_file: str) -> int:
                 subprocess.run(
                     [prefect, "work-pool", "create", pool, "--type", "process"], check=True, env=env
                 )
-            file = prefect_file if i == 0 else str(step_file)
+            file = str(main_file) if i == 0 else str(step_file)
             res = subprocess.run(
                 [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", file], cwd=REPO, env=env
             )

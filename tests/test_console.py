@@ -202,3 +202,13 @@ def test_health_rows_and_chart_from_the_manifest():
     png = health_png(_manifest())
     assert png[:4] == b"\x89PNG" and len(png) > 10_000
     assert health_png({"stages": {}}) is None
+
+
+def test_a_typed_flow_run_name_is_kept_and_prefects_own_is_replaced_by_the_run_id():
+    from prefect.utilities.names import generate_slug
+
+    from flows.pipeline import generated_name
+
+    assert all(generated_name(generate_slug(2)) for _ in range(500))
+    for typed in ("my-baseline", "gtpo lr 1e-5", "grpo-seed0", "Ablation-Run", "nightly"):
+        assert not generated_name(typed), typed

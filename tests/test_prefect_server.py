@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.runner import RunContext, run_stage
 from flows.runstore import RunStore
@@ -106,7 +107,8 @@ def test_deploy_and_run_through_a_worker(tmp_path):
             "    d = c.read_deployment_by_name('turntree-pipeline/pipeline')\n"
             "    s = c.read_deployment_by_name('turntree-stage/stage')\n"
             "    print(json.dumps({'pull': d.pull_steps, 'tags': d.tags, 'limit': d.global_concurrency_limit.limit,"
-            " 'schedules': len(d.schedules), 'stage': s.parameter_openapi_schema['properties']['stage']},"
+            " 'schedules': len(d.schedules), 'stage': s.parameter_openapi_schema['properties']['stage'],"
+            " 'params': d.parameters, 'reruns': [r.name for r in c.read_flow_runs() if 'rerun' in r.tags]},"
             " default=str))\n"
         )
         info = subprocess.run(
@@ -117,6 +119,9 @@ def test_deploy_and_run_through_a_worker(tmp_path):
         assert str(REPO) not in json.dumps(dep_info["pull"]) and "turntree" in dep_info["tags"]
         assert dep_info["limit"] == 1 and dep_info["schedules"] == 1
         assert "score" in json.dumps(dep_info["stage"])  # a choice of stages, not free text
+        # Quick run trains the main job (configs/default.yaml), not the bare parameter defaults
+        assert dep_info["params"]["params"] == yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+        assert dep_info["reruns"] == ["served/data v2"]  # the rerun is named after its run, stage and version
     finally:
         stop(server)
         log.close()
