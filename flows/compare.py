@@ -20,7 +20,7 @@ from flows.evaluate import evaluate_checkpoint
 from flows.remote import is_remote, local_dir
 from flows.runstore import RunStore
 from flows.tasks import artifact_key, prepare_model
-from flows.tracking import Tracker
+from flows.tracking import EVAL_EXPERIMENT, Tracker
 from schemas.params import EvalParams
 
 
@@ -60,7 +60,7 @@ def compare_flow(
         evals[name] = evaluate_checkpoint(prepare_model(ckpt), params, run_root, fr)["eval_results"]
         if mlflow_run:
             train_runs[name] = mlflow_run
-    tracker = Tracker(run_root)
+    tracker = Tracker(run_root, EVAL_EXPERIMENT)
     curves = metric_histories(train_runs, tracking_uri=tracker.store_uri) if train_runs else None
     result = compare(evals, Path(out), curves, bootstrap=params.bootstrap, seed=params.seed)
     run = tracker.start_parent(

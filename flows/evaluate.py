@@ -18,7 +18,7 @@ from flows.locks import run_lock
 from flows.runner import RunContext, fingerprint, run_stage, stage_code
 from flows.runstore import RunStore
 from flows.tasks import prepare_model
-from flows.tracking import Tracker
+from flows.tracking import EVAL_EXPERIMENT, Tracker
 from flows.watch import watched
 from schemas.params import EvalParams
 
@@ -37,7 +37,7 @@ def evaluate_checkpoint(
 def _evaluate(model_dir, params, run_root, run_id, body, flow_run_id) -> dict[str, Any]:
     store = RunStore(run_root, run_id)
     manifest = store.create_or_open(body)
-    tracker = Tracker(run_root)
+    tracker = Tracker(run_root, EVAL_EXPERIMENT)
     inputs = {"checkpoint": model_dir}
     done = None
     if manifest.get("status") == "completed":
@@ -55,7 +55,11 @@ def _evaluate(model_dir, params, run_root, run_id, body, flow_run_id) -> dict[st
         )
         store.update(status="running", mlflow_run_id=parent)
         ctx = RunContext(
-            root=run_root, run_id=run_id, algo="eval", mlflow_parent=parent, flow_run_id=flow_run_id
+            root=run_root,
+            run_id=run_id,
+            algo="eval",
+            mlflow_parent=parent,
+            flow_run_id=flow_run_id,
         )
         try:
             done = run_stage("evaluate", params, inputs, ctx, None)

@@ -153,6 +153,11 @@ def serve(root: str, prefect_port: int, mlflow_port: int) -> int:
             f"MLflow UI:  http://127.0.0.1:{mlflow_port}   (tracking URI {uri}; export "
             f"TURNTREE_MLFLOW_UI=http://127.0.0.1:{mlflow_port} for run links)"
         )
+        from flows.tracking import EVAL_EXPERIMENT, UI_MODE, Tracker
+
+        for label, name in (("training runs", "turntree"), ("evaluations", EVAL_EXPERIMENT)):
+            exp = Tracker(root, name).experiment_id
+            print(f"  {label}: http://127.0.0.1:{mlflow_port}/#/experiments/{exp}?{UI_MODE}")
         print(f"Server logs: {logs}/prefect-server.log, {logs}/mlflow-server.log")
         print("Ctrl-C stops both.")
         while all(p.poll() is None for p in procs):

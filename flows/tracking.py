@@ -21,7 +21,8 @@ from typing import Any
 from flows.uris import redact, redact_all, without_userinfo
 
 log = logging.getLogger("turntree.tracking")
-EXPERIMENT = "turntree"
+EXPERIMENT = "turntree"  # training runs
+EVAL_EXPERIMENT = "turntree-evaluation"  # `turntree eval` and `turntree compare`
 KIND_TAG = "mlflow.experimentKind"
 # the MLflow UI (3.x) opens in its GenAI mode unless a link asks for the model-training one (runs, models)
 UI_MODE = "workflowType=machine_learning"
@@ -73,7 +74,7 @@ class Tracker:
     dicts, texts) has the credentials of any URI in it redacted (``flows.uris``); ``uri`` is the tracking URI
     as it may be recorded or shown (its password redacted), ``store_uri`` the one the client uses."""
 
-    def __init__(self, run_root: str):
+    def __init__(self, run_root: str, experiment: str = EXPERIMENT):
         from mlflow import MlflowClient
 
         self.store_uri = tracking_uri(run_root)
@@ -81,12 +82,12 @@ class Tracker:
         # no mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which would then override the next run
         # root's store in this process (and in every child process)
         self.client = MlflowClient(self.store_uri)
-        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             art = None
             if self.store_uri.startswith("sqlite:///"):
                 art = Path(self.store_uri[len("sqlite:///") :]).parent.joinpath("mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=art)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=art)
         else:
             self.experiment_id = exp.experiment_id
         if exp is None or KIND_TAG not in exp.tags:  # open on the runs table, not the GenAI traces view
@@ -99,8 +100,10 @@ class Tracker:
         return run.info.run_id
 
     def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """A run nested under ``parent_id``, in the parent's experiment (training or evaluation)."""
+        experiment = self.client.get_run(parent_id).info.experiment_id
         run = self.client.create_run(
-            self.experiment_id, run_name=name, tags=redact_all({**tags, "mlflow.parentRunId": parent_id})
+            experiment, run_name=name, tags=redact_all({**tags, "mlflow.parentRunId": parent_id})
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -115,6 +118,11 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def experiment_url(self) -> str:
+        """The experiment's runs in the MLflow UI's Model training view."""
+        base = ui_base() or "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?{UI_MODE}"
 
     def run_url(self, run_id: str) -> str:
         """The run's page in the MLflow UI: ``ui_base()``, else the one `turntree serve` starts."""

@@ -154,6 +154,9 @@ def test_serve_starts_both_uis_and_stops_them(tmp_path):
         exp_url = f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/get-by-name?experiment_name=turntree"
         with urllib.request.urlopen(exp_url, timeout=10) as r:
             exp_id = json.loads(r.read())["experiment"]["experiment_id"]
+        # the banner links the training experiment (and the evaluations') in the Model training view
+        assert f"training runs: http://127.0.0.1:{mp}/#/experiments/{exp_id}?workflowType=machine_learning" in out
+        assert "evaluations: http://127.0.0.1:" in out
         req = urllib.request.Request(
             f"http://127.0.0.1:{mp}/api/2.0/mlflow/runs/search",
             data=json.dumps({"experiment_ids": [exp_id]}).encode(),

@@ -81,3 +81,17 @@ def test_serve_starts_no_mlflow_server_on_top_of_a_tracking_server(tmp_path, mon
     assert mlflow_store(str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(TrackingNotConfigured):
         mlflow_store("s3://bucket/runs")
+
+
+def test_evaluations_have_their_own_experiment_and_children_follow_their_parent(tmp_path, monkeypatch):
+    from flows.tracking import EVAL_EXPERIMENT
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train, evals = Tracker(str(tmp_path)), Tracker(str(tmp_path), EVAL_EXPERIMENT)
+    assert train.experiment_id != evals.experiment_id
+    parent = evals.start_parent("eval-1", {}, {"stage": "evaluate"})
+    child = train.start_child(parent, "evaluate", {}, {"stage": "evaluate"})  # any tracker of the root
+    client = MlflowClient(train.uri)
+    assert client.get_run(child).info.experiment_id == evals.experiment_id
+    assert {r.info.run_name for r in client.search_runs([train.experiment_id])} == set()
+    assert evals.experiment_url().endswith(f"/#/experiments/{evals.experiment_id}?workflowType=machine_learning")
