@@ -1,6 +1,8 @@
 """The UIs in a real browser (Debian's chromium, driven by Playwright): `turntree serve`, deploy, start the
 tiny pipeline from the Prefect UI's deployment page with Quick run, watch it complete through a worker, then find
-its metrics and its registered model in the MLflow UI. Screenshots go to ``$TURNTREE_TEST_ARTIFACTS`` (default
+its metrics and its registered model in the MLflow UI; its completions page (sorted by a click); a stage rerun
+with its version in both UIs; a run whose update was skipped: its warning and Skipped node in Prefect, and no
+new version in the registry. Screenshots go to ``$TURNTREE_TEST_ARTIFACTS`` (default
 ``test-artifacts/browser``)."""
 
 from __future__ import annotations
@@ -153,8 +155,81 @@ def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
             page.goto(f"http://127.0.0.1:{mp}/#/models/{name}?{ml}", timeout=60_000)
             expect(page.get_by_text(f"Version {version}").first).to_be_visible(timeout=60_000)
             page.screenshot(path=ARTIFACTS / "mlflow-registered-model.png", full_page=True)
+            assert name == f"turntree-gtpo-{Path(str(tiny_model)).name}" and version == "1"
+            _completions_view(page, mp, exp_id, manifest["mlflow_run_id"])
+            _rerun_in_both_uis(page, env, root, run_id, pp, mp, exp_id)
+            _warning_and_registry(page, env, tiny, tmp_path, pp, mp, name)
             browser.close()
     finally:
         if worker is not None:
             _stop(worker)
         _stop(serve)
+
+
+def _turntree(args: list[str], env: dict[str, str]) -> str:
+    res = subprocess.run([str(BIN / "turntree"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+def _completions_view(page, mp: int, exp_id: str, parent: str) -> None:
+    """The run's Artifacts: completions/iter-1.html, every turn; a click on a header sorts the table."""
+    from playwright.sync_api import expect
+
+    page.goto(f"http://127.0.0.1:{mp}/#/experiments/{exp_id}/runs/{parent}/artifacts", timeout=60_000)
+    page.get_by_text("completions", exact=True).first.click(timeout=60_000)
+    page.get_by_text("iter-1.html", exact=True).first.click(timeout=60_000)
+    frame = page.frame_locator("iframe").first
+    expect(frame.get_by_text("click a column header to sort").first).to_be_visible(timeout=60_000)
+    header = frame.get_by_role("columnheader", name="problem_id", exact=True)
+    header.click()
+    page.wait_for_timeout(500)
+    page.screenshot(path=ARTIFACTS / "mlflow-completions.png", full_page=True)
+    ids = frame.locator("tbody tr td:nth-child(2)").all_inner_texts()
+    assert ids and ids == sorted(ids), ids  # sorted by the clicked column
+
+
+def _rerun_in_both_uis(page, env, root: Path, run_id: str, pp: int, mp: int, exp_id: str) -> None:
+    """`turntree stage score --set …`: the Prefect flow run named `<run>/iter-1/score v2`, the MLflow child
+    `iter-1/score v2` with its version and overrides as tags."""
+    from playwright.sync_api import expect
+
+    out = _turntree(
+        ["stage", "score", "--run", run_id, "--iter", "1", "--root", str(root), "--set", "shaping_alpha=0.3"],
+        env,
+    )
+    assert out.startswith(f"run {run_id}: iter-1/score rerun as v2"), out
+    page.goto(f"http://127.0.0.1:{pp}/runs", timeout=60_000)
+    expect(page.get_by_text(f"{run_id}/iter-1/score v2").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "prefect-rerun.png", full_page=True)
+    found = _get(
+        f"http://127.0.0.1:{mp}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [exp_id], "filter": "tags.`turntree.version` = 'v2' and tags.stage = 'score'"},
+    )
+    (child,) = found["runs"]
+    page.goto(f"http://127.0.0.1:{mp}/#/experiments/{exp_id}/runs/{child['info']['run_id']}", timeout=60_000)
+    expect(page.get_by_text("iter-1/score v2").first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("turntree.overrides").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "mlflow-rerun.png", full_page=True)
+
+
+def _warning_and_registry(page, env, tiny: dict, tmp_path: Path, pp: int, mp: int, name: str) -> None:
+    """A run whose every group tied: the update is skipped; Prefect shows the warning in the flow run's logs and a
+    Skipped node, and the registry gets no version of an untrained model."""
+    from playwright.sync_api import expect
+
+    config = tmp_path / "tied.yaml"
+    config.write_text(
+        yaml.safe_dump({**tiny, "advantages": {"keep_zero_signal": False}, "run_id": "tied-run"})
+    )
+    _turntree(["run", "--config", str(config)], env)
+    manifest = json.loads((Path(tiny["run_root"]) / "tied-run" / "manifest.json").read_text())
+    assert "registered_model" not in manifest
+    page.goto(f"http://127.0.0.1:{pp}/runs/flow-run/{manifest['prefect_flow_run_id']}", timeout=60_000)
+    expect(page.get_by_text("update skipped").first).to_be_visible(timeout=60_000)  # the Logs tab
+    page.screenshot(path=ARTIFACTS / "prefect-warning.png", full_page=True)
+    versions = _get(f"http://127.0.0.1:{mp}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{name}%27")
+    assert [v["version"] for v in versions["model_versions"]] == ["1"]  # still only the trained one
+    page.goto(f"http://127.0.0.1:{mp}/#/models/{name}", timeout=60_000)
+    expect(page.get_by_text("Version 1").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "mlflow-registry-no-untrained.png", full_page=True)
