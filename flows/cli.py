@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 from flows.config import UserError, build, load_config, parse_sets
+from flows.datacmd import cmd_data_list, cmd_data_prepare, cmd_model_prepare
+from schemas.benchmarks import sources_help
+from stages import PIPELINE_STAGES  # the stage table (a dataclass: no heavy import)
 
 DEFAULT_ROOT = os.environ.get("TURNTREE_RUN_ROOT", "runs")
 
@@ -79,7 +82,7 @@ def cmd_params(a: argparse.Namespace) -> int:
 
 def cmd_stage(a: argparse.Namespace) -> int:
     set_env_defaults(a.root)
-    from stages import PIPELINE_STAGES, STAGES
+    from stages import STAGES
 
     if a.name not in PIPELINE_STAGES:
         raise UserError(f"unknown stage {a.name!r}; stages: {', '.join(PIPELINE_STAGES)}")
@@ -219,44 +222,6 @@ def cmd_deploy(a: argparse.Namespace) -> int:
     return deploy(a.pool or ["turntree"], a.prefect_file)
 
 
-def cmd_data_prepare(a: argparse.Namespace) -> int:
-    from schemas.params import DataParams
-    from stages.data import DataError, prepare
-
-    given = {"format": a.format, "seed": a.seed, "eval_fraction": a.eval_fraction}
-    p = build(DataParams, {"sources": a.sources, **{k: v for k, v in given.items() if v is not None}})
-    try:
-        out = prepare(
-            p.sources,
-            Path(a.out),
-            format=p.format,
-            skip_bad=a.skip_bad,
-            seed=p.seed,
-            eval_fraction=p.eval_fraction,
-        )
-    except (DataError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
-    ref = out.tables["problems"]
-    print(f"wrote {ref.rows} problems to {ref.uri}")
-    for k, v in sorted(out.metrics.items()):
-        print(f"  {k}: {v:g}")
-    return 0
-
-
-def cmd_model_prepare(a: argparse.Namespace) -> int:
-    import time
-
-    from runtime.models import prepare
-
-    t = time.perf_counter()
-    try:
-        path = prepare(a.name, Path(a.out))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise UserError(str(e).strip("'\"")) from None
-    print(f"model {a.name} ready at {path} ({time.perf_counter() - t:.1f}s)")
-    return 0
-
-
 # --- parser ---------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -298,7 +263,7 @@ def parser() -> argparse.ArgumentParser:
     pp.set_defaults(fn=cmd_params)
 
     s = sub.add_parser("stage", help="rerun one stage of an existing run from its stored inputs")
-    s.add_argument("name", help="data | warmstart | rollout | score | advantages | update | evaluate")
+    s.add_argument("name", help=" | ".join(PIPELINE_STAGES))
     s.add_argument("--run", required=True, help="run id (see `turntree runs`)")
     s.add_argument("--iter", type=int, default=1, help="iteration of a per-iteration stage (default 1)")
     s.add_argument("--wait", action="store_true", help="wait for another process writing this run to finish")
@@ -309,9 +274,7 @@ def parser() -> argparse.ArgumentParser:
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--checkpoint", help="model directory")
     g.add_argument("--model", help="'smollm2' or 'tiny' (prepared offline)")
-    e.add_argument(
-        "--benchmark", help="humaneval | mbpp | gsm8k | svamp | aime24 | amc23 | synthetic:… | path"
-    )
+    e.add_argument("--benchmark", help=sources_help())
     common(e)
     e.set_defaults(fn=cmd_eval)
 
@@ -360,9 +323,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="dataset preparation")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dprep = dsub.add_parser("prepare", help="normalise problem sets into DIR/problems.parquet")
-    dprep.add_argument(
-        "sources", nargs="+", help="benchmarks, synthetic:<family>, JSONL/Parquet paths, hf:<name>"
-    )
+    dprep.add_argument("sources", nargs="+", help=sources_help())
     dprep.add_argument("--out", required=True)
     # flags and defaults come from DataParams (schemas.params.data), the one place they are declared
     dprep.add_argument("--format", help="record format (default: auto-detect)")
@@ -370,6 +331,10 @@ def parser() -> argparse.ArgumentParser:
     dprep.add_argument("--seed", type=int, help="split / synthetic seed (default: DataParams.seed)")
     dprep.add_argument("--eval-fraction", type=float, help="held-out fraction (default: DataParams)")
     dprep.set_defaults(fn=cmd_data_prepare)
+    dlist = dsub.add_parser(
+        "list", help="every benchmark turntree ships (rows, kind, licence) and the generators"
+    )
+    dlist.set_defaults(fn=cmd_data_list)
 
     m = sub.add_parser("model", help="offline model preparation")
     msub = m.add_subparsers(dest="model_cmd", required=True)

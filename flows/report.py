@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from stages import PIPELINE_STAGES
+
 # Without a terminal: a line per running stage every this many seconds (env TURNTREE_PROGRESS_EVERY).
 LINE_EVERY_S = 30.0
 
@@ -142,7 +144,7 @@ def progress_display(tty: bool | None = None) -> Iterator[None]:
 
 # --- the run's story ----------------------------------------------------------------------------------------
 _KEY = re.compile(r"^(?:iter-(\d+)/)?([a-z_]+)$")
-TIMED = ("warmstart", "rollout", "score", "advantages", "update", "evaluate")
+TIMED = tuple(s for s in PIPELINE_STAGES if s != "data")  # the stages timed per iteration (data: once, quick)
 
 
 def iteration_metrics(manifest: dict[str, Any]) -> dict[int, dict[str, float]]:

@@ -32,13 +32,13 @@ from stages import stage_spec
 
 
 def reusable(stage: str, params: dict, inputs: dict, fingerprints: dict, root: str, run_id: str, iteration):
-    """The committed, verified output this call may reuse (``RunStore.find_completed``), or None."""
-    model = params_model(stage).model_validate(params)
+    """The committed, verified output this call may reuse (``RunStore.find_completed``), or None. ``params``:
+    the stage's validated parameters as dumped by the pipeline (validated once, with ``PipelineParams``)."""
     return RunStore(root, run_id).find_completed(
         stage,
         iteration,
         inputs,
-        model.model_dump(mode="json"),
+        params,
         code=stage_code(stage),
         fingerprints=fingerprints,
     )

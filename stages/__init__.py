@@ -25,6 +25,7 @@ class StageSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     description: str
+    pipeline: bool = True  # a step of the training pipeline (False: run by its own command)
 
     @property
     def per_iteration(self) -> bool:
@@ -59,12 +60,13 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("evaluate", "stages.evaluate", "eval", "each", 0, ("checkpoint", "problems?"),
                   ("eval_results",), "pass@1 at Iter-1..K / math accuracy with confidence intervals"),
         StageSpec("compare", "stages.compare", "eval", None, 0, ("eval_results",), ("report",),
-                  "comparison report of several evaluations (run by `turntree compare`)"),
+                  "comparison report of several evaluations (run by `turntree compare`)", pipeline=False),
         StageSpec("study", "stages.study", "eval", None, 0, ("eval_results",), ("report",),
-                  "a study's report: cells, compute, learning curves, paired tests (run by `turntree study`)"),
+                  "a study's report: cells, compute, learning curves, paired tests (run by `turntree study`)",
+                  pipeline=False),
     )
 }  # fmt: skip
-PIPELINE_STAGES = ("data", "warmstart", "rollout", "score", "advantages", "update", "evaluate")
+PIPELINE_STAGES = tuple(name for name, spec in STAGES.items() if spec.pipeline)  # in the order they run
 
 
 def stage_spec(name: str) -> StageSpec:

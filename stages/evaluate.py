@@ -38,6 +38,7 @@ from maths.eval_metrics import bench_key, pass_at_k, summarize
 from runtime import progress
 from runtime.engines import live
 from runtime.tableio import read_table, write_table
+from schemas.benchmarks import BENCHMARKS, benchmark_names
 from schemas.outputs import StageOutput
 from schemas.params.evaluate import EvalParams
 from schemas.tables import EVAL_RESULTS, PROBLEMS
@@ -65,7 +66,7 @@ class EngineLike(Protocol):
 
 # --- benchmarks ------------------------------------------------------------------------------------------------
 # Evaluation names that differ from the data stage's source names (its ALIASES): evaluate on the test split.
-EVAL_SOURCES: dict[str, str] = {"gsm8k": "gsm8k:test"}
+EVAL_SOURCES: dict[str, str] = {b.name: b.evaluate_as for b in BENCHMARKS.values() if b.evaluate_as}
 # Synthetic eval problems are drawn with a seed offset so they differ from the training draw of the same seed.
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003
 
@@ -91,7 +92,7 @@ def _source_for(params: EvalParams) -> tuple[str, str]:
         and not source.startswith(("synthetic:", "hf:"))
         and not Path(source).expanduser().exists()
     ):
-        known = sorted(set(ALIASES) | set(EVAL_SOURCES)) + [
+        known = benchmark_names(listed_only=False) + [
             "synthetic:<family>",
             "heldout",
             "<JSONL/Parquet path>",

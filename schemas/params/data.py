@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.benchmarks import sources_help
+
 
 class DataParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -13,9 +15,7 @@ class DataParams(BaseModel):
     sources: list[str] = Field(
         default_factory=lambda: ["synthetic:tool-arith"],
         min_length=1,
-        description="humaneval | mbpp | gsm8k | gsm8k:test | aime24 | amc23 | svamp | minerva_math | asdiv | "
-        "synthetic:tool-arith | synthetic:func-synth | a local .jsonl/.jsonl.gz/.json/.parquet path | "
-        "hf:<name>[:<split>] | hf:<name>:<config>:<split>",
+        description=sources_help() + " (paths: .jsonl/.jsonl.gz/.json/.parquet; hf:<name>:<config>:<split> too)",
     )
     format: Literal["auto", "humaneval", "mbpp", "gsm8k", "math", "problems"] = Field(
         "auto", description="Record format of path/hub sources; auto detects it from the fields"

