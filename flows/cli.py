@@ -144,6 +144,20 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from flows import preflight
     from schemas.params import EvalParams
 
+    if a.paired:  # two stored evaluations: no model is run
+        from flows.compare import paired_evaluations
+
+        if len(a.entries) != 2:
+            raise UserError("--paired takes two evaluations, RUN:ITER RUN:ITER")
+        r = paired_evaluations(a.root, *a.entries)
+        text = (
+            f"{r['b']} - {r['a']}: {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (paired bootstrap 95%),"
+            f" {r['wins']:.0f} gained / {r['losses']:.0f} lost of {r['problems']:.0f} problems, exact McNemar p = "
+            f"{r['p_value']:.3g}; {r['a']} scored {r['a_mean']:.3f}"
+        )
+        print(json.dumps(r, indent=2) if a.json else text)
+        return 0
+
     params = build(EvalParams, {**parse_sets(a.set), **({"benchmark": a.benchmark} if a.benchmark else {})})
     preflight.run_root(a.root)
     preflight.benchmark(params)
@@ -279,7 +293,10 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="evaluate checkpoints/runs on the same problems; table + plots")
-    c.add_argument("entries", nargs="+", metavar="NAME=CHECKPOINT_OR_RUN_ID")
+    c.add_argument("entries", nargs="+", metavar="NAME=CHECKPOINT_OR_RUN_ID | RUN:ITER (--paired)")
+    c.add_argument(
+        "--paired", action="store_true", help="two stored evaluations RUN:ITER: paired CI and McNemar p"
+    )
     c.add_argument("--benchmark")
     c.add_argument("--out", default="reports/compare", help="report directory")
     common(c, as_json=True)

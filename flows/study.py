@@ -29,7 +29,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flows.runstore import RunStore, git_sha
+from flows.provenance import git_sha
+from flows.runstore import RunStore
 from flows.tasks import artifact_key
 from flows.tracking import Tracker
 from schemas.params import PipelineParams, StudyParams

@@ -445,3 +445,26 @@ def test_a_checkpoint_no_update_produced_is_never_registered(tmp_path, tiny_mode
     ctx = RunContext(root=str(tmp_path), run_id="r", algo="gtpo", git_sha="x")
     register_final(store, ctx, Registry(), str(tiny_model), params)
     assert Registry.calls == [] and "registered_model" not in store.load()
+
+
+def test_compare_paired_reads_two_stored_evaluations(gtpo_run, capsys):
+    """`turntree compare --paired RUN:ITER RUN:ITER` (was docs/paired.py): paired CI and exact McNemar p."""
+    import json
+
+    from flows.cli import main
+
+    params, result = gtpo_run
+    rid, root = result["run_id"], params.run_root
+    capsys.readouterr()
+    assert main(["compare", "--paired", f"{rid}:0", f"{rid}:1", "--root", root]) == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        rf"{rid}:1 - {rid}:0: [-+]\d\.\d{{3}} \[[-+]\d\.\d{{3}}, [-+]\d\.\d{{3}}\] \(paired bootstrap 95%\), \d+ gained / "
+        rf"\d+ lost of \d+ problems, exact McNemar p = \S+; {rid}:0 scored \d\.\d{{3}}",
+        out,
+    ), out
+    assert main(["compare", "--paired", f"{rid}:0", f"{rid}:1", "--root", root, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ci_low"] <= r["diff"] <= r["ci_high"] and 0 <= r["p_value"] <= 1
+    assert main(["compare", "--paired", f"{rid}:0", f"{rid}:7", "--root", root]) == 2
+    assert "has no evaluation at iteration 7" in capsys.readouterr().err

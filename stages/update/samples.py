@@ -2,7 +2,6 @@
 
 load_samples(uri) -> list[Sample]            SamplesError naming the row and field on bad input
 minibatches(n, params, update_idx, epoch, groups)  shuffled index lists, a pure function of (seed, update, epoch)
-micro_batches(samples, size)                  length-sorted chunks (padding stays small)
 collate(samples, device, pad_id)              right-padded (B, Lmax) tensors
 """
 
@@ -193,9 +192,3 @@ def minibatches(
     else:
         perm = torch.randperm(n, generator=g).tolist()
     return [perm[i : i + params.minibatch_size] for i in range(0, n, params.minibatch_size)]
-
-
-def micro_batches(samples: list[Sample], size: int) -> list[list[Sample]]:
-    """Length-sorted chunks of ``size`` (stable sort: ties keep their shuffled order)."""
-    s = sorted(samples, key=len)
-    return [s[i : i + size] for i in range(0, len(s), size)]
