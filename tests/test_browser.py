@@ -83,7 +83,8 @@ def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
     spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
     pipe = next(d for d in spec["deployments"] if d["name"] == "pipeline")
     pipe.pop("schedules", None)
-    tiny = tiny_pipeline(str(tiny_model), str(root))
+    # two iterations, the second's rollout overlapping the first's update (max_staleness 1): the graph shows both
+    tiny = tiny_pipeline(str(tiny_model), str(root), iterations=2, max_staleness=1)
     spec["deployments"] = [{**pipe, "name": "pipeline-tiny", "parameters": {"params": tiny}}]
     prefect_file = tmp_path / "prefect.yaml"
     prefect_file.write_text(yaml.safe_dump(spec))
@@ -137,6 +138,15 @@ def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
             run_id = flow_run["name"]
             assert run_id.startswith("gtpo-") and "algorithm:gtpo" in flow_run["tags"]
             expect(page.get_by_text(run_id).first).to_be_visible(timeout=30_000)
+            # the overlapping task runs (the screenshot's graph draws them): rollout 2 ran while update 1 trained; its
+            # data edge comes from the data stage and the checkpoint it sampled with
+            tasks = {
+                t["name"]: t
+                for t in _get(f"{api}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+            }
+            roll2, upd1 = tasks["rollout[iter=2]"], tasks["update[iter=1]"]
+            assert roll2["start_time"] < upd1["end_time"] and upd1["start_time"] < roll2["end_time"]
+            assert {i["id"] for i in roll2["task_inputs"]["upstream"]} & {tasks["data[iter=None]"]["id"]}
 
             # MLflow: the run's page shows its metrics; the model registry its registered checkpoint
             manifest = json.loads((root / run_id / "manifest.json").read_text())
