@@ -197,6 +197,11 @@ def _completions_view(page, mp: int, exp_id: str, parent: str) -> None:
     page.screenshot(path=ARTIFACTS / "mlflow-completions.png", full_page=True)
     ids = frame.locator("tbody tr td:nth-child(2)").all_inner_texts()
     assert ids and ids == sorted(ids), ids  # sorted by the clicked column
+    # the RL health chart beside it (held-out with its CI band, reward, zero-signal fraction, lengths)
+    page.get_by_text("health.png", exact=True).first.click(timeout=60_000)
+    expect(page.locator("img").last).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=ARTIFACTS / "mlflow-health.png", full_page=True)
 
 
 def _rerun_in_both_uis(page, env, root: Path, run_id: str, pp: int, mp: int, exp_id: str) -> None:
