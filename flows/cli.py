@@ -180,9 +180,15 @@ def cmd_study(a: argparse.Namespace) -> int:
 
     study, name, cells = preflight.study_file(a.config, a.set, a.root)  # exit 2 before Prefect starts
     set_env_defaults(cells[0].params.run_root)
-    from flows.study import run_study
+    from flows.study import report_now, run_study
 
-    return run_study(study, name, a.root, a.out or f"reports/studies/{name}", a.config, a.set, a.wait)
+    out = a.out or f"reports/studies/{name}"
+    if a.report_only:  # the cells as they stand, none run (also while the study runs)
+        sets = "".join(f" --set '{x}'" for x in a.set)
+        return report_now(
+            study, name, a.root, out, f"turntree study --config {a.config}{sets} --root {a.root}"
+        )
+    return run_study(study, name, a.root, out, a.config, a.set, a.wait)
 
 
 def cmd_runs(a: argparse.Namespace) -> int:
@@ -306,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--config", required=True, help="study file (configs/studies/; schemas/params/study.py)")
     st.add_argument("--out", help="report directory (default: reports/studies/<name>)")
     st.add_argument("--wait", action="store_true", help="wait for another process running this study")
+    st.add_argument("--report-only", action="store_true", help="report the cells as they stand; run none")
     common(st)
     st.set_defaults(fn=cmd_study)
 

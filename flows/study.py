@@ -200,6 +200,19 @@ def run_study(
     return finish(state)
 
 
+def report_now(study: StudyParams, name: str, root: str, out: str, command: str) -> int:
+    """`turntree study --report-only`: the report of the cells as they stand (completed ones compared; the others
+    listed with their status), written to ``out`` and printed; no cell runs, no lock is taken."""
+    results = [gather(c) for c in cells(study, name, root)]
+    result = report(
+        results, Path(out), name=name, bootstrap=study.bootstrap, command="turntree study --report-only"
+    )
+    print(Path(result.uri("report")).read_text())
+    done = sum(r.completed for r in results)
+    print(f"report: {result.uri('report')} ({done} of {len(results)} cells completed)")
+    return 0
+
+
 def finish(state) -> int:
     """Print the report (or why there is none); exit status 0 when every cell completed, else 1."""
     import sys

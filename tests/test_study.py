@@ -126,6 +126,49 @@ def test_rerun_resumes_every_cell(study):
     assert len(client.search_runs([exp.experiment_id], "tags.stage = 'study'")) == 1  # the same study run
 
 
+def test_report_only_reports_the_cells_as_they_stand_and_runs_none(study, tmp_path, capsys):
+    argv, root, out = study
+    capsys.readouterr()
+    assert main([*argv[:-2], "--out", str(tmp_path / "now"), "--report-only"]) == 0
+    text = capsys.readouterr().out
+    assert "(4 of 4 cells completed)" in text and (tmp_path / "now" / "report.md").is_file()
+    assert (tmp_path / "now" / "report.md").read_text().split("## Reproduce")[0] == (
+        (out / "report.md").read_text().split("## Reproduce")[0]
+    )
+    empty = tmp_path / "empty"
+    assert (
+        main(
+            [
+                "study",
+                "--config",
+                str(SMOKE),
+                "--root",
+                str(empty),
+                "--out",
+                str(tmp_path / "e"),
+                "--report-only",
+            ]
+        )
+        == 0
+    )
+    assert "(0 of 4 cells completed)" in capsys.readouterr().out and not empty.exists()
+
+
+def test_cells_run_concurrently_in_processes_of_their_own(harness, tiny_model, tmp_path):
+    """concurrency 2: two cells at once, each in a process of its own (Prefect's process pool)."""
+    root = tmp_path / "runs"
+    argv = ["study", "--config", str(SMOKE), "--set", f"base.model={tiny_model}", "--set", "methods=[grpo]"]
+    argv += ["--set", "concurrency=2", "--root", str(root), "--out", str(tmp_path / "report")]
+    assert main(argv) == 0
+    made = {
+        c: RunStore(str(root), c).load()["stages"]["iter-1/update"]["current"]
+        for c in ("smoke-grpo-s0", "smoke-grpo-s1")
+    }
+    assert made == {"smoke-grpo-s0": "v1", "smoke-grpo-s1": "v1"}
+    pids = {RunStore(str(root), c).load()["driver"]["pid"] for c in made}
+    assert len(pids) == 2  # two worker processes
+
+
 # --- refusals: one line, exit 2, before Prefect -----------------------------------------------------------
 @pytest.mark.parametrize(
     "sets, message",
