@@ -289,36 +289,18 @@ class RunStore(RunHistory):
         lock, so concurrent committers each get their own version and all of them are recorded). ``made_by``:
         where it ran (host, pid, Prefect flow run). ``moved(scratch, where)``: told where the scratch dir's files
         now are on this machine (the runner tells the live engine, whose weights may name the scratch dir)."""
+        record = {
+            "inputs": inputs,
+            "params": params,
+            "params_field": params_field,
+            "code": code,
+            "fingerprints": fingerprints if fingerprints is not None else dict(inputs),
+            **({"made_by": made_by} if made_by else {}),
+        }
         with manifest_lock(self.root, self.run_id):
-            return self._commit(
-                stage,
-                iteration,
-                scratch,
-                output,
-                inputs,
-                params,
-                params_field,
-                code,
-                fingerprints,
-                made_by,
-                moved,
-            )
+            return self._commit(stage, iteration, scratch, output, record, moved or (lambda old, new: None))
 
-    def _commit(
-        self,
-        stage,
-        iteration,
-        scratch,
-        output,
-        inputs,
-        params,
-        params_field,
-        code,
-        fingerprints,
-        made_by=None,
-        moved=None,
-    ):
-        moved = moved or (lambda old, new: None)
+    def _commit(self, stage, iteration, scratch, output, record, moved):
         version = self._claim_version(stage, iteration)
         final = f"{self.stage_dir(stage, iteration)}/{version}"
         prefix = str(scratch)
@@ -339,16 +321,7 @@ class RunStore(RunHistory):
                 uri = final + uri[len(prefix) :]
             tables[name] = TableRef(uri=uri, sha256=ref.sha256, rows=ref.rows, size=content_size(uri))
         output = output.model_copy(update={"tables": tables})
-        record = {
-            "finished_at": time.time(),
-            "inputs": inputs,
-            "params": params,
-            "params_field": params_field,
-            "code": code,
-            "fingerprints": fingerprints if fingerprints is not None else dict(inputs),
-            "output": output.model_dump(),
-            **({"made_by": made_by} if made_by else {}),
-        }
+        record = {"finished_at": time.time(), **record, "output": output.model_dump()}
 
         def add(manifest: dict[str, Any]) -> None:
             entry = manifest["stages"].setdefault(stage_key(stage, iteration), {"versions": {}})
