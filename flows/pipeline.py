@@ -195,7 +195,8 @@ def drive(
     Returns the final checkpoint and one metrics dict per iteration. An iteration whose samples table is empty
     (every group tied, nothing to learn) skips the update and keeps the checkpoint. The starting policy (after
     the warm start) is evaluated as iteration 0, so the last evaluation compares with it on the same problems.
-    ``on_skip(stage, iteration, why, upstream)`` hears of a stage the loop skips (the flow draws it as a node).
+    With ``max_staleness`` ≥ 1 an iteration's evaluation (but the last's) runs beside the next iteration's stages
+    and ``on_iteration`` hears of the iteration when it is done. ``on_skip(stage, iteration, why, upstream)`` hears of a stage the loop skips (the flow draws it as a node).
     """
     summary: list[dict[str, Any]] = []
     data = call("data", params, {}, ctx, STAGES["data"].iteration)
@@ -213,11 +214,19 @@ def drive(
         ws = None
     base = checkpoint
 
-    def evaluate(k: int, ckpt_out: StageOutput | None) -> StageOutput | None:
+    def eval_inputs() -> dict[str, str]:
         ev_inputs = {"checkpoint": checkpoint}
         if params.eval.benchmark == "heldout" and problems:
             ev_inputs["problems"] = problems
-        return call("evaluate", params, ev_inputs, ctx, k, upstream=(ckpt_out, data))
+        return ev_inputs
+
+    def evaluate(k: int, ckpt_out: StageOutput | None) -> StageOutput | None:
+        return call("evaluate", params, eval_inputs(), ctx, k, upstream=(ckpt_out, data))
+
+    def finish(k: int, done: list[StageOutput]) -> None:
+        metrics = {m: v for out in done for m, v in out.metrics.items()}
+        summary.append({"iteration": k, **{m: round(v, 4) for m, v in sorted(metrics.items())}})
+        on_iteration(k, metrics)
 
     start = evaluate(0, ws)
     if start:
@@ -227,6 +236,7 @@ def drive(
     last_ckpt = ws  # the stage output that wrote the current checkpoint (None: the prepared model)
     version = 0  # the checkpoint's policy version: updates since the starting policy
     ahead: dict[int, Callable[[], StageOutput | None]] = {}  # rollouts started before their iteration
+    pending: tuple[int, list[StageOutput], Callable[[], StageOutput | None]] | None = None  # an evaluation
     submit = submit or (lambda *a, **kw: _in_thread(call, *a, **kw))
 
     def rollout_inputs(k: int) -> dict[str, str]:
@@ -270,13 +280,21 @@ def drive(
         if upd:
             checkpoint, last_ckpt, version = upd.uri("checkpoint"), upd, k
         done += [o for o in (roll, scored, adv, upd) if o]
-        due = params.evaluate_every and k % params.evaluate_every == 0
-        if due or k == params.iterations:
-            ev = evaluate(k, last_ckpt)
-            done += [ev] if ev else []
-        metrics = {m: v for out in done for m, v in out.metrics.items()}
-        summary.append({"iteration": k, **{m: round(v, 4) for m, v in sorted(metrics.items())}})
-        on_iteration(k, metrics)
+        if pending:  # the last iteration's evaluation ran beside this one's stages: it ends that iteration
+            k0, done0, result = pending
+            pending = None
+            finish(k0, done0 + [ev for ev in [result()] if ev])
+        if (params.evaluate_every and k % params.evaluate_every == 0) or k == params.iterations:
+            if params.max_staleness and k < params.iterations:  # evaluation does not stall training: this
+                # checkpoint is evaluated beside the next iteration's stages (the last one before returning)
+                pending = (
+                    k,
+                    done,
+                    submit("evaluate", params, eval_inputs(), ctx, k, upstream=(last_ckpt, data)),
+                )
+                continue
+            done += [ev for ev in [evaluate(k, last_ckpt)] if ev]
+        finish(k, done)
     return checkpoint, summary
 
 
