@@ -96,12 +96,16 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from flows.locks import run_lock
 
     preflight.stage(a.root, a.run, a.name, record, overrides)
+    pins = dict(p.split("=", 1) for p in a.pin if "=" in p)
+    if len(pins) != len(a.pin):
+        raise UserError(f"--pin takes STAGE_KEY=VERSION (e.g. iter-1/score=v1), got {a.pin}")
+    RunStore(a.root, a.run).current_inputs(record["inputs"], pins)  # a bad pin: one line before Prefect
     from flows.watch import watched
 
     with run_lock(a.root, a.run, wait=a.wait), watched(a.root, a.run):
         from flows.stage import stage_flow
 
-        state = stage_flow(a.run, a.name, iteration, overrides, a.root, return_state=True)
+        state = stage_flow(a.run, a.name, iteration, overrides, a.root, pins, return_state=True)
     if not state.is_completed():  # exit 2 bad input, 75 transient (retry), 1 failed (flows.tasks.exit_code)
         from flows.tasks import exit_code
 
@@ -287,6 +291,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="run id (see `turntree runs`)")
     s.add_argument("--iter", type=int, default=1, help="iteration of a per-iteration stage (default 1)")
     s.add_argument("--wait", action="store_true", help="wait for another process writing this run to finish")
+    s.add_argument(
+        "--pin", action="append", default=[], metavar="KEY=VERSION", help="read this input's version"
+    )
     common(s, as_json=True)
     s.set_defaults(fn=cmd_stage)
 

@@ -82,11 +82,15 @@ class RunHistory:
                 bad.append(f"{ref.uri}: {why}")
         return bad
 
-    def current_inputs(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def current_inputs(
+        self, inputs: dict[str, Any], pins: dict[str, str] | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
         """``inputs`` with every stored table of a superseded version replaced by the same table of its stage's
-        current version (what a stage rerun reads: a chain of reruns builds on each other), and one line per
-        replacement."""
-        manifest, out, moved = self.load(), {}, []
+        current version (what a stage rerun reads: a chain of reruns builds on each other), or of the version
+        ``pins`` names for that stage (``{"iter-1/score": "v1"}``), and one line per replacement. A pin of a
+        stage that is not an input, or of a version that does not exist, is a ValueError (one line)."""
+        manifest, out, moved, pins = self.load(), {}, [], dict(pins or {})
+        used = set()
         for name, uri in inputs.items():
             hit = self.recorded_ref(uri) if isinstance(uri, str) else None
             if hit is None:
@@ -94,13 +98,19 @@ class RunHistory:
                 continue
             key, version, _ = hit
             entry = manifest["stages"][key]
-            current = entry.get("current", version)
+            target, why = (pins[key], "pinned") if key in pins else (entry.get("current", version), "current")
+            if target not in entry["versions"]:
+                have = ", ".join(sorted(entry["versions"], key=lambda v: int(v[1:])))
+                raise ValueError(f"--pin {key}={target}: {key} has no version {target} (it has {have})")
+            used.add(key)
             old_tables = entry["versions"][version]["output"]["tables"]
             table = next(t for t, ref in old_tables.items() if ref["uri"] == uri)
-            new_tables = entry["versions"][current]["output"]["tables"]
+            new_tables = entry["versions"][target]["output"]["tables"]
             out[name] = new_tables[table]["uri"] if table in new_tables else uri
             if out[name] != uri:
-                moved.append(f"{name}: {key} {version} -> {current} (current)")
+                moved.append(f"{name}: {key} {version} -> {target} ({why})")
+        if set(pins) - used:
+            raise ValueError(f"--pin {', '.join(sorted(set(pins) - used))}: not an input of this stage")
         return out, moved
 
     def stale_stages(self) -> dict[str, str]:

@@ -3,7 +3,7 @@
     turntree stage score --run gtpo-1a2b3c4d5e --iter 1 [--set shaping_alpha=0.3]
 
 The rerun reads the inputs recorded for the stage's current version in the run manifest, each stored table at
-its stage's *current* version (so ``stage score`` then ``stage advantages`` builds advantages on the new score),
+its stage's *current* version (or the version ``--pin KEY=vN`` names) (so ``stage score`` then ``stage advantages`` builds advantages on the new score),
 deep-merges the parameter overrides into the recorded parameters, writes the next version (``v2``, ``v3``…),
 marks it current and records the overrides with it. No other stage's output is touched; downstream stages keep
 reading what they read before until they are rerun (``RunStore.stale_stages`` names them; the pipeline's next
@@ -39,17 +39,18 @@ def rerun(
     iteration: int | None,
     overrides: dict[str, Any] | None = None,
     flow_run_id: str = "none",
+    pins: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     with run_lock(root, run_id), watched(root, run_id):  # re-entrant: the CLI already holds both
-        return _rerun(root, run_id, stage, iteration, overrides, flow_run_id)
+        return _rerun(root, run_id, stage, iteration, overrides, flow_run_id, pins)
 
 
-def _rerun(root, run_id, stage, iteration, overrides, flow_run_id) -> dict[str, Any]:
+def _rerun(root, run_id, stage, iteration, overrides, flow_run_id, pins=None) -> dict[str, Any]:
     store = RunStore(root, run_id)
     manifest = store.load()
     record = store.stage_record(stage, iteration)
     params = params_model(stage).model_validate(rerun_params(stage, record["params"], overrides))
-    inputs, moved = store.current_inputs(record["inputs"])  # a chain of reruns builds on each other
+    inputs, moved = store.current_inputs(record["inputs"], pins)  # a chain of reruns builds on each other
     ctx = RunContext(
         root=root,
         run_id=run_id,
@@ -162,12 +163,14 @@ def stage_flow(
     iteration: int | None = None,
     overrides: dict[str, Any] | None = None,
     run_root: str = "runs",
+    pins: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Rerun ``stage`` (of ``iteration``, when the stage is per-iteration) of run ``run_id``."""
+    """Rerun ``stage`` (of ``iteration``, when the stage is per-iteration) of run ``run_id``; ``pins``: an
+    input stage's version to read instead of its current one, e.g. ``{"iter-1/score": "v1"}``."""
     from prefect.runtime import flow_run
 
     fr = str(flow_run.id or "none")
-    result = rerun(run_root, run_id, stage, iteration, overrides, flow_run_id=fr)
+    result = rerun(run_root, run_id, stage, iteration, overrides, flow_run_id=fr, pins=pins)
     get_run_logger().info("stage %s of run %s rerun as %s", stage, run_id, result["version"])
     _show_in_prefect(run_root, run_id, result, fr)
     return result

@@ -425,6 +425,16 @@ def test_chained_reruns_build_on_each_other_and_the_next_run_keeps_them(
     update = manifest["iter-1/update"]
     assert update["current"] == "v2" and "/advantages/v2/" in update["versions"]["v2"]["inputs"]["samples"]
     assert RunStore(root, run).stale_stages() == {}
+    # --pin reads an input stage's older version instead of its current one; a bad pin is one line, exit 2
+    assert main([stage[0], "advantages", *stage[1:], "--pin", "iter-1/score=v1"]) == 0
+    pinned = RunStore(root, run).stage_record("advantages", 1)
+    assert "/iter-1/score/v1/" in pinned["inputs"]["trajectories"]
+    assert "trajectories: iter-1/score v3 -> v1 (pinned)" in pinned["rebased_inputs"]
+    capsys.readouterr()
+    assert main([stage[0], "advantages", *stage[1:], "--pin", "iter-1/score=v9"]) == 2
+    assert "iter-1/score has no version v9 (it has v1, v2, v3)" in capsys.readouterr().err
+    assert main([stage[0], "advantages", *stage[1:], "--pin", "iter-1/update=v1"]) == 2
+    assert "iter-1/update: not an input of this stage" in capsys.readouterr().err
 
 
 def test_a_checkpoint_no_update_produced_is_never_registered(tmp_path, tiny_model):
