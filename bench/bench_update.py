@@ -47,6 +47,7 @@ apply_defaults(offline=True)
 
 import torch  # noqa: E402
 
+from bench.legacy_update import LegacyTrainer  # noqa: E402
 from schemas.params.update import UpdateParams  # noqa: E402
 from stages.update import Trainer  # noqa: E402
 from stages.update.samples import Sample  # noqa: E402
@@ -114,7 +115,7 @@ def one(args) -> dict:
         lr=1e-6, dtype=v.get("dtype", args.dtype), old_logprobs=v["old_logprobs"], target_kl=None,
         shared_prefix=v.get("shared_prefix", False),
     )  # fmt: skip
-    trainer = Trainer(resolve_model(args.model), p, legacy=v["legacy"])
+    trainer = (LegacyTrainer if v["legacy"] else Trainer)(resolve_model(args.model), p)
     cfg = trainer.model.config
     peak = matmul_gflops(cfg.hidden_size, cfg.intermediate_size, dtype=getattr(torch, p.dtype))
     trainer.update(batch(cfg.vocab_size, min(args.seqs, 8), 99, args.group))  # warm-up (allocator, kernels)

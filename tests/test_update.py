@@ -296,7 +296,9 @@ def test_fast_path_gives_the_legacy_update(tiny_model, samples):
     same statistics; the π_old pass skips the first minibatch's samples."""
     uri, _ = samples
     p = UpdateParams(lr=1e-3, minibatch_size=2, micro_batch_size=2, ppo_epochs=2, seed=4, target_kl=None)
-    new, old = update.Trainer(tiny_model, p), update.Trainer(tiny_model, p, legacy=True)
+    from bench.legacy_update import LegacyTrainer
+
+    new, old = update.Trainer(tiny_model, p), LegacyTrainer(tiny_model, p)
     mn, mo = new.update(update.load_samples(uri)), old.update(update.load_samples(uri))
     base = ckpt.load_model(tiny_model)
     assert _params_close(new.model, base, 1.0) > 1e-3  # it moved

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from maths import policy_loss as pl
-from maths.policy_loss import logits_needed, policy_loss, selected_logprobs, token_entropy, token_logprobs
+from maths.policy_loss import logits_needed, policy_loss, selected_logprobs
 from runtime import checkpoint as ckpt
 from runtime import progress
 from runtime.devices import PeakMemory, resolve_device
@@ -45,15 +45,10 @@ class Trainer:
         checkpoint_dir: str | Path,
         params: UpdateParams,
         world: ddist.World | None = None,
-        *,
-        legacy: bool = False,
     ):
         from runtime import lora
 
         self.params, self.source = params, ckpt.check_checkpoint(checkpoint_dir)
-        # legacy: the pre-issue-15 path (full-vocabulary fp32 log-softmax on every position, a separate π_old
-        # forward of every sample), kept for bench/bench_update.py to measure the new one against
-        self.legacy = legacy
         self.world = world or ddist.World()
         device, self.amp_dtype = resolve_device(params.device, params.dtype)
         self.device = self.world.device(device)
@@ -144,9 +139,6 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) log-probs and detached entropies of a micro-batch's trained tokens (0 elsewhere): logits only
         from the first trained position on, log-softmax chunked over those positions (``selected_logprobs``)."""
-        if self.legacy:
-            logits, m = self.forward(model, b), b["mask"]
-            return token_logprobs(logits, b["input_ids"]) * m, token_entropy(logits.detach()) * m
         keep = logits_needed(b["mask"])
         if self.params.shared_prefix and not self.world.distributed:  # stages.update.prefix
             out = shared.shared_logprobs(model, b, keep, self._autocast)
@@ -220,7 +212,7 @@ class Trainer:
                 if self.steps[-1]["early_stop"]:
                     break
         t_train = time.perf_counter() - t1
-        metrics = logprob_gap(samples) if p.old_logprobs == "recompute" or self.legacy else {}
+        metrics = logprob_gap(samples) if p.old_logprobs == "recompute" else {}
         self.history.extend(self.steps)
         self.update_idx += 1
         n_steps, n_measured = self.step - steps_before, len(self.steps)
@@ -258,14 +250,14 @@ class Trainer:
         """Fill ``old_logp`` (log π_old, the policy before this update) of every sample but the first minibatch's
         (returned: their π_old is the detached log-prob of their own forward pass, before the first step, so
         no separate pass is needed; None: every sample is filled). ``old_logprobs="rollout"``: the rollout
-        engine's log-probs stand in (no pass at all; legacy: every sample recomputed)."""
+        engine's log-probs stand in (no pass at all)."""
         p = self.params
-        if p.old_logprobs == "rollout" and not self.legacy:
+        if p.old_logprobs == "rollout":
             for s in samples:
                 s.old_logp = s.rollout_logp
             return None
         groups = [s.group for s in samples]
-        first = None if self.legacy else minibatches(len(samples), p, self.update_idx, 0, groups)[0]
+        first = minibatches(len(samples), p, self.update_idx, 0, groups)[0]
         skip = set(first or [])
         rest = [i for i in range(len(samples)) if i not in skip]
         for i, lp in zip(
