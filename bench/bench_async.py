@@ -144,7 +144,7 @@ def main() -> None:
         base_name = next((n for n in ("sync-1", best) if n in correct), None)
         problems = sorted({p for _, p in correct[base_name]})
 
-        def grid(name: str) -> list[list[float]]:
+        def grid(name: str, problems: list = problems) -> list[list[float]]:
             return [[float(correct[name][seed, p]) for p in problems] for seed in seeds]
 
         diff = paired_comparison(grid(base_name), grid(name))
