@@ -87,7 +87,9 @@ class LineProgress:
         self.started.pop(stage), self.last.pop(stage), self.state.pop(stage), self.printed.discard(stage)
 
     def _line(self, text: str) -> None:
-        print(f"  {text}", file=self.stream, flush=True)
+        # written, not print()ed: inside a Prefect task run (log_prints) print() becomes a log record
+        self.stream.write(f"  {text}\n")
+        self.stream.flush()
 
 
 @contextlib.contextmanager

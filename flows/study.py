@@ -20,8 +20,11 @@ left out), so editing the study file starts a new one; cells run on this machine
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +198,41 @@ def run_study(
 
         fl = study_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=study.concurrency))
     lock_root = cells(study, name, root)[0].params.run_root
-    with run_lock(lock_root, f"study-{name}", wait=wait), progress_display():
+    with run_lock(lock_root, f"study-{name}", wait=wait), progress_display(), one_server(study.concurrency):
         state = fl(study, name, root, out, f"{command} --out {out}", return_state=True)
     return finish(state)
+
+
+@contextlib.contextmanager
+def one_server(concurrency: int) -> Iterator[None]:
+    """With cells in processes of their own, every process talks to the same Prefect server (so each cell's
+    pipeline is a subflow of the study in one UI): the configured one, exported to the children, or a temporary
+    one started here for the study's duration (without it each child would start a temporary server of its own)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if concurrency <= 1:
+        yield
+        return
+    saved = os.environ.get("PREFECT_API_URL")
+    server = None
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+        if server is not None:
+            server.stop()
 
 
 def report_now(study: StudyParams, name: str, root: str, out: str, command: str) -> int:

@@ -167,6 +167,12 @@ def test_cells_run_concurrently_in_processes_of_their_own(harness, tiny_model, t
     assert made == {"smoke-grpo-s0": "v1", "smoke-grpo-s1": "v1"}
     pids = {RunStore(str(root), c).load()["driver"]["pid"] for c in made}
     assert len(pids) == 2  # two worker processes
+    # ... talking to the study's Prefect server: each cell's pipeline is a subflow there
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = [client.read_flow_run(RunStore(str(root), c).load()["prefect_flow_run_id"]) for c in made]
+    assert all(r.parent_task_run_id for r in runs), runs
 
 
 # --- refusals: one line, exit 2, before Prefect -----------------------------------------------------------
