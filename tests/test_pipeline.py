@@ -173,9 +173,8 @@ def test_run_tells_its_story_in_prefect_and_mlflow(gtpo_run):
     viewer = json.loads(
         Path(client.download_artifacts(parent.info.run_id, "completions/iter-1.json")).read_text()
     )
-    turns = read_table(
-        RunStore(params.run_root, result["run_id"]).current_output("score", 1).uri("trajectories")
-    )
+    scored = RunStore(params.run_root, result["run_id"]).current_output("score", 1).uri("trajectories")
+    turns = read_table(scored, tables.TRAJECTORIES)
     assert len(viewer["data"]) == sum(len(t) for t in turns.column("turns").to_pylist())
     assert {"prompt", "reference", "turn_reward", "advantage", "reward", "stop_reason"} <= set(
         viewer["columns"]
