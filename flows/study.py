@@ -239,9 +239,7 @@ def report_now(study: StudyParams, name: str, root: str, out: str, command: str)
     """`turntree study --report-only`: the report of the cells as they stand (completed ones compared; the others
     listed with their status), written to ``out`` and printed; no cell runs, no lock is taken."""
     results = [gather(c) for c in cells(study, name, root)]
-    result = report(
-        results, Path(out), name=name, bootstrap=study.bootstrap, command="turntree study --report-only"
-    )
+    result = report(results, Path(out), name=name, bootstrap=study.bootstrap, command=command)
     print(Path(result.uri("report")).read_text())
     done = sum(r.completed for r in results)
     print(f"report: {result.uri('report')} ({done} of {len(results)} cells completed)")
