@@ -49,19 +49,12 @@ def model_card(ctx: RunContext, stage: str, iteration: int, checkpoint: str) -> 
 
 def registry_card(ctx: RunContext, p: PipelineParams, manifest: dict[str, Any], checkpoint: str) -> str:
     """The registered version's description: what it scores before -> after RL, how it was trained, on what."""
-    from flows.report import format_headline, headline, iteration_metrics
+    from flows.report import before_after, iteration_metrics
 
-    evals = [(k, headline(m)) for k, m in sorted(iteration_metrics(manifest).items())]
-    evals = [(k, h) for k, h in evals if h is not None]
-    if evals:
-        (k0, a), (k1, b) = evals[0], evals[-1]
-        start = "starting policy" if k0 == 0 else f"iteration {k0}"
-        held = (
-            f"held-out {a['label']} on {a['bench']} ({a['problems']} problems, 95% CI): {start} "
-            f"{format_headline(a)} -> iteration {k1} {format_headline(b)} ({b['value'] - a['value']:+.2f})"
-        )
-    else:
-        held = "held-out accuracy: not evaluated"
+    held = (
+        before_after(iteration_metrics(manifest), ci=True)
+        or "held-out accuracy: not evaluated before and after"
+    )
     r, u, d = p.rollout, p.update, p.data
     hyper = {
         "algorithm": f"{p.algorithm} ({p.advantages.estimator}, norm scope {p.advantages.norm_scope})",

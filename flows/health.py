@@ -40,6 +40,7 @@ def health_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "iteration": k,
+                "headline": h,  # flows.report.headline (None without an evaluation)
                 "held_out": h["value"] if h else None,
                 "held_out_low": h["low"] if h else None,
                 "held_out_high": h["high"] if h else None,

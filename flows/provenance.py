@@ -3,6 +3,7 @@ packages that matter, for the run manifest and MLflow's Source."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -42,15 +43,21 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def source_tags(sha: str) -> dict[str, str]:
-    """MLflow's Source of a run: this repository (its ``origin`` remote, else its path) at commit ``sha``."""
-    repo = Path(__file__).resolve().parents[1]
+@functools.cache
+def _origin(repo: Path) -> str:
+    """The repository's ``origin`` URL ('' without one): asked once per process, not once per stage run."""
     try:
-        url = subprocess.run(
+        return subprocess.run(
             ["git", "-C", str(repo), "remote", "get-url", "origin"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        url = ""
+        return ""
+
+
+def source_tags(sha: str) -> dict[str, str]:
+    """MLflow's Source of a run: this repository (its ``origin`` remote, else its path) at commit ``sha``."""
+    repo = Path(__file__).resolve().parents[1]
+    url = _origin(repo)
     tags = {
         "mlflow.source.type": "PROJECT",
         "mlflow.source.name": f"{url or repo} (flows/pipeline.py)",

@@ -2,8 +2,8 @@
 reports) and the story of a finished run read back from its manifest: a table per iteration, the held-out
 accuracy before → after, and links that work.
 
-Imports only the standard library at module level (rich is imported when a terminal asks for bars), so the
-CLI stays fast to start.
+Imports only the standard library and the stage table (``stages``, a dataclass) at module level (rich is
+imported when a terminal asks for bars), so the CLI stays fast to start.
 """
 
 from __future__ import annotations
@@ -231,8 +231,9 @@ def iteration_table(per_iter: dict[int, dict[str, float]]) -> list[str]:
     return [line(head), line(["-" * w for w in widths]), *[line(r) for r in rows]]
 
 
-def before_after(per_iter: dict[int, dict[str, float]]) -> str | None:
-    """'held-out accuracy on <bench> (N problems): 0.10 -> 0.25 (+0.15)' from the first and last evaluation."""
+def before_after(per_iter: dict[int, dict[str, float]], ci: bool = False) -> str | None:
+    """'held-out accuracy on <bench> (N problems): 0.10 -> 0.25 (+0.15)' from the first and last evaluation
+    (``ci``: each with its 95% CI)."""
     evals = [(k, headline(m)) for k, m in sorted(per_iter.items())]
     evals = [(k, h) for k, h in evals if h is not None]
     if len(evals) < 2 or evals[0][1]["bench"] != evals[-1][1]["bench"]:
@@ -240,8 +241,8 @@ def before_after(per_iter: dict[int, dict[str, float]]) -> str | None:
     (k0, a), (k1, b) = evals[0], evals[-1]
     start = "starting policy" if k0 == 0 else f"iteration {k0}"
     return (
-        f"held-out {a['label']} on {a['bench']} ({a['problems']} problems): {start} {format_headline(a, ci=False)}"
-        f" -> iteration {k1} {format_headline(b, ci=False)} ({b['value'] - a['value']:+.2f})"
+        f"held-out {a['label']} on {a['bench']} ({a['problems']} problems{', 95% CI' if ci else ''}): {start} "
+        f"{format_headline(a, ci=ci)} -> iteration {k1} {format_headline(b, ci=ci)} ({b['value'] - a['value']:+.2f})"
     )
 
 
@@ -352,19 +353,20 @@ def stage_versions(store) -> str:
         record = entry["versions"].get(cur, {})
         notes = []
         if record.get("overrides"):
-            flat = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_flatten(record["overrides"]).items()))
-            notes.append(f"rerun with {flat}")
+            notes.append(f"rerun with {overrides_text(record['overrides'])}")
         if key in stale:
             notes.append(f"STALE: {stale[key]}")
         lines.append(f"{key:<22} {versions:<16} {'; '.join(notes)}")
     return "\n".join(lines)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def overrides_text(overrides: dict) -> str:
+    """``a.b=1, c="x"``: a rerun's (nested) overrides as dotted keys."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(flat(overrides).items()))

@@ -3,23 +3,17 @@ itself), and a pipeline run's summary artifact in Prefect (its RL health table, 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from flows.report import overrides_text
+
 SHOWN_METRICS = 8  # a rerun's summary lists this many of its metrics (all of them are in MLflow and --json)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def stage_summary(result: dict[str, Any]) -> str:
     """A stage rerun: what it wrote (version, tables), what it read, its overrides, a few metrics, and what is
     now stale downstream."""
-    over = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_flat(result.get("overrides") or {}).items()))
+    over = overrides_text(result.get("overrides") or {})
     lines = [
         f"run {result['run_id']}: {result['key']} rerun as {result['version']} (now current)"
         + (f" with {over}" if over else " with the recorded parameters")
@@ -74,6 +68,7 @@ def run_summary_md(ctx: Any, manifest: dict[str, Any], base: str, tracker: Any, 
     95% CI, training reward, zero-signal fraction, response length, truncation), the health chart and the
     completions of each iteration in MLflow, and the run's warnings."""
     from flows.health import health_rows
+    from flows.report import format_headline
 
     parent = ctx.mlflow_parent
     lines = [
@@ -89,11 +84,7 @@ def run_summary_md(ctx: Any, manifest: dict[str, Any], base: str, tracker: Any, 
         "|---|---|---|---|---|---|---|",
     ]
     for r in health_rows(manifest):
-        held = ""
-        if r["held_out"] is not None:
-            held = f"{r['held_out']:.3f}"
-            if r["held_out_low"] is not None:
-                held += f" [{r['held_out_low']:.3f}, {r['held_out_high']:.3f}]"
+        held = format_headline(r["headline"]) if r["headline"] else ""
         cells = [str(r["iteration"]), held, _cell(r["reward"]), _cell(r["correct"], "{:.2f}")]
         cells += [_cell(r["zero_signal"], "{:.2f}"), _cell(r["response_tokens"], "{:.1f}")]
         cells += [_cell(r["truncated"], "{:.2f}")]

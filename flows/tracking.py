@@ -198,6 +198,11 @@ class Tracker:
             if monitor is not None:
                 with contextlib.suppress(Exception):
                     monitor.finish()
+                    # and a last sample: MLflow's loop publishes only after a full interval, so a run shorter
+                    # than one (or the tail of a longer one) would otherwise leave nothing
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
 
     def log_rows(self, run_id: str, rows: list[dict[str, Any]], name: str) -> None:
         """``rows`` (dicts of one set of keys) as an MLflow table artifact."""

@@ -66,8 +66,10 @@ def test_warnings_skipped_updates_and_reused_stages_show_in_prefect(tiny_model, 
         assert "## Warnings" in summary.data and "update skipped" in summary.data
         # the RL health table (iteration 0: the starting policy, with its CI) and links to chart and completions
         assert "| iteration | held-out (95% CI) | reward | correct | zero-signal |" in summary.data
-        assert re.search(r"\| 0 \| [\d.]+ \[[\d.]+, [\d.]+\] \|", summary.data), summary.data
-        assert re.search(r"\| 1 \| [\d.]+ \[[\d.]+, [\d.]+\] \| [-\d.]+ \| [\d.]+ \| 1.00 \|", summary.data)
+        assert re.search(r"\| 0 \| [\d.]+ \(\d+/\d+\) \[[\d.]+, [\d.]+\] \|", summary.data), summary.data
+        assert re.search(
+            r"\| 1 \| [\d.]+ \(\d+/\d+\) \[[\d.]+, [\d.]+\] \| [-\d.]+ \| [\d.]+ \| 1.00 \|", summary.data
+        )
         assert "health.png" in summary.data and "completions/iter-1.html" in summary.data
 
         # the same run again, Prefect's own result cache elsewhere: each stage is reused from the run store

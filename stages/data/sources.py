@@ -44,7 +44,6 @@ class Loaded:
 
 
 # The named sets: ``schemas.benchmarks.BENCHMARKS`` (the one table of them), by the name users type.
-Alias = table.Benchmark
 ALIASES: dict[str, table.Benchmark] = dict(table.BENCHMARKS)
 
 
@@ -79,7 +78,7 @@ def humaneval_path() -> Path:
     return path
 
 
-def alias_path(alias: Alias, name: str) -> Path:
+def alias_path(alias: table.Benchmark, name: str) -> Path:
     if alias.path == "bundled:humaneval":
         return humaneval_path()
     dirs = shared_data_dirs()
