@@ -15,7 +15,11 @@ import html
 import json
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from runtime.tableio import read_table, resolve
+from schemas.tables import TRAJECTORIES, TREES
 
 TEXT_LIMIT = 4000  # characters of a text cell (prompts and outputs can be long; the stored tables hold all)
 
@@ -52,13 +56,21 @@ def _sample_advantages(uri: str | None) -> dict[str, list[float]]:
     return {r["source_id"]: turn_advantages(r["loss_mask"], r["advantages"]) for r in rows}
 
 
+def _rollout_schema(uri: str) -> pa.Schema:
+    """TRAJECTORIES or TREES, whichever the table at ``uri`` holds."""
+    fs, path = resolve(uri)
+    with fs.open_input_file(path) as f:
+        name = (pq.read_schema(f).metadata or {}).get(b"table", b"").decode()
+    return TREES if name == "trees" else TRAJECTORIES
+
+
 def completion_rows(
     rollout_uri: str, samples_uri: str | None, problems_uri: str | None
 ) -> list[dict[str, Any]]:
     """Every turn / node of the scored rollout at ``rollout_uri``, best final reward first."""
     problems, adv = _problems(problems_uri), _sample_advantages(samples_uri)
     rows: list[dict[str, Any]] = []
-    for r in pq.read_table(rollout_uri).to_pylist():
+    for r in read_table(rollout_uri, _rollout_schema(rollout_uri)).to_pylist():  # in today's version
         p = problems.get(r["problem_id"], {})
         common = {
             "problem_id": r["problem_id"],
@@ -84,6 +96,7 @@ def completion_rows(
                         "correct": r.get("correct"),
                         "stop_reason": r.get("stop_reason"),
                         "final_answer": _clip(r.get("final_answer")),
+                        "no_verdict": r.get("no_verdict"),
                         "policy_version": r.get("policy_version"),
                     }
                 )
@@ -105,6 +118,7 @@ def completion_rows(
                         "return": n.get("ret"),
                         "advantage": sum(node_adv) / len(node_adv) if node_adv else None,
                         "pruned": n.get("pruned"),
+                        "no_verdict": n.get("no_verdict"),
                         "policy_version": r.get("policy_version"),
                     }
                 )

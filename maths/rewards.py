@@ -30,8 +30,6 @@ from maths.similarity import get_similarity
 from schemas.params.rewards import ScoreParams
 from schemas.registry import Registry
 
-# reward component 1.0: the row got no verdict (the sandbox failed twice), so it has no reward
-SANDBOX_ERROR = "sandbox_error"
 RewardFn = Callable[[Sequence[Mapping], ScoreParams], list[float | None]]
 REWARDS: Registry[RewardFn] = Registry("reward function")
 register_reward = REWARDS.register

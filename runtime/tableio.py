@@ -20,7 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.outputs import TableRef
-from schemas.tables import ADDED_COLUMNS, READABLE_VERSIONS
+from schemas.tables import READABLE_VERSIONS
+from schemas.upgrades import OPTIONAL_COLUMNS, upgrade
 
 
 class SchemaError(ValueError):
@@ -80,12 +81,12 @@ def validate(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def to_table(rows: Iterable[Mapping] | pa.Table, schema: pa.Schema) -> pa.Table:
     """Build a validated table from row dicts (or validate an existing table). A row may leave out a column
-    added by a version bump (``schemas.tables.ADDED_COLUMNS``): it is written as null."""
+    added by a version bump (``schemas.upgrades.OPTIONAL_COLUMNS``): it is written as null."""
     if isinstance(rows, pa.Table):
         return validate(rows, schema)
     rows = list(rows)
     name = _table_name(schema)
-    optional = {c for (table, _), cols in ADDED_COLUMNS.items() if table == name for c in cols}
+    optional = OPTIONAL_COLUMNS.get(name, frozenset())
     for i, r in enumerate(rows):
         missing = [f for f in schema.names if f not in r and f not in optional]  # an added column: null
         extra = [k for k in r if k not in schema.names]
@@ -162,7 +163,5 @@ def read_table(uri: str | os.PathLike, schema: pa.Schema) -> pa.Table:
                 f"(readable: {sorted(readable)}); upgrade turntree or re-run the stage that wrote it"
             )
         table = pq.read_table(f)
-    for column in ADDED_COLUMNS.get((name, version), ()):  # an older version: its missing columns are null
-        if column not in table.column_names:
-            table = table.append_column(column, pa.nulls(table.num_rows, schema.field(column).type))
+    table = upgrade(name, version, table)  # an older readable version in today's shape (schemas.upgrades)
     return validate(table.replace_schema_metadata(None), schema)

@@ -5,8 +5,8 @@ Each schema carries ``b"schema_version"`` and ``b"table"`` in its metadata. Writ
 Bump a table's version when a change is not backwards compatible, and list readable versions in
 ``READABLE_VERSIONS``.
 
-A version bump that only adds nullable columns keeps the previous version readable: ``read_table`` fills the
-added columns with nulls (``ADDED_COLUMNS``).
+An older readable version is brought up to the current one on read by ``schemas.upgrades`` (added nullable
+columns come back as nulls; a changed encoding is translated).
 
 Trees are one row per tree with ``nodes: list<struct>`` (``parent_id`` −1 at a root): Arrow has no recursive
 types. Token ids are int32, log-probs float32.
@@ -21,6 +21,11 @@ SCHEMA_VERSION = "1"
 # of updates behind its checkpoint: 0 = the starting policy), so that an asynchronous pipeline can bound and
 # correct staleness (flows.pipeline, max_staleness)
 ROLLOUT_VERSION = "2"
+# version 3 of trajectories and trees, version 2 of eval_results: ``no_verdict``, the one place that says the
+# sandbox gave no verdict on a program (it failed twice on it). It replaces three encodings: a ``sandbox_error``
+# reward component (trajectories), a null reward plus ``pruned`` (tree nodes), a transient row key (evaluation)
+VERDICT_VERSION = "3"
+EVAL_VERSION = "2"
 
 TOKENS = pa.list_(pa.int32())
 FLOATS = pa.list_(pa.float32())
@@ -90,8 +95,11 @@ TRAJECTORIES = _with_meta(
         pa.field("reward", pa.float32()),  # outcome reward r_i, filled by score
         pa.field("reward_components", pa.map_(pa.string(), pa.float32())),  # name -> value, filled by score
         pa.field("policy_version", pa.int32()),  # updates behind the checkpoint that generated it (v2)
+        # True: the sandbox gave no verdict on the program (failed twice): no reward, never trained; False: it
+        # did (or no program to judge); null: not scored yet (v3; written by score)
+        pa.field("no_verdict", pa.bool_()),
     ],
-    ROLLOUT_VERSION,
+    VERDICT_VERSION,
 )
 
 # --- MURPHY rollout trees ---------------------------------------------------------------------------------
@@ -111,6 +119,9 @@ NODE = pa.struct(
         pa.field("reward", pa.float32()),  # r(n), filled by score
         pa.field("ret", pa.float32()),  # propagated return R(n) (MaRS/MeRS), filled by advantages
         pa.field("pruned", pa.bool_(), nullable=False),  # dropped by pruning (InterP/IntraP/zero signal)
+        # True: the sandbox failed twice on this node's program (no counts, no reward; its tree is not trained);
+        # null: not graded yet (v3; written by rollout when it grades, final after score)
+        pa.field("no_verdict", pa.bool_()),
     ]
 )
 TREES = _with_meta(
@@ -122,7 +133,7 @@ TREES = _with_meta(
         pa.field("truncated", pa.bool_(), nullable=False),  # the max_nodes budget cut this tree
         pa.field("policy_version", pa.int32()),  # of every node of the tree (one rollout call made them; v2)
     ],
-    ROLLOUT_VERSION,
+    VERDICT_VERSION,
 )
 
 # --- training samples -------------------------------------------------------------------------------------
@@ -158,18 +169,21 @@ EVAL_RESULTS = _with_meta(
         pa.field("difficulty", pa.string()),
         pa.field("completion", pa.string()),
         pa.field("feedback", pa.string()),
+        # the sandbox failed twice on the attempt: counted as not passed (v2)
+        pa.field("no_verdict", pa.bool_()),
     ],
+    EVAL_VERSION,
 )
 
 ALL: dict[str, pa.Schema] = {
     s.metadata[b"table"].decode(): s for s in (PROBLEMS, TRAJECTORIES, TREES, SAMPLES, EVAL_RESULTS)
 }
 
-# Versions a reader of the current code can read, per table.
+# Versions a reader of the current code can read, per table (older ones are upgraded on read: schemas.upgrades).
 READABLE_VERSIONS: dict[str, set[str]] = {
-    name: {SCHEMA_VERSION, s.metadata[b"schema_version"].decode()} for name, s in ALL.items()
-}
-# Nullable columns added since an older readable version: read as nulls from a table of that version.
-ADDED_COLUMNS: dict[tuple[str, str], tuple[str, ...]] = {
-    (name, SCHEMA_VERSION): ("policy_version",) for name in ("trajectories", "trees", "samples")
+    "problems": {"1"},
+    "trajectories": {"1", "2", "3"},
+    "trees": {"1", "2", "3"},
+    "samples": {"1", "2"},
+    "eval_results": {"1", "2"},
 }

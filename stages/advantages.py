@@ -1,9 +1,9 @@
 """Advantages stage: read scored trajectories or trees, call the registered estimator
 (``maths.advantages.ESTIMATORS``) on flat arrays, drop zero-signal groups / pruned nodes, write
 samples.parquet (and trees.parquet with ``ret`` and ``pruned`` for MURPHY), and compute the adv/* metrics.
-Rows or trees the score stage marked as having no verdict (the sandbox failed twice: the ``sandbox_error``
-reward component of a trajectory, a node with null reward that score marked pruned) are dropped before any
-group statistic, so the rest of their group trains exactly as if they had never been sampled.
+Rows, and trees with a node, that the score stage marked ``no_verdict`` (the sandbox failed twice on the
+program) are dropped before any group statistic, so the rest of their group trains exactly as if they had never
+been sampled.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pyarrow.compute as pc
 
 from maths.advantages import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
 from maths.columns import field, list_parts, numbers, with_fields
-from maths.rewards import SANDBOX_ERROR
 from maths.samples import node_samples, trajectory_samples
 from maths.segments import group_codes, set_has_signal, turn_positions
 from runtime.tableio import read_table, write_table
@@ -50,20 +49,21 @@ def _params_note(params: AdvantageParams) -> str:
     return "advantage params: " + ", ".join(f"{k}={v}" for k, v in params.model_dump().items())
 
 
-def sandbox_error_rows(table: pa.Table) -> np.ndarray:
-    """(N,) bool: rows the score stage marked ``sandbox_error`` (no verdict: the sandbox failed twice)."""
-    flag = pc.map_lookup(table["reward_components"], pa.scalar(SANDBOX_ERROR), "first")
-    return numbers(pc.fill_null(pc.greater(flag, 0), False), bool)
+def no_verdict(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """bool per row of a ``no_verdict`` column: True where the sandbox gave no verdict (null: not scored)."""
+    return numbers(pc.fill_null(column, False), bool)
 
 
 def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> StageOutput:
     table = read_table(uri, TRAJECTORIES)
     if table.num_rows == 0:
         raise ValueError(f"{uri}: no trajectories to compute advantages for")
-    no_verdict = sandbox_error_rows(table)
-    if no_verdict.all():
-        raise ValueError(f"{uri}: every trajectory is marked sandbox_error: nothing has a reward")
-    table = table.filter(pa.array(~no_verdict))  # out before any group statistic: the rest are as if alone
+    unjudged = no_verdict(table["no_verdict"])
+    if unjudged.all():
+        raise ValueError(
+            f"{uri}: no trajectory has a verdict (the sandbox failed twice on each): nothing to train"
+        )
+    table = table.filter(pa.array(~unjudged))  # out before any group statistic: the rest are as if alone
     ids = table["trajectory_id"].to_pylist()
     rewards_col = table["reward"].combine_chunks()
     if (row := _first_null(rewards_col)) is not None:
@@ -124,7 +124,7 @@ def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Pat
         "adv/zero_signal_groups": float(zero),
         "adv/zero_signal_frac": zero / n_groups,
         "adv/samples": float(kept.num_rows),
-        "adv/sandbox_error_dropped": float(no_verdict.sum()),
+        "adv/sandbox_error_dropped": float(unjudged.sum()),
         "adv/trained_tokens": float(pc.sum(pc.list_flatten(tokens["loss_mask"])).as_py() or 0),
     }
     if est.unit == "turn":
@@ -138,26 +138,26 @@ def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Pat
     )
     log.info(note)
     notes = [note, _params_note(params)]
-    if no_verdict.any():
-        notes.append(f"{int(no_verdict.sum())} trajectories marked sandbox_error dropped before grouping")
+    if unjudged.any():
+        notes.append(
+            f"{int(unjudged.sum())} trajectories without a verdict (no_verdict) dropped before grouping"
+        )
     return StageOutput(stage="advantages", tables={"samples": ref}, metrics=metrics, notes=notes)
 
 
-def sandbox_error_trees(trees: pa.Table) -> np.ndarray:
-    """(T,) bool: trees with a node the score stage left without a verdict (the sandbox failed twice): null
-    reward and ``pruned`` set by score. A null reward on an unpruned node is an unscored node, not this."""
+def no_verdict_trees(trees: pa.Table) -> np.ndarray:
+    """(T,) bool: trees with a node the score stage marked ``no_verdict`` (the sandbox failed twice on it)."""
     t_off, nodes = list_parts(trees["nodes"])
-    no_reward = field(nodes, "reward").is_null().to_numpy(zero_copy_only=False)
-    marked = no_reward & numbers(field(nodes, "pruned"), bool)
+    marked = no_verdict(field(nodes, "no_verdict"))
     tree_of = np.repeat(np.arange(trees.num_rows), np.diff(t_off))
     return np.bincount(tree_of, weights=marked, minlength=trees.num_rows) > 0
 
 
 def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> StageOutput:
     all_trees = read_table(uri, TREES)
-    dropped = sandbox_error_trees(all_trees)
+    dropped = no_verdict_trees(all_trees)
     if dropped.size and dropped.all():
-        raise ValueError(f"{uri}: every tree has a node without a verdict (sandbox_error): nothing to train")
+        raise ValueError(f"{uri}: every tree has a node without a verdict (no_verdict): nothing to train")
     trees = all_trees.filter(pa.array(~dropped))  # whole trees: sibling sets and returns never cross trees
     t_off, nodes = list_parts(trees["nodes"])
     counts = np.diff(t_off)
@@ -260,7 +260,7 @@ def run_trees(est: Estimator, params: AdvantageParams, uri: str, out: Path) -> S
     log.info(note)
     notes = [note, _params_note(params)]
     if dropped.any():
-        notes.append(f"{int(dropped.sum())} trees with a sandbox_error node were left out (all nodes pruned)")
+        notes.append(f"{int(dropped.sum())} trees with a no_verdict node were left out (all nodes pruned)")
     return StageOutput(
         stage="advantages", tables={"samples": ref, "trees": trees_ref}, metrics=metrics, notes=notes
     )

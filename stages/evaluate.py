@@ -53,7 +53,6 @@ __all__ = [
     "run",
 ]
 log = logging.getLogger("turntree.evaluate")
-NO_VERDICT = "_no_verdict"  # a row key while rows are built: the sandbox gave no verdict on the attempt
 
 
 class EngineLike(Protocol):
@@ -207,8 +206,8 @@ def evaluate_code(engine: EngineLike, problems: Sequence[dict], params: EvalPara
                     0,
                     node["text"],
                     feedback,
+                    no_verdict=bool(node["no_verdict"]),
                 )
-                row[NO_VERDICT] = node["tests_total"] is None and bool(node["code"])
                 rows.append(row)
                 node = child.get(node["node_id"])
     return rows
@@ -240,7 +239,7 @@ def evaluate_math(engine: EngineLike, problems: Sequence[dict], params: EvalPara
     return rows
 
 
-def _row(bench, p, sample_idx, attempt, passed, score, turns, calls, completion, feedback) -> dict:
+def _row(bench, p, sample_idx, attempt, passed, score, turns, calls, completion, feedback, no_verdict=False):
     return {
         "benchmark": bench or p["source"],
         "problem_id": p["problem_id"],
@@ -253,6 +252,7 @@ def _row(bench, p, sample_idx, attempt, passed, score, turns, calls, completion,
         "difficulty": p.get("difficulty"),
         "completion": completion,
         "feedback": feedback,
+        "no_verdict": no_verdict,  # the sandbox failed twice on the attempt: counted as not passed
     }
 
 
@@ -308,7 +308,7 @@ def run(
         progress.report("evaluate", len(problems), len(problems), "done")
         elapsed = time.perf_counter() - t1
 
-    no_verdict = collections.Counter(r["benchmark"] for r in rows if r.pop(NO_VERDICT, False))
+    no_verdict = collections.Counter(r["benchmark"] for r in rows if r["no_verdict"])
     ref = write_table(rows, EVAL_RESULTS, out / "eval_results.parquet")
     metrics = summarize(
         rows, kinds=kinds, iterations=params.iterations, bootstrap=params.bootstrap, seed=params.seed

@@ -12,15 +12,16 @@ program (``final_answer``, else the last turn's code) against the problem's test
 GTPO turn rewards r_ij = r_acc + r_fmt, with self-supervised shaping of failed trajectories that have a
 successful sibling. Written: ``turns[].turn_reward``, ``correct``, ``reward`` (the GRPO r_i, gated by format
 errors when ``format_gate``) and ``reward_components`` (each component, plus ``format``, ``shaped`` and
-``outcome``). A row whose program got no verdict because the sandbox failed twice (``run_tests_batch``)
-gets the component ``sandbox_error`` = 1.0: the advantages stage drops it before any group statistic, and the
-reward/* metrics here leave it out (``reward/sandbox_error_frac`` counts it).
+``outcome``), and ``no_verdict``: True for a row whose program got no verdict because the sandbox failed twice
+(``run_tests_batch``), False for every other row. The advantages stage drops a ``no_verdict`` row before any
+group statistic, and the reward/* metrics here leave it out (``reward/sandbox_error_frac`` counts it).
 
 Trees (MURPHY): r(n) per node from the ``tests_passed``/``tests_total`` the rollout stored (fraction, or
 all-pass when ``code_reward="binary"``); nodes without counts are re-run in the sandbox. A re-run node the
 sandbox failed twice keeps null ``tests_passed``, ``tests_total`` and ``reward`` (no verdict, so no reward)
-and is marked ``pruned`` (never trained): the advantages stage leaves its whole tree out (sibling sets and
-returns never cross trees, so the other trees' signal is unchanged); ``reward/sandbox_error_frac`` counts it.
+and gets ``no_verdict`` True (every other node False): the advantages stage leaves its whole tree out (sibling
+sets and returns never cross trees, so the other trees' signal is unchanged); ``reward/sandbox_error_frac``
+counts it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from maths import rewards as R
 from maths.columns import field, list_parts, numbers, with_fields
@@ -160,8 +160,6 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
     scores = R.trajectory_rewards(rows, tool_call, exec_status, lengths, table["group_id"], params)
     turn_reward, correct, reward = scores.turn_reward, scores.correct, scores.reward
     components = scores.components
-    for i in np.flatnonzero(sandbox_error):  # the flag the advantages stage drops the row by
-        components[i][R.SANDBOX_ERROR] = 1.0
     new = table.set_column(
         table.schema.get_field_index("turns"),
         "turns",
@@ -174,6 +172,7 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
         "reward_components",
         pa.array([list(c.items()) for c in components], TRAJECTORIES.field("reward_components").type),
     )
+    new = new.set_column(new.schema.get_field_index("no_verdict"), "no_verdict", pa.array(sandbox_error))
     ref = write_table(new, TRAJECTORIES, out / "trajectories.parquet")
     ok = ~sandbox_error  # rows with a verdict: the statistics below are theirs alone
     has = bool(ok.any())
@@ -225,7 +224,7 @@ def score_trees(params: ScoreParams, uri: str, problems: dict[str, dict], out: P
             "reward": pa.array(reward.astype(np.float32), mask=no_verdict),
             "tests_passed": pa.array(passed.astype(np.int32), mask=no_verdict),
             "tests_total": pa.array(total.astype(np.int32), mask=no_verdict),
-            "pruned": pc.or_(field(nodes, "pruned"), pa.array(no_verdict)),
+            "no_verdict": pa.array(no_verdict),
         },
     )
     new = trees.set_column(trees.schema.get_field_index("nodes"), "nodes", new_nodes)

@@ -206,8 +206,8 @@ def test_a_sandbox_failure_is_retried_then_marked_and_left_out_of_its_group(tmp_
     )
     assert broken_sandbox.count(RIGHT) == 2  # a and d: graded once each
     scored = {r["trajectory_id"]: r for r in read_table(out.uri("trajectories"), TRAJECTORIES).to_pylist()}
-    assert dict(scored["x"]["reward_components"])["sandbox_error"] == 1.0
-    assert all("sandbox_error" not in dict(scored[t]["reward_components"]) for t in "abcde")
+    assert [scored[t]["no_verdict"] for t in "abcdex"] == [False] * 5 + [True]  # the one place that says it
+    assert all("sandbox_error" not in dict(scored[t]["reward_components"]) for t in "abcdex")
     assert [scored[t]["reward"] for t in "abcde"] == [1.0, 0.0, 1.0, 1.0, 0.0]
     assert out.metrics["reward/sandbox_error_frac"] == pytest.approx(1 / 6)
     assert out.metrics["reward/sandbox_errors"] == 1.0
@@ -231,7 +231,7 @@ def test_every_trajectory_without_a_verdict_is_a_clear_error(tmp_path, broken_sa
     rows = [_traj("x", "g", RIGHT + "#ALWAYS\n"), _traj("y", "g", WRONG + "#ALWAYS\n")]
     out = score.run(ScoreParams(shaping=False), _inputs(tmp_path, rows), tmp_path / "score")
     assert out.metrics["reward/sandbox_error_frac"] == 1.0
-    with pytest.raises(ValueError, match="every trajectory is marked sandbox_error"):
+    with pytest.raises(ValueError, match="no trajectory has a verdict"):
         advantages.run(AdvantageParams(), {"trajectories": out.uri("trajectories")}, tmp_path / "adv")
 
 
@@ -244,7 +244,8 @@ def test_a_tree_node_without_a_verdict_has_no_reward_and_its_tree_is_left_out(tm
     scored = read_table(out.uri("trees"), TREES).to_pylist()
     assert [n["reward"] for n in scored[0]["nodes"]] == [1.0, 0.0]
     bad = scored[1]["nodes"][1]
-    assert (bad["reward"], bad["tests_passed"], bad["tests_total"], bad["pruned"]) == (None, None, None, True)
+    assert (bad["reward"], bad["tests_passed"], bad["tests_total"], bad["no_verdict"]) == (None, None, None, True)
+    assert [n["no_verdict"] for n in scored[0]["nodes"]] == [False, False] and not bad["pruned"]
     assert out.metrics["reward/sandbox_errors"] == 1.0 and out.metrics["reward/mean"] == pytest.approx(2 / 3)
 
     adv = advantages.run(AdvantageParams(estimator="murphy"), {"trees": out.uri("trees")}, tmp_path / "adv")

@@ -100,6 +100,7 @@ def _trajectory_row(**turn_overrides) -> dict:
         "reward": None,
         "reward_components": None,
         "policy_version": 0,
+        "no_verdict": None,
     }
 
 
@@ -120,8 +121,9 @@ def test_nested_values_survive_exactly(tmp_path):
         "reward": 0.5,
         "ret": None,
         "pruned": False,
+        "no_verdict": False,
     }
-    child = dict(node, node_id=1, parent_id=0, depth=2, pruned=True)
+    child = dict(node, node_id=1, parent_id=0, depth=2, pruned=True, no_verdict=None)
     rows = [{"tree_id": "tr", "problem_id": "p", "nodes": [node, child], "truncated": False}]
     write_table(rows, TREES, tmp_path / "trees.parquet")
     back = read_table(tmp_path / "trees.parquet", TREES).to_pylist()
@@ -167,7 +169,7 @@ def test_reader_refuses_unknown_schema_version(tmp_path):
     meta = dict(table.schema.metadata)
     meta[b"schema_version"] = b"999"
     pq.write_table(table.replace_schema_metadata(meta), path)
-    with pytest.raises(SchemaError, match=r"schema_version '999' is not readable.*readable: \['1'(, '2')?\]"):
+    with pytest.raises(SchemaError, match=r"schema_version '999' is not readable.*readable: \['1', '2', '3'\]"):
         read_table(path, TRAJECTORIES)
 
 
@@ -251,11 +253,11 @@ def test_a_version_1_rollout_table_reads_with_null_policy_versions(tmp_path):
     ``policy_version``) stay readable: the added column comes back as nulls."""
     path = tmp_path / "t.parquet"
     write_table([_trajectory_row()], TRAJECTORIES, path)
-    table = pq.read_table(path).drop_columns(["policy_version"])
+    table = pq.read_table(path).drop_columns(["policy_version", "no_verdict"])
     meta = dict(table.schema.metadata)
     meta[b"schema_version"] = b"1"
     pq.write_table(table.replace_schema_metadata(meta), path)
     back = read_table(path, TRAJECTORIES)
-    assert back.schema.metadata[b"schema_version"] == b"2"
+    assert back.schema.metadata[b"schema_version"] == b"3"
     assert back["policy_version"].to_pylist() == [None]
-    assert back.drop_columns(["policy_version"]).to_pylist() == table.to_pylist()
+    assert back.drop_columns(["policy_version", "no_verdict"]).to_pylist() == table.to_pylist()

@@ -69,6 +69,7 @@ def _node(tree: Tree, parent_id: int, depth: int, prompt_ids: list[int], gen) ->
         "reward": None,
         "ret": None,
         "pruned": False,
+        "no_verdict": None,
     }
     tree.nodes.append(node)
     return node
@@ -88,6 +89,7 @@ def _grade(nodes: list[tuple[Tree, dict]], timeout_s: float, max_chars: int, sta
     )
     stats.sandbox_s += time.perf_counter() - t0
     for (_, n), rep in zip(nodes, reports, strict=True):
+        n["no_verdict"] = bool(rep.sandbox_failed)
         if rep.sandbox_failed:  # failed twice, no verdict on the program: left null (score re-runs it)
             n["tests_passed"], n["tests_total"] = None, None
         else:
