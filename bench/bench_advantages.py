@@ -4,7 +4,7 @@ Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/bench_advantages.py [--n 1000000]
 
 On the same inputs in one run (1,000,000 trajectories in groups of --group; 1,000,000 GTPO turns; 1,000,000
 MURPHY tree nodes):
-  - ours:    maths.advantages.grpo (segment reductions over dense group codes, no sort for grouped rows)
+  - ours:    maths.estimators.grpo (segment reductions over dense group codes, no sort for grouped rows)
   - dict:    a per-group Python loop over a dict of scores, torch mean/std per group (verl's first form)
   - scatter: torch over a group index: unique(return_inverse), scatter_add for sums / counts / squared
              deviations, gather back (verl's vectorised form)
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maths.advantages import grpo, gtpo, gtpo_flat, murphy  # noqa: E402
+from maths.estimators import grpo, gtpo, gtpo_flat, murphy  # noqa: E402
 from maths.segments import group_codes  # noqa: E402
 
 EPS = 1e-6

@@ -17,7 +17,7 @@ The workload, shared by both frameworks:
   also stops at turntree's tool-call stop strings (``prompts.TIR_STOP``; TRL: ``stop_strings`` in its
   generation config), so both sample the same distribution with the same stopping rule;
 - reward: 1 when the boxed answer — or, with none, the completion's last number — equals the reference
-  (``maths.rewards.lenient_answer`` + ``math_correct``), else 0: TRL calls that as its reward function;
+  (``maths.reward_fns.lenient_answer`` + ``math_correct``), else 0: TRL calls that as its reward function;
   turntree's score stage with ``reward_weights={math_answer_lenient: 1}`` and no shaping computes the same;
 - advantages: GRPO group z-score, std with ddof 1 + 1e-4 (TRL's ``scale_rewards="group"``; turntree
   ``AdvantageParams(eps=1e-4, keep_zero_signal=True)``: all-tied groups are kept with advantage 0, as in TRL);
@@ -92,7 +92,7 @@ def arithmetic_problems(n: int, seed: int = 15) -> list[dict]:
 def reward_of(text: str, answer: str) -> float:
     """The shared reward (turntree's ``math_answer_lenient``): 1.0 when the boxed answer — or, with none, the
     text's last number — is the reference number."""
-    from maths.rewards import lenient_answer, math_correct
+    from maths.reward_fns import lenient_answer, math_correct
 
     return float(math_correct(lenient_answer(text), answer))
 

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from bench.legacy_update import LegacyTrainer  # noqa: E402
 from schemas.params.update import UpdateParams  # noqa: E402
 from stages.update import Trainer  # noqa: E402
-from stages.update.samples import Sample  # noqa: E402
+from stages.update.batches import Sample  # noqa: E402
 
 VARIANTS = {
     "legacy-1t": {"legacy": True, "threads": 1, "old_logprobs": "recompute"},

@@ -336,7 +336,7 @@ def bench_shape(name, sc, dev, tmp, ckpt, r, baseline_len, gemm, save) -> None:
 
     from schemas.params.update import UpdateParams
     from stages.update import Trainer, load_samples
-    from stages.update.samples import minibatches
+    from stages.update.batches import minibatches
 
     (tmp / name).mkdir(parents=True, exist_ok=True)
     p = UpdateParams(

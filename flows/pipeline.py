@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import State
 
-from flows.health import log_health
+from flows.health_view import log_health
 from flows.locks import run_lock
 from flows.notices import notices
 from flows.runner import RunContext, default_run_id, fingerprint, params_field, source_tags

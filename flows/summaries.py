@@ -67,7 +67,7 @@ def run_summary_md(ctx: Any, manifest: dict[str, Any], base: str, tracker: Any, 
     """The pipeline flow run's summary: where things are, the health table per iteration (held-out with its
     95% CI, training reward, zero-signal fraction, response length, truncation), the health chart and the
     completions of each iteration in MLflow, and the run's warnings."""
-    from flows.health import health_rows
+    from flows.health_view import health_rows
     from flows.report import format_headline
 
     parent = ctx.mlflow_parent

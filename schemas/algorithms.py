@@ -3,7 +3,7 @@
 One row per algorithm: the rollout kind it needs (the name of the table the rollout writes, used everywhere for
 "which kind of rollout": ``trajectories`` = multi-turn tool-integrated trajectories, ``trees`` = MURPHY
 feedback trees) and the advantage estimators it accepts, the first being the one it picks when the configured
-estimator does not fit. Adding an algorithm is one row here (and its estimator in ``maths.advantages``).
+estimator does not fit. Adding an algorithm is one row here (and its estimator in ``maths.estimators``).
 """
 
 from __future__ import annotations

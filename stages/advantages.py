@@ -1,5 +1,5 @@
 """Advantages stage: read scored trajectories or trees, call the registered estimator
-(``maths.advantages.ESTIMATORS``) on flat arrays, drop zero-signal groups / pruned nodes, write
+(``maths.estimators.ESTIMATORS``) on flat arrays, drop zero-signal groups / pruned nodes, write
 samples.parquet (and trees.parquet with ``ret`` and ``pruned`` for MURPHY), and compute the adv/* metrics.
 Rows, and trees with a node, that the score stage marked ``no_verdict`` (the sandbox failed twice on the
 program) are dropped before any group statistic, so the rest of their group trains exactly as if they had never
@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maths.advantages import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
 from maths.columns import field, list_parts, numbers, with_fields
+from maths.estimators import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
 from maths.samples import node_samples, trajectory_samples
 from maths.segments import group_codes, set_has_signal, turn_positions
 from runtime.tableio import read_table, write_table

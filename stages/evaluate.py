@@ -17,7 +17,7 @@ pass.
 
 Math problems (``evaluate_math``): one tool-integrated attempt per sample through the rollout stage's TIR loop
 (``tir_trajectories``: the model writes python blocks, sees their output, answers \\boxed{}), judged by
-``maths.rewards.math_correct``; turns and tool calls are counted per sample.
+``maths.reward_fns.math_correct``; turns and tool calls are counted per sample.
 
 The loops take any *engine-like* object — ``.tokenizer`` and ``.generate(prompts, SamplingSpec) ->
 list[list[Generation]]`` — so tests can drive them with a scripted policy.
@@ -215,7 +215,7 @@ def evaluate_code(engine: EngineLike, problems: Sequence[dict], params: EvalPara
 
 def evaluate_math(engine: EngineLike, problems: Sequence[dict], params: EvalParams, bench: str) -> list[dict]:
     """One TIR attempt per sample through the rollout stage's TIR loop; judged by answer equivalence."""
-    from maths.rewards import math_correct
+    from maths.reward_fns import math_correct
     from stages.rollout import tir_trajectories
 
     trajs = tir_trajectories(

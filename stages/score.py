@@ -1,13 +1,13 @@
 """Score stage: fill the reward fields of rollout tables (docs/algorithms.md).
 
 One way through: read the rollout table and the problems, run the programs in the sandbox, call one rewards
-function (``maths.rewards.trajectory_rewards`` / ``node_rewards``), write.
+function (``maths.reward_fns.trajectory_rewards`` / ``node_rewards``), write.
 
     run(params: ScoreParams, inputs: {"trajectories": uri, "problems": uri} | {"trees": uri, "problems": uri},
         out: Path) -> StageOutput
 
 Trajectories (TIR, GRPO/GTPO): the outcome reward r_i from the registered reward functions combined by weights
-(``maths.rewards``): math rows compare ``final_answer`` with ``problems.answer``; code rows run the final
+(``maths.reward_fns``): math rows compare ``final_answer`` with ``problems.answer``; code rows run the final
 program (``final_answer``, else the last turn's code) against the problem's tests in the sandbox. Then the
 GTPO turn rewards r_ij = r_acc + r_fmt, with self-supervised shaping of failed trajectories that have a
 successful sibling. Written: ``turns[].turn_reward``, ``correct``, ``reward`` (the GRPO r_i, gated by format
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from maths import rewards as R
+from maths import reward_fns as R
 from maths.columns import field, list_parts, numbers, with_fields
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput

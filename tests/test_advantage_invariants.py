@@ -1,4 +1,4 @@
-"""What the GTPO normalisation scopes and the MURPHY returns guarantee (maths.advantages, NORM_SCOPES table).
+"""What the GTPO normalisation scopes and the MURPHY returns guarantee (maths.estimators, NORM_SCOPES table).
 
 GTPO invariants, for every group of a batch:
   (a) every trajectory has the same turn rewards -> advantage 0 on every turn;
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maths.advantages import NORM_SCOPES, grpo, gtpo, murphy, murphy_returns, prune, sibling_sets
+from maths.estimators import NORM_SCOPES, grpo, gtpo, murphy, murphy_returns, prune, sibling_sets
 from maths.segments import group_codes
 
 EPS = 1e-6

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maths.advantages import (
+from maths.estimators import (
     ESTIMATORS,
     get_estimator,
     grpo,

@@ -195,7 +195,7 @@ def test_registered_model_name_is_one_per_algorithm_and_base_model():
 
 
 def test_health_rows_and_chart_from_the_manifest():
-    from flows.health import health_png, health_rows
+    from flows.health_view import health_png, health_rows
 
     rows = health_rows(_manifest())
     assert [r["iteration"] for r in rows] == [0, 1, 2]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from maths import advantages, policy_loss, rewards, similarity
+from maths import estimators as advantages
+from maths import policy_loss, similarity
+from maths import reward_fns as rewards
 from runtime import engines
 from schemas.algorithms import ALGORITHMS, RolloutKind
 from schemas.params import update as U

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maths.advantages import gtpo_shaping
-from maths.rewards import (
+from maths.estimators import gtpo_shaping
+from maths.reward_fns import (
     REWARDS,
     combine,
     format_penalties,

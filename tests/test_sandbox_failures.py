@@ -244,7 +244,12 @@ def test_a_tree_node_without_a_verdict_has_no_reward_and_its_tree_is_left_out(tm
     scored = read_table(out.uri("trees"), TREES).to_pylist()
     assert [n["reward"] for n in scored[0]["nodes"]] == [1.0, 0.0]
     bad = scored[1]["nodes"][1]
-    assert (bad["reward"], bad["tests_passed"], bad["tests_total"], bad["no_verdict"]) == (None, None, None, True)
+    assert (bad["reward"], bad["tests_passed"], bad["tests_total"], bad["no_verdict"]) == (
+        None,
+        None,
+        None,
+        True,
+    )
     assert [n["no_verdict"] for n in scored[0]["nodes"]] == [False, False] and not bad["pruned"]
     assert out.metrics["reward/sandbox_errors"] == 1.0 and out.metrics["reward/mean"] == pytest.approx(2 / 3)
 

@@ -169,7 +169,9 @@ def test_reader_refuses_unknown_schema_version(tmp_path):
     meta = dict(table.schema.metadata)
     meta[b"schema_version"] = b"999"
     pq.write_table(table.replace_schema_metadata(meta), path)
-    with pytest.raises(SchemaError, match=r"schema_version '999' is not readable.*readable: \['1', '2', '3'\]"):
+    with pytest.raises(
+        SchemaError, match=r"schema_version '999' is not readable.*readable: \['1', '2', '3'\]"
+    ):
         read_table(path, TRAJECTORIES)
 
 

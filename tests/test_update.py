@@ -17,6 +17,7 @@ from runtime.tableio import write_table
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES, TRAJECTORIES
 from stages import update
+from stages.update.batches import SamplesError, minibatches
 
 
 def sample_rows(model_dir: Path, n: int = 6, seed: int = 0, adv=None) -> list[dict]:
@@ -133,7 +134,7 @@ def test_bad_samples_tables_fail_clearly_and_write_nothing(tiny_model, samples, 
     for name, (uri, msg) in cases.items():
         out = tmp_path / f"out-{name.replace(' ', '_')}"
         out.mkdir()
-        with pytest.raises(update.SamplesError, match=msg):
+        with pytest.raises(SamplesError, match=msg):
             update.run(UpdateParams(), {"samples": uri, "checkpoint": str(tiny_model)}, out)
         assert list(out.iterdir()) == [], name
 
@@ -160,7 +161,7 @@ def test_resume_equals_uninterrupted_run(tiny_model, samples, tmp_path):
             assert torch.equal(torch.as_tensor(so["state"][k][field]), torch.as_tensor(sr["state"][k][field]))
     assert one.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
     # data order is a pure function of (seed, update index, epoch)
-    assert update.minibatches(6, p, 1, 0) == update.minibatches(6, p, 1, 0) != update.minibatches(6, p, 2, 0)
+    assert minibatches(6, p, 1, 0) == minibatches(6, p, 1, 0) != minibatches(6, p, 2, 0)
 
 
 def test_weight_sync_pushes_into_a_live_engine(tiny_model, samples, tmp_path, monkeypatch):
@@ -486,7 +487,7 @@ def test_bf16_update_moves_each_sequence_as_fp32_does(tiny_model, samples, tmp_p
 
 
 def test_within_staleness_marks_and_drops_by_policy_version():
-    from stages.update.samples import Sample, SamplesError, within_staleness
+    from stages.update.batches import Sample, SamplesError, within_staleness
 
     def sample(version):
         one = torch.ones(3)

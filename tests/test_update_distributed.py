@@ -18,6 +18,7 @@ from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
 from stages import update
 from stages.update import distributed as ddist
+from stages.update.batches import SamplesError
 from tests.test_update import sample_rows
 
 # 7 samples, minibatches of 4 then 3: rank shares of 2/2 and 2/1 — the 3-sample minibatch gives rank 1 one
@@ -132,7 +133,7 @@ def test_failing_rank_gives_a_clear_error_and_writes_nothing(tiny_model, samples
     write_table(rows, SAMPLES, bad)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(update.SamplesError, match=r"'s1'.*advantages") as e:
+    with pytest.raises(SamplesError, match=r"'s1'.*advantages") as e:
         update.run(UpdateParams(nproc=2), {"samples": str(bad), "checkpoint": str(tiny_model)}, out)
     assert "rank" not in str(e.value)  # the parent read the table: no process was launched
     # a checkpoint without weights fails in the ranks (the parent does not load it): the rank's own error

@@ -17,6 +17,7 @@ from runtime.tableio import write_table
 from schemas.params.update import UpdateParams
 from schemas.tables import SAMPLES
 from stages import update
+from stages.update.batches import minibatches
 from stages.update.prefix import PrefixTrie
 from tests.test_update import _params_close
 
@@ -133,21 +134,21 @@ def test_minibatches_by_problem_keep_a_problem_together():
     order, problems shuffled reproducibly (a function of seed, update, epoch); sample: the old order."""
     groups = [f"p{i % 4}" for i in range(12)]  # 4 problems × 3 samples, interleaved
     p = UpdateParams(minibatch_size=3, micro_batch_size=3, minibatch_by="problem", seed=1)
-    mbs = update.minibatches(12, p, 0, 0, groups)
+    mbs = minibatches(12, p, 0, 0, groups)
     assert sorted(i for m in mbs for i in m) == list(range(12))
     assert all(len({groups[i] for i in m}) == 1 and m == sorted(m) for m in mbs)
-    assert mbs == update.minibatches(12, p, 0, 0, groups)
-    assert any(update.minibatches(12, p, u, 0, groups) != mbs for u in range(1, 5))
+    assert mbs == minibatches(12, p, 0, 0, groups)
+    assert any(minibatches(12, p, u, 0, groups) != mbs for u in range(1, 5))
     plain = p.model_copy(update={"minibatch_by": "sample"})
-    assert update.minibatches(12, plain, 0, 0, groups) == update.minibatches(12, plain, 0, 0)
-    nameless = update.minibatches(12, p, 0, 0, [""] * 12)  # no problem named: each sample its own group
+    assert minibatches(12, plain, 0, 0, groups) == minibatches(12, plain, 0, 0)
+    nameless = minibatches(12, p, 0, 0, [""] * 12)  # no problem named: each sample its own group
     assert (
         nameless
-        == update.minibatches(12, p, 0, 0, [f"q{i}" for i in range(12)])
+        == minibatches(12, p, 0, 0, [f"q{i}" for i in range(12)])
         != [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     )
     with pytest.raises(ValueError, match="11 groups for 12 samples"):
-        update.minibatches(12, p, 0, 0, groups[:11])
+        minibatches(12, p, 0, 0, groups[:11])
 
 
 @settings(max_examples=100, deadline=None)
@@ -155,7 +156,7 @@ def test_minibatches_by_problem_keep_a_problem_together():
 def test_minibatches_by_problem_partition_the_samples(labels, size, epoch):
     groups = [f"g{x}" for x in labels]
     p = UpdateParams(minibatch_size=size, micro_batch_size=1, minibatch_by="problem")
-    mbs = update.minibatches(len(groups), p, 3, epoch, groups)
+    mbs = minibatches(len(groups), p, 3, epoch, groups)
     flat = [i for m in mbs for i in m]
     assert sorted(flat) == list(range(len(groups))) and all(len(m) == size for m in mbs[:-1])
     seen: list[str] = []

@@ -21,7 +21,7 @@ class ScoreParams(BaseModel):
     reward_weights: dict[RewardName, float] | None = Field(
         None,
         description="Outcome reward r_i = Σ weight · component over registered reward functions that apply to "
-        "a row (maths.rewards.REWARDS); None: the code component picked by code_reward, and math_answer, weight 1",
+        "a row (maths.reward_fns.REWARDS); None: the code component picked by code_reward, and math_answer, weight 1",
     )
     math_rel_tol: float = Field(
         1e-6, ge=0.0, le=0.1, description="Relative tolerance of numeric answer equality"
@@ -58,7 +58,7 @@ class AdvantageParams(BaseModel):
     ] = Field(
         "end_aligned",
         description="(open) GTPO normalisation set. end_aligned: per number of turns left, every trajectory of "
-        "the group present; unlike group it gives successes no negative turns (maths.advantages.NORM_SCOPES). "
+        "the group present; unlike group it gives successes no negative turns (maths.estimators.NORM_SCOPES). "
         "end_aligned_discounted: the same sets, one scale per group, so γ acts (outcome-only: γ^d × GRPO's)",
     )
     murphy_mode: Literal["max", "mean"] = Field(

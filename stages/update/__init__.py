@@ -72,23 +72,15 @@ from pathlib import Path
 import torch
 
 from runtime import checkpoint as ckpt
-from runtime.devices import PeakMemory, resolve_device  # noqa: F401 - re-exported for callers of the update stage
+from runtime.devices import resolve_device
 from runtime.engines.base import EngineError, same_architecture
 from runtime.engines.live import exclusive, live_engine
 from runtime.memory import trim_heap
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
 from stages.update import distributed as ddist
-from stages.update.samples import (  # noqa: F401 - re-exported for callers of the update stage
-    Sample,
-    SamplesError,
-    collate,
-    load_samples,
-    minibatches,
-    order_seed,
-    within_staleness,
-)
-from stages.update.trainer import Trainer, clip_grad_norm  # noqa: F401
+from stages.update.batches import Sample, load_samples, within_staleness
+from stages.update.trainer import Trainer
 
 STAGE = "update"
 log = logging.getLogger("turntree.update")

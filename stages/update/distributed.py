@@ -58,7 +58,7 @@ import torch.distributed as dist
 from runtime.checkpoint import CheckpointError
 from schemas.outputs import StageOutput
 from schemas.params.update import UpdateParams
-from stages.update.samples import SamplesError
+from stages.update.batches import SamplesError
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

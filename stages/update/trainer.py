@@ -19,7 +19,7 @@ from runtime.devices import PeakMemory, resolve_device
 from schemas.params.update import UpdateParams
 from stages.update import distributed as ddist
 from stages.update import prefix as shared
-from stages.update.samples import Sample, collate, logprob_gap, minibatches
+from stages.update.batches import Sample, collate, logprob_gap, minibatches
 
 SUMMED = ("loss", "tokens", "clipped", "approx_kl", "entropy", "grad_norm", "kl_ref", "tis_weight")
 

@@ -35,7 +35,7 @@ from maths.murphy import (  # noqa: F401
     sibling_sets,
     tree_returns,
 )
-from maths.rewards import gtpo_shaping  # noqa: F401  (re-exported: part of this module's array API)
+from maths.reward_fns import gtpo_shaping  # noqa: F401  (re-exported: part of this module's array API)
 from maths.segments import (
     EPS,
     check_finite,
