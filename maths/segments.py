@@ -137,6 +137,15 @@ def set_has_signal(adv: np.ndarray, codes: np.ndarray, n_sets: int) -> np.ndarra
     return np.bincount(codes, weights=(adv != 0).astype(np.float64), minlength=n_sets) > 0
 
 
+def set_outcomes_differ(values: np.ndarray, codes: np.ndarray, n_sets: int) -> np.ndarray:
+    """(n_sets,) bool: whether the set's members do not all share one value (a set of one never differs)."""
+    high = np.full(n_sets, -np.inf)
+    low = np.full(n_sets, np.inf)
+    np.maximum.at(high, codes, values)
+    np.minimum.at(low, codes, values)
+    return high > low
+
+
 def segment_starts(lengths: np.ndarray) -> np.ndarray:
     """(K + 1,) int64 offsets of K consecutive segments with the given lengths."""
     out = np.zeros(len(lengths) + 1, np.int64)

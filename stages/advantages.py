@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from maths.columns import field, list_parts, numbers, with_fields
 from maths.estimators import Estimator, NodeBatch, TrajectoryBatch, get_estimator, prune, sibling_sets
 from maths.samples import node_samples, trajectory_samples
-from maths.segments import group_codes, set_has_signal, turn_positions
+from maths.segments import group_codes, set_has_signal, set_outcomes_differ, turn_positions
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput
 from schemas.params.rewards import AdvantageParams
@@ -99,6 +99,8 @@ def run_trajectories(est: Estimator, params: AdvantageParams, uri: str, out: Pat
 
     traj_of_turn = np.repeat(np.arange(table.num_rows), lengths)
     signal = set_has_signal(turn_adv, codes[traj_of_turn], n_groups)
+    if params.signal_from == "outcomes":  # a group whose outcomes tie teaches nothing about the answer
+        signal &= set_outcomes_differ(rewards, codes, n_groups)
     keep = np.ones(table.num_rows, bool) if params.keep_zero_signal else signal[codes]
     zero = int((~signal).sum())
     kept = table.filter(pa.array(keep))

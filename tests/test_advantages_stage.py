@@ -119,6 +119,59 @@ def test_score_then_advantages_for_math(tmp_path):
         assert min(s["r"]["advantages"][2:]) >= 0 and max(s["w"]["advantages"]) <= 0  # right beats wrong
 
 
+def _unsolved_group_with_a_format_penalty():
+    # g: a right (r 1), b wrong (r 0); h: c and d both wrong (r 0), but d's turn had a format error (-0.1)
+    return [
+        trajectory("a", "p", "g", [turn([10], turn_reward=1.0)], prompt=[1], reward=1.0),
+        trajectory("b", "p", "g", [turn([11], turn_reward=0.0)], prompt=[1], reward=0.0),
+        trajectory("c", "q", "h", [turn([12], turn_reward=0.0)], prompt=[2], reward=0.0),
+        trajectory("d", "q", "h", [turn([13], turn_reward=-0.1)], prompt=[2], reward=0.0),
+    ]
+
+
+def test_gtpo_signal_from_outcomes_drops_groups_whose_outcomes_tie(tmp_path):
+    """GTPO z-scores a format penalty alone into full-size advantages (h: ±1/√2, no answer right); with
+    signal_from=outcomes such a group trains nothing, as under GRPO, and the other groups are unchanged."""
+    rows = _unsolved_group_with_a_format_penalty()
+    both = advantages.run(AdvantageParams(estimator="gtpo"), _scored(tmp_path / "a", rows), tmp_path / "oa")
+    s = _samples(both)
+    assert sorted(s) == ["a", "b", "c", "d"]
+    np.testing.assert_allclose([s["c"]["advantages"][-1], s["d"]["advantages"][-1]], [S2, -S2], atol=1e-5)
+    out = advantages.run(
+        AdvantageParams(estimator="gtpo", signal_from="outcomes"),
+        _scored(tmp_path / "b", rows),
+        tmp_path / "ob",
+    )
+    t = _samples(out)
+    assert sorted(t) == ["a", "b"] and out.metrics["adv/zero_signal_groups"] == 1
+    for k in "ab":
+        assert t[k]["advantages"] == s[k]["advantages"]
+    for est in ("grpo", "dr_grpo"):  # outcome-only estimators: the two choices are the same
+        x, y = (
+            _samples(
+                advantages.run(
+                    AdvantageParams(estimator=est, signal_from=sf),
+                    _scored(tmp_path / est / sf, rows),
+                    tmp_path / est / sf / "o",
+                )
+            )
+            for sf in ("advantages", "outcomes")
+        )
+        assert x == y and sorted(x) == ["a", "b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.sampled_from([0.0, 0.5, 1.0])), min_size=1, max_size=30))
+def test_set_outcomes_differ_matches_a_set_of_values(pairs):
+    from maths.segments import set_outcomes_differ
+
+    codes = np.array([c for c, _ in pairs])
+    values = np.array([v for _, v in pairs])
+    got = set_outcomes_differ(values, codes, 5)
+    for c in range(5):
+        assert got[c] == (len({v for k, v in pairs if k == c}) > 1)
+
+
 def _tree_rows():
     # T: roots 0 (1/4 pass), 1 (all pass); 0 -> 2 (all pass), 3 (0); 3 -> 4 (0), 5 (0) (tie: no signal)
     # U: roots 0, 1 both all pass (tie: no signal)

@@ -170,6 +170,7 @@ class Lab:
         tag: str,
         measure_each=False,
         staleness: int = 0,
+        adv_kw: dict | None = None,
         **update_kw,
     ) -> tuple[str, list[float]]:
         """``iterations`` RL iterations from ``ckpt``: the last checkpoint and, with ``measure_each``, the
@@ -182,7 +183,9 @@ class Lab:
         rp = self.rollout_params(
             fam, group_size=8, child_group_size=4, problems_per_iteration=8, tree_depth=2
         )
-        adv_params = AdvantageParams(estimator=estimator, **({"norm_scope": scope} if scope else {}))
+        adv_params = AdvantageParams(
+            estimator=estimator, **({"norm_scope": scope} if scope else {}), **(adv_kw or {})
+        )
         upd_params = UpdateParams(
             **{"lr": LR, "minibatch_size": 16, "micro_batch_size": 16, "seed": SEED, **update_kw},
             max_staleness=staleness,
@@ -243,6 +246,17 @@ def test_rl_raises_the_reward_from_one_version_stale_samples(lab, estimator):
     after = lab.measure(fam, end, f"learn-stale-{estimator}")
     _report("learn-stale", estimator, None, start, after)
     assert after - start >= GAIN[fam], f"{estimator} with 1-stale samples: {start:.3f} -> {after:.3f}"
+
+
+def test_gtpo_trained_on_outcome_signal_only_learns(lab):
+    """GTPO with ``signal_from=outcomes`` (groups whose outcomes tie train nothing) still learns."""
+    fam = family("gtpo")
+    ckpt, start = lab.policy(fam, "noisy")
+    kw = {"signal_from": "outcomes"}
+    final, _ = lab.train("gtpo", None, ckpt, LEARN_ITERS, "learn-gtpo-outcomes", adv_kw=kw)
+    end = lab.measure(fam, final, "learn-gtpo-outcomes")
+    line = _report("learn", "gtpo", "signal_from_outcomes", start, end)
+    assert end - start >= GAIN[fam], f"{line}: gain below the margin {GAIN[fam]}"
 
 
 def test_murphy_learns_with_its_trees_packed(lab):

@@ -68,4 +68,11 @@ class AdvantageParams(BaseModel):
     inter_keep: int | None = Field(None, ge=1, description="(open) InterP: sibling groups kept (None: all)")
     intra_keep: int | None = Field(None, ge=2, description="(open) IntraP: nodes kept per group (None: all)")
     keep_zero_signal: bool = Field(False, description="Keep groups whose rewards all tie (no signal)")
+    signal_from: Literal["advantages", "outcomes"] = Field(
+        "advantages",
+        description="Which trajectory groups have a signal to train on. advantages: any non-zero advantage "
+        "(GTPO's format penalties and shaping count, so a group where no answer is right can still train); "
+        "outcomes: only groups whose outcome rewards r_i differ, as GRPO (the two agree for GRPO/Dr.GRPO). "
+        "MURPHY's sibling sets are judged by their returns either way",
+    )
     eps: float = Field(1e-6, gt=0, description="ε in the z-score")
