@@ -27,6 +27,7 @@ import numpy as np
 
 from maths.segments import group_codes, turn_positions
 from maths.similarity import get_similarity
+from maths.step_rewards import step_rewards
 from schemas.params.rewards import ScoreParams
 from schemas.registry import Registry
 
@@ -359,13 +360,26 @@ def trajectory_rewards(
         has_success = (np.bincount(gcodes, weights=correct, minlength=n_groups) > 0)[gcodes]
         shaped = ~correct & has_success
         final = np.where(shaped, np.maximum(outcome, value), outcome)
-    turn_reward = turn_rewards(final, penalties, lengths)
+    steps = np.zeros_like(penalties, dtype=np.float64)
+    if params.step_reward > 0:  # verified steps: rows carry "steps", their turns "exec_output"
+        turns = [t for r in rows for t in r["turns"]]
+        steps = step_rewards(
+            [r.get("steps") or [] for r in rows],
+            [t.get("exec_output") for t in turns],
+            [t["exec_status"] for t in turns],
+            lengths,
+            params.step_reward,
+        )
+    turn_reward = turn_rewards(final, penalties + steps, lengths)
     reward = np.where(format_error & params.format_gate, 0.0, outcome)
     fmt_total = np.bincount(traj_of_turn, weights=penalties, minlength=n)
     for i, c in enumerate(components):
         c["outcome"], c["format"] = float(outcome[i]), float(fmt_total[i])
         if shaped[i]:
             c["shaped"] = float(final[i])
+    if params.step_reward > 0:
+        for i, v in enumerate(np.bincount(traj_of_turn, weights=steps, minlength=n)):
+            components[i]["steps"] = float(v)
     return TrajectoryRewards(
         outcome, correct, reward, format_error, penalties, shaped, final, turn_reward, components
     )

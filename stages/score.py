@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from maths import reward_fns as R
 from maths.columns import field, list_parts, numbers, with_fields
+from maths.step_rewards import reference_steps
 from runtime.tableio import read_table, write_table
 from schemas.outputs import StageOutput
 from schemas.params.rewards import ScoreParams
@@ -125,6 +126,9 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
     exec_status = numbers(field(turns, "exec_status"), object)
     turn_code = field(turns, "code").to_pylist()
     turn_dicts = [{"tool_call": tc, "exec_status": es} for tc, es in zip(tool_call, exec_status, strict=True)]
+    if params.step_reward > 0:  # the outputs the step reward reads (maths.step_rewards)
+        for t, output in zip(turn_dicts, field(turns, "exec_output").to_pylist(), strict=True):
+            t["exec_output"] = output
     last_text = field(turns, "text").take(pa.array(t_off[1:] - 1, pa.int64())).to_pylist() if n else []
 
     rows = []
@@ -143,6 +147,7 @@ def score_trajectories(params: ScoreParams, uri: str, problems: dict[str, dict],
                 "code": "\n".join(codes),
                 "turns": turn_dicts[t_off[i] : t_off[i + 1]],
                 "last_text": last_text[i] or "",
+                **({"steps": reference_steps(p.get("demonstration"))} if params.step_reward > 0 else {}),
             }
         )
     code_rows = [i for i, r in enumerate(rows) if r["kind"] == "code"]

@@ -33,6 +33,14 @@ class ScoreParams(BaseModel):
         description="GRPO baseline: the trajectory outcome reward r_i is 0 when any turn made an invalid tool call",
     )
     shaping: bool = Field(True, description="GTPO self-supervised shaping of failed trajectories")
+    step_reward: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="GTPO turn reward for a verified intermediate step: a turn whose tool call ran and printed "
+        "a value that an earlier step of the problem's reference transcript printed (maths.step_rewards; "
+        "multi-step tool-arith), once per value and trajectory; the outcome r_i is untouched. 0: off",
+    )
     shaping_alpha: float = Field(0.5, ge=0.0, lt=1.0, description="α: shaped reward scale, < 1")
     similarity: Literal["lexical", "embedding"] = Field(
         "lexical", description="(open) similarity registry entry used by shaping: lexical | embedding"
