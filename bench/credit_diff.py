@@ -4,9 +4,9 @@
 
 Two cells of a study share a warm start and a seed, so their first rollout samples the same completions; after
 that their policies differ. For each iteration this prints, per run, what its advantages stage trained on —
-samples kept, trained tokens, how many of them come from groups in which no trajectory was correct (an
-outcome-only estimator such as GRPO drops those groups as tied; turn-level format penalties and shaping can give
-them a signal), and the mean turn advantage there — and, while both runs still sampled the same completions,
+samples kept, trained tokens, how many of them come from groups whose outcome rewards r_i all tie (every
+answer wrong, or every one right: an outcome-only estimator such as GRPO drops those groups; turn-level format
+penalties can give them a signal), their share of the trained tokens and their mean absolute advantage — and, while both runs still sampled the same completions,
 the fraction of trained tokens whose advantage has a different sign in the two runs.
 Reads only the run store (the stages' current outputs); writes nothing.
 """
@@ -29,29 +29,31 @@ def _tables(store: RunStore, it: int) -> tuple[list[dict], dict[str, dict]] | No
     score, adv = store.current_output("score", it), store.current_output("advantages", it)
     if score is None or adv is None:
         return None
-    cols = ["trajectory_id", "group_id", "correct", "turns"]
+    cols = ["trajectory_id", "group_id", "reward", "turns"]
     trajectories = read_table(score.uri("trajectories"), TRAJECTORIES).select(cols).to_pylist()
     samples = {r["sample_id"]: r for r in read_table(adv.uri("samples"), SAMPLES).to_pylist()}
     return trajectories, samples
 
 
 def summary(trajectories: list[dict], samples: dict[str, dict]) -> dict[str, float]:
-    solved = {r["group_id"] for r in trajectories if r["correct"]}
+    outcomes: dict[str, set] = {}
+    for r in trajectories:
+        outcomes.setdefault(r["group_id"], set()).add(r["reward"])
     group = {r["trajectory_id"]: r["group_id"] for r in trajectories}
-    tokens = unsolved_tokens = 0
-    unsolved_adv: list[float] = []
+    tokens = tied_tokens = 0
+    tied_adv: list[float] = []
     for s in samples.values():
         mask = np.asarray(s["loss_mask"]) == 1
         tokens += int(mask.sum())
-        if group.get(s["source_id"]) not in solved:
-            unsolved_tokens += int(mask.sum())
-            unsolved_adv.append(float(np.abs(np.asarray(s["advantages"])[mask]).mean()))
+        if len(outcomes.get(group.get(s["source_id"]), {0, 1})) == 1:
+            tied_tokens += int(mask.sum())
+            tied_adv.append(float(np.abs(np.asarray(s["advantages"])[mask]).mean()))
     return {
         "samples": len(samples),
         "tokens": tokens,
-        "unsolved_samples": len(unsolved_adv),
-        "unsolved_token_frac": unsolved_tokens / max(tokens, 1),
-        "unsolved_abs_adv": float(np.mean(unsolved_adv)) if unsolved_adv else 0.0,
+        "tied_samples": len(tied_adv),
+        "tied_token_frac": tied_tokens / max(tokens, 1),
+        "tied_abs_adv": float(np.mean(tied_adv)) if tied_adv else 0.0,
     }
 
 
@@ -82,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     a_name, b_name = args.runs
     print(f"A = {a_name}, B = {b_name}")
     print(
-        "| iter | same completions | samples A / B | trained tokens A / B | unsolved-group samples A / B "
-        "| their share of tokens A / B | mean abs adv there A / B | token sign disagreement |"
+        "| iter | same completions | samples A / B | trained tokens A / B | samples of tied-outcome groups A / B "
+        "| their share of tokens A / B | their mean abs advantage A / B | token sign disagreement |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for it in range(1, args.iterations + 1):
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             signs = f"{frac:.3f} ({only} samples in one run only)"
         print(
             f"| {it} | {'yes' if same else 'no'} | {x['samples']} / {y['samples']} | {x['tokens']} / {y['tokens']} "
-            f"| {x['unsolved_samples']} / {y['unsolved_samples']} "
-            f"| {x['unsolved_token_frac']:.2f} / {y['unsolved_token_frac']:.2f} "
-            f"| {x['unsolved_abs_adv']:.2f} / {y['unsolved_abs_adv']:.2f} | {signs} |"
+            f"| {x['tied_samples']} / {y['tied_samples']} "
+            f"| {x['tied_token_frac']:.2f} / {y['tied_token_frac']:.2f} "
+            f"| {x['tied_abs_adv']:.2f} / {y['tied_abs_adv']:.2f} | {signs} |"
         )
     return 0
 

@@ -245,10 +245,10 @@ def ray_cluster(params: Any) -> None:
 
 def existing_run(root: str, rid: str, params: dict[str, Any]) -> None:
     """A run id that exists must have been made with the same parameters."""
-    from flows.runstore import RunStore
+    from flows.runstore import RunStore, same_run
 
     store = RunStore(root, rid)
-    if store.exists() and store.load().get("params") != params:
+    if store.exists() and not same_run(store.load().get("params"), params):
         raise PreflightError(
             f"run {rid!r} exists with different parameters; pick another run id (--set run_id=…) or rerun "
             "single stages with `turntree stage`"

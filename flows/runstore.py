@@ -166,7 +166,7 @@ class RunStore(RunHistory):
         for _ in range(2):  # on S3, another machine may create it between our look and our create
             if self.exists():
                 manifest = self.load()
-                if manifest.get("params") != params and not _same_run(manifest.get("params"), params):
+                if not same_run(manifest.get("params"), params):
                     raise ValueError(
                         f"run {self.run_id!r} exists with different parameters; pick another run id "
                         f"(--set run_id=…) or rerun single stages with `turntree stage`"
@@ -342,11 +342,14 @@ class RunStore(RunHistory):
             self._read_modify_write(add)
 
 
-def _same_run(recorded: dict | None, params: dict[str, Any]) -> bool:
+def same_run(recorded: dict | None, params: dict[str, Any]) -> bool:
     """The recorded parameters, read by today's code (parameters added since take their defaults), are these:
-    a run made before a parameter existed resumes when that parameter keeps its default."""
+    a run made before a parameter existed resumes when that parameter keeps its default (the one check of
+    ``create_or_open`` and of the CLI's preflight)."""
     from schemas.params import PipelineParams
 
+    if recorded == params:
+        return True
     try:
         return PipelineParams.model_validate(recorded or {}).identity() == params
     except ValueError:

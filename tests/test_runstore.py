@@ -129,3 +129,9 @@ def test_a_run_recorded_before_a_parameter_existed_resumes_while_it_keeps_its_de
     other = PipelineParams(update={"lr": 0.005}).identity()
     with pytest.raises(ValueError, match="different parameters"):
         store.create_or_open(other)
+    # the CLI's check before any work (`turntree run`, every cell of `turntree study`) agrees with the store
+    from flows.preflight import PreflightError, existing_run
+
+    existing_run(str(tmp_path), "r", params)
+    with pytest.raises(PreflightError, match="different parameters"):
+        existing_run(str(tmp_path), "r", other)
