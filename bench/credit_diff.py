@@ -29,7 +29,7 @@ def _tables(store: RunStore, it: int) -> tuple[list[dict], dict[str, dict]] | No
     score, adv = store.current_output("score", it), store.current_output("advantages", it)
     if score is None or adv is None:
         return None
-    cols = ["trajectory_id", "group_id", "reward", "turns"]
+    cols = ["trajectory_id", "group_id", "reward", "turns", "no_verdict"]
     trajectories = read_table(score.uri("trajectories"), TRAJECTORIES).select(cols).to_pylist()
     samples = {r["sample_id"]: r for r in read_table(adv.uri("samples"), SAMPLES).to_pylist()}
     return trajectories, samples
@@ -38,6 +38,8 @@ def _tables(store: RunStore, it: int) -> tuple[list[dict], dict[str, dict]] | No
 def summary(trajectories: list[dict], samples: dict[str, dict]) -> dict[str, float]:
     outcomes: dict[str, set] = {}
     for r in trajectories:
+        if r.get("no_verdict"):  # no verdict: not an outcome (left out of the group's statistics too)
+            continue
         outcomes.setdefault(r["group_id"], set()).add(r["reward"])
     group = {r["trajectory_id"]: r["group_id"] for r in trajectories}
     tokens = tied_tokens = 0

@@ -39,8 +39,8 @@ def _append_null(table: pa.Table, name: str, column: str) -> pa.Table:
 def _trajectory_verdicts(table: pa.Table) -> pa.Table:
     comps = table["reward_components"].to_pylist()
     flag = [None if c is None else dict(c).get(OLD_SANDBOX_ERROR, 0.0) > 0 for c in comps]
-    scored = table["reward"].is_null().to_pylist()
-    no_verdict = [f if not unscored or f else None for f, unscored in zip(flag, scored, strict=True)]
+    unscored = table["reward"].is_null().to_pylist()
+    no_verdict = [f if not u or f else None for f, u in zip(flag, unscored, strict=True)]
     kept = [None if c is None else [(k, v) for k, v in c if k != OLD_SANDBOX_ERROR] for c in comps]
     i = table.schema.get_field_index("reward_components")
     table = table.set_column(i, "reward_components", pa.array(kept, table.schema.field(i).type))
@@ -59,7 +59,7 @@ def _node_verdicts(table: pa.Table) -> pa.Table:
     struct = pa.StructArray.from_arrays([children[f.name] for f in NODE], fields=list(NODE))
     offsets = pc.subtract(lists.offsets, lists.offsets[0])
     i = table.schema.get_field_index("nodes")
-    return table.set_column(i, pa.field("nodes", pa.list_(NODE)), pa.ListArray.from_arrays(offsets, struct))
+    return table.set_column(i, pa.field("nodes", pa.list_(NODE)), pa.ListArray.from_arrays(offsets, struct, mask=lists.is_null()))
 
 
 def _policy_version(name: str) -> Callable[[pa.Table], pa.Table]:

@@ -90,7 +90,7 @@ def sandbox_error_notes(flags: np.ndarray, what: str) -> list[str]:
     if not flags.any():
         return []
     note = (
-        f"{int(flags.sum())} {what} got no verdict (the sandbox failed twice): marked sandbox_error and left "
+        f"{int(flags.sum())} {what} got no verdict (the sandbox failed twice): marked no_verdict and left "
         "out of the reward statistics"
     )
     log.warning(note)

@@ -95,3 +95,23 @@ def test_an_upgraded_table_writes_back_as_the_current_version(tmp_path, name):
     assert (
         _stored_version(name) == "2" and pq.read_schema(tmp_path / name).metadata[b"schema_version"] == b"3"
     )
+
+
+def test_every_readable_version_upgrades_to_the_current_one_and_no_step_is_unreadable():
+    """READABLE_VERSIONS is hand-kept beside upgrades.STEPS: a version a reader accepts must have a chain of steps
+    to the current version (else it is read in an old shape), and a step's source must be readable."""
+    from schemas.tables import ALL, READABLE_VERSIONS
+    from schemas.upgrades import STEPS
+
+    assert set(READABLE_VERSIONS) == set(ALL)
+    for name, versions in READABLE_VERSIONS.items():
+        current = ALL[name].metadata[b"schema_version"].decode()
+        assert current in versions, name
+        for start in versions:
+            v, seen = start, set()
+            while (name, v) in STEPS and v not in seen:
+                seen.add(v)
+                v = STEPS[(name, v)][1]
+            assert v == current, f"{name} v{start} ends at v{v}, not v{current}"
+    for name, v in STEPS:
+        assert v in READABLE_VERSIONS[name], (name, v)
