@@ -57,10 +57,12 @@ def load_config(path: str | None, sets: list[str]) -> dict[str, Any]:
     return deep_merge(data, parse_sets(sets))
 
 
-def validation_message(e) -> str:
+def validation_message(e, section: str | None = None) -> str:
+    """One line naming each bad parameter by its dotted key as ``run --set`` spells it (``section`` prefixes
+    the keys of a stage's own parameters, so ``turntree stage`` words an error as ``turntree run`` does)."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in ((section,) if section else ()) + tuple(err["loc"])) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown parameter"

@@ -272,20 +272,10 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
 
 
 def stage_overrides(stage: str, recorded: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """``turntree stage --set``: the overridden parameters must validate for that stage."""
-    from pydantic import ValidationError
+    """``turntree stage --set``: the overridden parameters must validate for that stage (before Prefect starts)."""
+    from flows.runner import stage_params
 
-    from flows.runner import params_model, rerun_params
-
-    try:
-        params_model(stage).model_validate(rerun_params(stage, recorded, overrides))
-    except ValidationError as e:
-        parts = [
-            f"{'.'.join(str(x) for x in err['loc'])}: "
-            + ("unknown parameter" if err["type"] == "extra_forbidden" else err["msg"])
-            for err in e.errors()
-        ]
-        raise PreflightError(f"bad --set for stage {stage}: " + "; ".join(parts)) from None
+    stage_params(stage, recorded, overrides)
 
 
 def compare_entries(root: str, entries: list[str]) -> dict[str, str]:

@@ -54,7 +54,7 @@ def params_field(stage: str) -> str:
 def params_model(stage: str) -> type[BaseModel]:
     if stage not in PIPELINE_STAGES:
         raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(PIPELINE_STAGES)}")
-    return PipelineParams.model_fields[params_field(stage)].annotation
+    return stage_spec(stage).params_model
 
 
 def rerun_params(stage: str, recorded: dict, overrides: dict | None) -> dict:
@@ -68,6 +68,19 @@ def rerun_params(stage: str, recorded: dict, overrides: dict | None) -> dict:
     if isinstance(overrides.get(section), dict) and section not in params_model(stage).model_fields:
         overrides = deep_merge(overrides.pop(section), overrides)
     return deep_merge(recorded, overrides)
+
+
+def stage_params(stage: str, recorded: dict, overrides: dict | None) -> BaseModel:
+    """A stage rerun's validated parameters (``rerun_params``), for ``turntree stage``'s preflight and for the
+    stage flow (which the Prefect UI starts without one); a bad key or value is ``run``'s one-line error."""
+    from pydantic import ValidationError
+
+    from flows.config import UserError, validation_message
+
+    try:
+        return params_model(stage).model_validate(rerun_params(stage, recorded, overrides))
+    except ValidationError as e:
+        raise UserError(validation_message(e, section=params_field(stage))) from None
 
 
 def default_run_id(params: PipelineParams) -> str:

@@ -23,7 +23,7 @@ from typing import Any, get_args
 from prefect import flow, get_run_logger
 
 from flows.locks import run_lock
-from flows.runner import RunContext, params_model, rerun_params, run_stage
+from flows.runner import RunContext, run_stage, stage_params
 from flows.runstore import RunStore
 from flows.watch import watched
 from schemas.params import StageName  # a typed choice in the Prefect UI's run form
@@ -49,7 +49,7 @@ def _rerun(root, run_id, stage, iteration, overrides, flow_run_id, pins=None) ->
     store = RunStore(root, run_id)
     manifest = store.load()
     record = store.stage_record(stage, iteration)
-    params = params_model(stage).model_validate(rerun_params(stage, record["params"], overrides))
+    params = stage_params(stage, record["params"], overrides)
     inputs, moved = store.current_inputs(record["inputs"], pins)  # a chain of reruns builds on each other
     ctx = RunContext(
         root=root,
@@ -109,7 +109,7 @@ def _show_in_prefect(root: str, run_id: str, result: dict[str, Any], flow_run_id
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
 
-    from flows.report import prefect_ui
+    from flows.console import prefect_ui
     from flows.tasks import artifact_key
 
     manifest = RunStore(root, run_id).load()

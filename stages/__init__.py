@@ -28,6 +28,13 @@ class StageSpec:
     pipeline: bool = True  # a step of the training pipeline (False: run by its own command)
 
     @property
+    def params_model(self) -> type:
+        """The pydantic model of this stage's parameters: the type of its ``PipelineParams`` field."""
+        from schemas.params import PipelineParams
+
+        return PipelineParams.model_fields[self.params].annotation
+
+    @property
     def per_iteration(self) -> bool:
         return self.iteration == "each"
 

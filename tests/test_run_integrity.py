@@ -213,7 +213,17 @@ def test_stage_refuses_bad_overrides_and_corrupt_inputs(tmp_path, capsys):
     argv = ["stage", "score", "--run", "r", "--root", str(tmp_path)]
     assert main([*argv, "--set", "shaping_alpha=lots"]) == 2
     err = capsys.readouterr().err
-    assert "bad --set for stage score: shaping_alpha" in err and err.count("\n") == 1
+    assert "bad parameters: score.shaping_alpha: " in err and err.count("\n") == 1
+    # the same bad key gives the same one line from `run` and `stage`, in either spelling
+    assert main([*argv, "--set", "score.shaping_alpha=lots"]) == 2
+    assert capsys.readouterr().err == err
+    assert main(["run", "--root", str(tmp_path / "other"), "--set", "score.shaping_alpha=lots"]) == 2
+    assert capsys.readouterr().err == err
+    assert main([*argv, "--set", "score.no_such=1"]) == 2
+    unknown = capsys.readouterr().err
+    assert unknown == "turntree: error: bad parameters: score.no_such: unknown parameter\n"
+    assert main(["run", "--root", str(tmp_path / "other"), "--set", "score.no_such=1"]) == 2
+    assert capsys.readouterr().err == unknown
     Path(out.uri("problems")).write_bytes(b"garbage")
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -254,3 +264,15 @@ def test_retries_only_on_transient_io_errors():
         OSError(errno.ENOSPC, "disk full"),
     ):
         assert not transient(permanent), permanent
+
+
+def test_a_nested_override_on_a_rerun_keeps_the_other_recorded_entries():
+    """`stage --set` goes through run's deep merge: one entry of a recorded dict changes, the others stay."""
+    from flows.config import parse_sets
+    from flows.runner import stage_params
+    from schemas.params import ScoreParams
+
+    recorded = ScoreParams(reward_weights={"math_answer": 1.0, "format": 0.5}, shaping_alpha=0.2)
+    for spelling in ("reward_weights.math_answer=2", "score.reward_weights.math_answer=2"):
+        p = stage_params("score", recorded.model_dump(mode="json"), parse_sets([spelling]))
+        assert p.reward_weights == {"math_answer": 2.0, "format": 0.5} and p.shaping_alpha == 0.2, spelling

@@ -27,18 +27,27 @@ def test_each_pipeline_stage_is_complete(name):
     assert callable(importlib.import_module(spec.module).run)
     field = PipelineParams.model_fields[spec.params]
     assert issubclass(field.annotation, BaseModel)
+    assert spec.params_model is field.annotation  # the row carries its model
     assert name in get_args(StageName)
     assert f'"{name}"' in inspect.getsource(pipeline.drive), f"flows.pipeline.drive never calls {name!r}"
 
 
 def test_derived_lists_follow_the_stage_table(capsys):
-    from flows.report import TIMED
+    from flows.console import TIMED
 
     assert get_args(StageName) == PIPELINE_STAGES  # same stages, same order
     assert TIMED == tuple(s for s in PIPELINE_STAGES if s != "data")
     with pytest.raises(SystemExit):
         main(["stage", "--help"])
     assert " | ".join(PIPELINE_STAGES) in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_params_section_has_a_stage_row():
+    """A new section of PipelineParams without a row in stages.STAGES is a stage added in one place only;
+    ``dispatch`` says where stages run (local, Ray, pods), not a step of its own."""
+    sections = {k for k, f in PipelineParams.model_fields.items() if inspect.isclass(f.annotation)}
+    sections = {k for k in sections if issubclass(PipelineParams.model_fields[k].annotation, BaseModel)}
+    assert sections - {s.params for s in STAGES.values()} == {"dispatch"}
 
 
 @pytest.mark.parametrize("name", benchmark_names(listed_only=False))
