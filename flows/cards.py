@@ -49,7 +49,7 @@ def model_card(ctx: RunContext, stage: str, iteration: int, checkpoint: str) -> 
 
 def registry_card(ctx: RunContext, p: PipelineParams, manifest: dict[str, Any], checkpoint: str) -> str:
     """The registered version's description: what it scores before -> after RL, how it was trained, on what."""
-    from flows.report import before_after, iteration_metrics
+    from flows.console import before_after, iteration_metrics
 
     held = (
         before_after(iteration_metrics(manifest), ci=True)

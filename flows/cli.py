@@ -52,8 +52,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     run_id = preflight.pipeline(params)  # bad input: exit 2 before Prefect starts or a run dir exists
     set_env_defaults(params.run_root)
+    from flows.console import progress_display, run_story
     from flows.pipeline import pipeline
-    from flows.report import progress_display, run_story
     from flows.runstore import RunStore
     from flows.tracking import Tracker
     from flows.watch import watched
@@ -73,7 +73,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_params(a: argparse.Namespace) -> int:
-    from flows.report import describe_params
+    from flows.console import describe_params
     from schemas.params import PipelineParams
 
     print("\n".join(describe_params(build(PipelineParams, load_config(a.config, a.set)))))
@@ -132,8 +132,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.checkpoint:
         preflight.model(a.checkpoint, "checkpoint")
     set_env_defaults(a.root)
+    from flows.console import progress_display
     from flows.evaluate import evaluate_flow
-    from flows.report import progress_display
 
     with progress_display():
         state = evaluate_flow(checkpoint, params, a.root, return_state=True)
@@ -198,7 +198,7 @@ def cmd_study(a: argparse.Namespace) -> int:
 def cmd_runs(a: argparse.Namespace) -> int:
     import time
 
-    from flows.report import run_summary_cells, stage_versions
+    from flows.console import run_summary_cells, stage_versions
     from flows.runstore import RunStore, list_runs
 
     if a.run:  # one run: every stage's versions, the current one, a rerun's overrides, staleness

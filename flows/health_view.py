@@ -15,7 +15,7 @@ import io
 import logging
 from typing import Any
 
-from flows.report import headline, iteration_metrics
+from flows.console import headline, iteration_metrics
 
 log = logging.getLogger("turntree.health")
 
@@ -40,7 +40,7 @@ def health_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "iteration": k,
-                "headline": h,  # flows.report.headline (None without an evaluation)
+                "headline": h,  # flows.console.headline (None without an evaluation)
                 "held_out": h["value"] if h else None,
                 "held_out_low": h["low"] if h else None,
                 "held_out_high": h["high"] if h else None,

@@ -52,7 +52,7 @@ def run_cell(params: PipelineParams) -> dict[str, Any]:
 
 def gather(cell: Cell) -> CellResult:
     """What the cell's run stored: per-iteration metrics, evaluations, sampled completions, shared inputs."""
-    from flows.report import iteration_metrics
+    from flows.console import iteration_metrics
 
     p = cell.params
     res = CellResult(
@@ -188,8 +188,8 @@ def run_study(
 ) -> int:
     """`turntree study` after its checks: the study flow (with ``concurrency`` > 1 its cells go to a pool of that
     many processes) under the study's lock, then the report printed; returns the exit status (``finish``)."""
+    from flows.console import progress_display
     from flows.locks import run_lock
-    from flows.report import progress_display
 
     command = " ".join(["turntree study --config", config, *(f"--set '{s}'" for s in sets), "--root", root])
     fl = study_flow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows.report import overrides_text
+from flows.console import overrides_text
 
 SHOWN_METRICS = 8  # a rerun's summary lists this many of its metrics (all of them are in MLflow and --json)
 
@@ -67,8 +67,8 @@ def run_summary_md(ctx: Any, manifest: dict[str, Any], base: str, tracker: Any, 
     """The pipeline flow run's summary: where things are, the health table per iteration (held-out with its
     95% CI, training reward, zero-signal fraction, response length, truncation), the health chart and the
     completions of each iteration in MLflow, and the run's warnings."""
+    from flows.console import format_headline
     from flows.health_view import health_rows
-    from flows.report import format_headline
 
     parent = ctx.mlflow_parent
     lines = [

