@@ -93,7 +93,7 @@ def test_mlflow_study_run_holds_the_cells(study):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     parent = runs[0].info.run_id
     assert {a.path for a in client.list_artifacts(parent, "report")} >= {
-        "report/report.md", "report/learning_curves.png", "report/results.json"
+        "report/report.md", "report/learning_curves.png", "report/results.json", "report/heldout.jsonl"
     }  # fmt: skip
     assert "heldout/gtpo/final_mean" in runs[0].data.metrics
     for rid in CELLS:

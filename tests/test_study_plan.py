@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from maths.paired import paired_comparison
 from runtime.tableio import write_table
 from schemas.tables import EVAL_RESULTS
 from stages.study import CellResult, report
@@ -133,6 +134,16 @@ def test_report_numbers(tmp_path):
     assert "0.800 (8/10)" in md and "0.50 → 0.60" in md  # held-out final; seed 1's reward per iteration
     assert "trained 1×, reused from the cache 3×" in md and "the same in all 4 cells" in md
     assert (tmp_path / "report" / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    # heldout.jsonl: every evaluation's per-problem scores; the pooled comparison recomputed from it alone
+    lines = [json.loads(x) for x in (tmp_path / "report" / "heldout.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and out.tables["heldout"].rows == 8
+    by = {(r["method"], r["seed"], r["iteration"]): r["scores"] for r in lines}
+    assert by[("gtpo", 1, 2)] == {f"p{i}": float(x) for i, x in enumerate(GAINED)}
+    a = np.array([[by[("gtpo", s, 0)][f"p{i}"] for i in range(10)] for s in (0, 1)])
+    b = np.array([[by[("gtpo", s, 2)][f"p{i}"] for i in range(10)] for s in (0, 1)])
+    again = paired_comparison(a, b, resamples=500, seed=0)
+    assert (again["wins"], again["losses"], again["p_value"]) == (gtpo["wins"], gtpo["losses"], gtpo["p_value"])
+    assert again["ci_low"] == pytest.approx(gtpo["ci_low"]) and again["diff"] == pytest.approx(gtpo["diff"])
 
 
 def test_report_flags_cells_that_did_not_share(tmp_path):

@@ -154,6 +154,20 @@ def cell_row(c: CellResult) -> dict[str, Any]:
     }
 
 
+def heldout_lines(results: list[CellResult]) -> list[str]:
+    """One JSON line per evaluation of every cell: its per-problem held-out scores. With them any two
+    evaluations can be paired again (``maths.paired.paired_comparison``) when the run store is gone."""
+    return [
+        json.dumps(
+            {"run_id": c.run_id, "method": c.method, "seed": c.seed, "point": c.point, "iteration": k,
+             "scores": scores(c.evals[k])},
+            sort_keys=True,
+        )
+        for c in results
+        for k in sorted(c.evals)
+    ]  # fmt: skip
+
+
 def cell_lines(results: list[CellResult]) -> list[str]:
     head = [
         "cell", "method", "seed", *(["grid point"] if any(c.point for c in results) else []), "status",
@@ -286,16 +300,23 @@ def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, co
         *(comparison_lines(rows) if rows else ["(no completed cells to compare)"]),
         "",
     ]
+    heldout = heldout_lines(results)
+    (out / "heldout.jsonl").write_text("".join(line + "\n" for line in heldout))
+    md += [
+        "Every evaluation's per-problem held-out scores are in `heldout.jsonl` (a line per cell and iteration), so",
+        "any two can be paired again without the run store.",
+        "",
+    ]
     if command:
         md += ["## Reproduce", "", "```", command, "```", ""]
     report = out / "report.md"
     report.write_text("\n".join(md))
     data = {"name": name, "cells": [cell_row(c) for c in results], "comparisons": rows}
     (out / "results.json").write_text(json.dumps(data, indent=2, default=float))
-    files = {"report": report, "results": out / "results.json", **files}
+    files = {"report": report, "results": out / "results.json", "heldout": out / "heldout.jsonl", **files}
+    counts = {"heldout": len(heldout), "learning_curves": 0}
     tables = {
-        k: TableRef(uri=str(p), sha256=sha256_file(p), rows=len(results) if k != "learning_curves" else 0)
-        for k, p in files.items()
+        k: TableRef(uri=str(p), sha256=sha256_file(p), rows=counts.get(k, len(results))) for k, p in files.items()
     }
     return StageOutput(
         stage="study", tables=tables, metrics=summary_metrics(results, rows), notes=[f"report: {report}"]
