@@ -259,23 +259,16 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
     """``turntree stage``: the ``--set`` overrides must validate for the stage, and the stored inputs it will
     read must still be what their stages committed (else: the file and the command that rewrites it)."""
     from flows.integrity import IntegrityError
-    from flows.runner import check_inputs
+    from flows.runner import check_inputs, stage_params
     from flows.runstore import RunStore
 
     tracking(root)
-    stage_overrides(name, record["params"], overrides)
+    stage_params(name, record["params"], overrides)  # the stage flow's own check, before Prefect starts
     store = RunStore(root, rid)
     try:
         check_inputs(store, store.current_inputs(record["inputs"])[0])  # what the rerun will read
     except IntegrityError as e:
         raise PreflightError(str(e)) from None
-
-
-def stage_overrides(stage: str, recorded: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """``turntree stage --set``: the overridden parameters must validate for that stage (before Prefect starts)."""
-    from flows.runner import stage_params
-
-    stage_params(stage, recorded, overrides)
 
 
 def compare_entries(root: str, entries: list[str]) -> dict[str, str]:

@@ -59,7 +59,8 @@ def _node_verdicts(table: pa.Table) -> pa.Table:
     struct = pa.StructArray.from_arrays([children[f.name] for f in NODE], fields=list(NODE))
     offsets = pc.subtract(lists.offsets, lists.offsets[0])
     i = table.schema.get_field_index("nodes")
-    return table.set_column(i, pa.field("nodes", pa.list_(NODE)), pa.ListArray.from_arrays(offsets, struct, mask=lists.is_null()))
+    nodes_array = pa.ListArray.from_arrays(offsets, struct, mask=lists.is_null())
+    return table.set_column(i, pa.field("nodes", pa.list_(NODE)), nodes_array)
 
 
 def _policy_version(name: str) -> Callable[[pa.Table], pa.Table]:
