@@ -142,7 +142,11 @@ def test_report_numbers(tmp_path):
     a = np.array([[by[("gtpo", s, 0)][f"p{i}"] for i in range(10)] for s in (0, 1)])
     b = np.array([[by[("gtpo", s, 2)][f"p{i}"] for i in range(10)] for s in (0, 1)])
     again = paired_comparison(a, b, resamples=500, seed=0)
-    assert (again["wins"], again["losses"], again["p_value"]) == (gtpo["wins"], gtpo["losses"], gtpo["p_value"])
+    assert (again["wins"], again["losses"], again["p_value"]) == (
+        gtpo["wins"],
+        gtpo["losses"],
+        gtpo["p_value"],
+    )
     assert again["ci_low"] == pytest.approx(gtpo["ci_low"]) and again["diff"] == pytest.approx(gtpo["diff"])
 
 
@@ -163,3 +167,59 @@ def test_learning_curve_bands():
     ks, pts = reward_curve(cells_)
     half = 4.3027 * 0.2 / np.sqrt(3)  # t_{0.975, 2} * s / sqrt(n)
     assert ks == [1] and pts[0] == pytest.approx((0.4, 0.4 - half, 0.4 + half))
+
+
+# --- the self-correction table (MURPHY's Iter-1..3) on hand-made multi-attempt evaluations ---------------------
+def _retry_eval(path, first_pass: list[int], k_max: int = 3) -> str:
+    """A problem per entry: solved at that attempt (0: never, after k_max failed attempts)."""
+    rows = []
+    for i, f in enumerate(first_pass):
+        for a in range(1, (f or k_max) + 1):
+            rows.append({"benchmark": "heldout", "problem_id": f"p{i}", "sample_idx": 0, "attempt": a,
+                         "passed": a == f, "score": float(a == f), "num_turns": 1, "num_tool_calls": 0,
+                         "difficulty": None, "completion": "", "feedback": ""})  # fmt: skip
+    return write_table(rows, EVAL_RESULTS, path).uri
+
+
+def test_report_tabulates_pass_at_1_per_self_correction_attempt(tmp_path):
+    start = [0, 0, 0, 0, 0, 0, 2, 3, 1, 0]  # Iter-1 0.1, Iter-2 0.2, Iter-3 0.3
+    tree = [1, 2, 2, 3, 3, 3, 0, 0, 1, 0]  # 0.2, 0.4, 0.7
+    flat = [1, 1, 0, 0, 0, 0, 0, 0, 1, 0]  # 0.3, 0.3, 0.3
+    results = []
+    for m, fin in (("murphy", tree), ("grpo", flat)):
+        d = tmp_path / m
+        results.append(CellResult(
+            f"t-{m}-s0", m, m, 0, "", "completed", 96, 2,
+            evals={0: _retry_eval(d / "e0.parquet", start), 2: _retry_eval(d / "e2.parquet", fin)},
+        ))  # fmt: skip
+    out = report(results, tmp_path / "r", name="t", bootstrap=200)
+    retry = json.loads((tmp_path / "r" / "results.json").read_text())["self_correction"]
+    assert retry["iterations"] == 3
+    cells_ = {c["method"]: c for c in retry["cells"]}
+    assert cells_["murphy"]["warmstart"] == pytest.approx([0.1, 0.2, 0.3])
+    assert cells_["murphy"]["final"] == pytest.approx([0.2, 0.4, 0.7])
+    assert cells_["grpo"]["final"] == pytest.approx([0.3, 0.3, 0.3])
+    rows = {(r["a"], r["b"], r["iteration"]): r for r in retry["comparisons"]}
+    # grpo − murphy at Iter-3: murphy alone solves p2..p5, grpo alone none: p = 2 · 1/16
+    r3 = rows[("murphy", "grpo", 3)]  # b − a = grpo − murphy
+    assert (r3["wins"], r3["losses"], r3["diff"]) == (0, 4, pytest.approx(-0.4))
+    assert r3["p_value"] == pytest.approx(2 / 16)
+    r1 = rows[("murphy", "grpo", 1)]
+    assert (r1["wins"], r1["losses"], r1["diff"]) == (1, 0, pytest.approx(0.1))  # p1 only
+    w = rows[("warm start", "murphy", 3)]  # p0..p5 gained, p6, p7 lost
+    assert (w["wins"], w["losses"], w["diff"]) == (6, 2, pytest.approx(0.4))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Self-correction: pass@1 at Iter-1..Iter-3" in md
+    assert "| `t-murphy-s0` | murphy | 0 | 0.100 | 0.200 | 0.300 | 0.200 | 0.400 | 0.700 |" in md
+    assert out.metrics["paired_iter3/grpo_vs_murphy/diff"] == pytest.approx(-0.4)
+    lines = [json.loads(x) for x in (tmp_path / "r" / "heldout.jsonl").read_text().splitlines()]
+    murphy_final = next(x for x in lines if x["method"] == "murphy" and x["iteration"] == 2)
+    assert murphy_final["scores_by_attempt"]["3"] == {f"p{i}": float(f > 0) for i, f in enumerate(tree)}
+    assert murphy_final["scores"] == {f"p{i}": float(f == 1) for i, f in enumerate(tree)}
+
+
+def test_report_without_retries_has_no_self_correction_section(tmp_path):
+    results = [_cell(tmp_path, "grpo", 0, START)]
+    report(results, tmp_path / "r", name="t", bootstrap=100)
+    assert "Self-correction" not in (tmp_path / "r" / "report.md").read_text()
+    assert "self_correction" not in json.loads((tmp_path / "r" / "results.json").read_text())

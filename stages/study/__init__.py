@@ -52,14 +52,27 @@ class CellResult:
 
 
 @lru_cache(maxsize=1024)
-def scores(uri: str) -> dict[str, float]:
-    """{problem_id: held-out score} of one stored evaluation (``maths.eval_metrics.problem_scores``: pass@1 at
-    the first attempt, or answer accuracy); a new version of a stage is a new uri, so the cache never goes stale."""
-    from maths.eval_metrics import problem_scores, sample_records
+def _records(uri: str) -> tuple[dict, ...]:
+    from maths.eval_metrics import sample_records
     from runtime.tableio import read_table
     from schemas.tables import EVAL_RESULTS
 
-    return problem_scores(sample_records(read_table(uri, EVAL_RESULTS)))
+    return tuple(sample_records(read_table(uri, EVAL_RESULTS)))
+
+
+@lru_cache(maxsize=4096)
+def scores(uri: str, attempt: int = 1) -> dict[str, float]:
+    """{problem_id: held-out score} of one stored evaluation (``maths.eval_metrics.problem_scores``: pass@1 at
+    Iter-``attempt`` of the self-correction loop — solved within the first ``attempt`` attempts — or answer
+    accuracy); a new version of a stage is a new uri, so the cache never goes stale."""
+    from maths.eval_metrics import problem_scores
+
+    return problem_scores(list(_records(uri)), attempt)
+
+
+def attempts(uri: str) -> int:
+    """The most self-correction attempts any problem of one stored evaluation was given (1: no feedback loop)."""
+    return max((r["attempts"] for r in _records(uri)), default=1)
 
 
 def report(

@@ -21,7 +21,7 @@ from maths.eval_metrics import bench_key
 from maths.paired import paired_comparison
 from runtime.tableio import sha256_file
 from schemas.outputs import StageOutput, TableRef
-from stages.study import CellResult, scores
+from stages.study import CellResult, attempts, scores
 
 
 def final_iteration(c: CellResult) -> int | None:
@@ -155,17 +155,18 @@ def cell_row(c: CellResult) -> dict[str, Any]:
 
 
 def heldout_lines(results: list[CellResult]) -> list[str]:
-    """One JSON line per evaluation of every cell: its per-problem held-out scores. With them any two
+    """One JSON line per evaluation of every cell: its per-problem held-out scores (and, when the evaluation
+    retried from feedback, ``scores_by_attempt``: {k: pass@1 at Iter-k} for k ≥ 2). With them any two
     evaluations can be paired again (``maths.paired.paired_comparison``) when the run store is gone."""
-    return [
-        json.dumps(
-            {"run_id": c.run_id, "method": c.method, "seed": c.seed, "point": c.point, "iteration": k,
-             "scores": scores(c.evals[k])},
-            sort_keys=True,
-        )
-        for c in results
-        for k in sorted(c.evals)
-    ]  # fmt: skip
+    out = []
+    for c in results:
+        for k in sorted(c.evals):
+            line = {"run_id": c.run_id, "method": c.method, "seed": c.seed, "point": c.point, "iteration": k,
+                    "scores": scores(c.evals[k])}  # fmt: skip
+            if (deep := attempts(c.evals[k])) > 1:
+                line["scores_by_attempt"] = {str(a): scores(c.evals[k], a) for a in range(2, deep + 1)}
+            out.append(json.dumps(line, sort_keys=True))
+    return out
 
 
 def cell_lines(results: list[CellResult]) -> list[str]:
@@ -239,9 +240,11 @@ def compute_lines(results: list[CellResult]) -> list[str]:
 
 
 # --- the report ------------------------------------------------------------------------------------------------
-def summary_metrics(results: list[CellResult], rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Flat metrics for the study's MLflow run: held-out per method (mean over seeds) and the pooled
-    comparisons."""
+def summary_metrics(
+    results: list[CellResult], rows: list[dict[str, Any]], retry: list[dict[str, Any]] = ()
+) -> dict[str, float]:
+    """Flat metrics for the study's MLflow run: held-out per method (mean over seeds), the pooled
+    comparisons, and those at each self-correction Iter-k (``paired_iter<k>/…``) when the evaluation retried."""
     out: dict[str, float] = {}
     for point, methods in groups(results).items():
         pre = f"{bench_key(point)}/" if point else ""
@@ -252,16 +255,17 @@ def summary_metrics(results: list[CellResult], rows: list[dict[str, Any]]) -> di
                 out[f"heldout/{pre}{bench_key(m)}/final_mean"] = float(np.mean(finals))
             if starts:
                 out[f"heldout/{pre}{bench_key(m)}/warmstart_mean"] = float(np.mean(starts))
-    for r in rows:
-        if r["scope"] == "pooled" and "error" not in r:
-            pre = f"paired/{bench_key(r['point'])}/" if r["point"] else "paired/"
-            key = f"{pre}{bench_key(r['b'])}_vs_{bench_key(r['a'])}"
-            out.update({f"{key}/{k}": float(r[k]) for k in ("diff", "ci_low", "ci_high", "p_value")})
+    pooled = [("paired", r) for r in rows if r["scope"] == "pooled" and "error" not in r]
+    for head, r in pooled + [(f"paired_iter{r['iteration']}", r) for r in retry]:
+        pre = f"{head}/{bench_key(r['point'])}/" if r["point"] else f"{head}/"
+        key = f"{pre}{bench_key(r['b'])}_vs_{bench_key(r['a'])}"
+        out.update({f"{key}/{k}": float(r[k]) for k in ("diff", "ci_low", "ci_high", "p_value")})
     return out
 
 
 def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, command: str) -> StageOutput:
     from stages.study.plots import learning_curves
+    from stages.study.self_correction import lines as self_correction
 
     out.mkdir(parents=True, exist_ok=True)
     rows = comparisons(results, bootstrap)
@@ -300,6 +304,8 @@ def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, co
         *(comparison_lines(rows) if rows else ["(no completed cells to compare)"]),
         "",
     ]
+    retry_md, retry = self_correction(results, groups(results), bootstrap)
+    md += retry_md
     heldout = heldout_lines(results)
     (out / "heldout.jsonl").write_text("".join(line + "\n" for line in heldout))
     md += [
@@ -312,12 +318,18 @@ def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, co
     report = out / "report.md"
     report.write_text("\n".join(md))
     data = {"name": name, "cells": [cell_row(c) for c in results], "comparisons": rows}
+    if retry:
+        data["self_correction"] = retry
     (out / "results.json").write_text(json.dumps(data, indent=2, default=float))
     files = {"report": report, "results": out / "results.json", "heldout": out / "heldout.jsonl", **files}
     counts = {"heldout": len(heldout), "learning_curves": 0}
     tables = {
-        k: TableRef(uri=str(p), sha256=sha256_file(p), rows=counts.get(k, len(results))) for k, p in files.items()
+        k: TableRef(uri=str(p), sha256=sha256_file(p), rows=counts.get(k, len(results)))
+        for k, p in files.items()
     }
     return StageOutput(
-        stage="study", tables=tables, metrics=summary_metrics(results, rows), notes=[f"report: {report}"]
+        stage="study",
+        tables=tables,
+        metrics=summary_metrics(results, rows, retry.get("comparisons", [])),
+        notes=[f"report: {report}"],
     )
