@@ -184,12 +184,14 @@ def pipeline(params: Any) -> str:
 
 def study_file(path: str, sets: list[str], root: str) -> tuple[Any, str, list[Any]]:
     """``turntree study``: the study file (with ``--set`` overrides) and its cells (``stages.study.plan.load``),
-    then each cell as a run (``study``); returns (StudyParams, name, cells)."""
+    then each cell as a run (``study``); returns (StudyParams, name, cells). ``--set methods=[…]`` may name the
+    file's own variants (``stages.study.plan.named_methods``)."""
     from flows.config import load_config
-    from stages.study.plan import StudyError, load
+    from stages.study.plan import StudyError, load, named_methods
 
     try:
-        found = load(load_config(path, sets), Path(path).stem, root)
+        data = named_methods(load_config(path, sets), load_config(path, []))
+        found = load(data, Path(path).stem, root)
     except StudyError as e:
         raise PreflightError(f"study {path}: {e}") from None
     study(found[2])

@@ -210,3 +210,18 @@ def test_changed_study_is_refused_for_existing_cells(tmp_path, capsys):
     RunStore(str(tmp_path), "smoke-grpo-s0").create_or_open({"algorithm": "grpo", "iterations": 7})
     assert main(["study", "--config", str(SMOKE), "--root", str(tmp_path)]) == 2
     assert "study cell smoke-grpo-s0: its run exists with other parameters" in capsys.readouterr().err
+
+
+def test_methods_set_by_name_pick_the_files_own_variants(tmp_path, capsys):
+    """`--set 'methods=[gtpo-discounted]'` runs that variant of the file with its overrides (was refused: a bare
+    name had to be an algorithm); a name that is neither is still one line."""
+    from flows import preflight
+
+    d5 = str(REPO / "configs" / "studies" / "tool-arith-d5.yaml")
+    _, _, cells = preflight.study_file(d5, ["methods=[grpo, gtpo-discounted]", "seeds=[1]"], str(tmp_path))
+    assert [c.run_id for c in cells] == ["tool-arith-d5-grpo-s1", "tool-arith-d5-gtpo-discounted-s1"]
+    scopes = [(c.params.algorithm, c.params.advantages.norm_scope) for c in cells]
+    assert scopes[1] == ("gtpo", "end_aligned_discounted") and scopes[0][1] != "end_aligned_discounted"
+    assert main(["study", "--config", d5, "--set", "methods=[gtpo-nope]", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "methods.0.algorithm" in err and err.count("\n") == 1

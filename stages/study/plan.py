@@ -1,6 +1,7 @@
 """A study's cells (one pipeline run per grid point × method × seed) and the checks made before any runs.
 
     load(data, default_name, run_root) -> (study, name, cells)   the study file's dict, validated and checked
+    named_methods(data, declared)       --set methods=[name, …] picking the file's own variants by name
     cells(study, name, run_root) -> [Cell]     run id <name>-<method>[-<grid point>]-s<seed>, validated params
     check(cells, study)                         StudyError (one line) unless the cells may run as a study
 
@@ -92,6 +93,17 @@ def grid_points(grid: dict[str, list[Any]]) -> list[tuple[str, str, dict[str, An
         frag = "-".join(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in zip(keys, values, strict=True))
         out.append((label, frag, nest(dict(zip(keys, values, strict=True)))))
     return out
+
+
+def named_methods(data: dict[str, Any], declared: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each method given by name only (``--set 'methods=[grpo, gtpo-discounted]'``) that names one
+    of the study file's own variants (``declared``: the file without ``--set``) replaced by that variant, so a
+    subset of a file's methods can be run without restating their overrides; other names stay algorithm names."""
+    variants = {m["name"]: m for m in declared.get("methods") or [] if isinstance(m, dict) and "name" in m}
+    methods = data.get("methods")
+    if not isinstance(methods, list):
+        return data
+    return {**data, "methods": [variants.get(m, m) if isinstance(m, str) else m for m in methods]}
 
 
 def load(data: dict[str, Any], default_name: str, run_root: str) -> tuple[StudyParams, str, list[Cell]]:
