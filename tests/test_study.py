@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.cli import main
@@ -225,3 +226,15 @@ def test_methods_set_by_name_pick_the_files_own_variants(tmp_path, capsys):
     assert main(["study", "--config", d5, "--set", "methods=[gtpo-nope]", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "methods.0.algorithm" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_study_file_plans(path, tmp_path):
+    """Each study file docs/results.md runs from passes every check made before a cell starts: its parameters,
+    shared inputs, compute matching and MURPHY's tree budget (no Prefect, nothing run)."""
+    from flows import preflight
+
+    study, name, cells = preflight.study_file(str(path), [], str(tmp_path))
+    assert name == path.stem and len(cells) == len(study.methods) * len(study.seeds) * max(
+        1, np.prod([len(v) for v in study.grid.values()])
+    )
