@@ -28,11 +28,12 @@ def final_iteration(c: CellResult) -> int | None:
     return max(c.evals) if c.evals else None
 
 
-def held_out(c: CellResult, k: int | None) -> tuple[float, float, int] | None:
-    """(accuracy, problems solved, problems) of the cell's evaluation after iteration ``k``."""
+def held_out(c: CellResult, k: int | None, attempt: int = 1) -> tuple[float, float, int] | None:
+    """(accuracy, problems solved, problems) of the cell's evaluation after iteration ``k`` (code: pass@1 at
+    self-correction Iter-``attempt``)."""
     if k is None or k not in c.evals:
         return None
-    s = list(scores(c.evals[k]).values())
+    s = list(scores(c.evals[k], attempt).values())
     return (float(np.mean(s)), float(np.sum(s)), len(s)) if s else None
 
 
@@ -83,14 +84,15 @@ def _compare(point: str, a: str, b: str, pairs: list, bootstrap: int) -> list[di
     return rows
 
 
-def comparisons(results: list[CellResult], bootstrap: int) -> list[dict[str, Any]]:
+def comparisons(results: list[CellResult], bootstrap: int, attempt: int = 1) -> list[dict[str, Any]]:
     """Per grid point: each method's final evaluation against its warm start (iteration 0) in the same runs,
-    then each pair of methods' final evaluations, seed by seed; each pooled over seeds and per seed."""
+    then each pair of methods' final evaluations, seed by seed; each pooled over seeds and per seed. Scores are
+    pass@1 at self-correction Iter-``attempt`` (1: the first attempt; math: accuracy)."""
     rows: list[dict[str, Any]] = []
     for point, methods in groups(results).items():
         for m, by_seed in methods.items():
             pairs = [
-                (s, scores(c.evals[0]), scores(c.evals[k]))
+                (s, scores(c.evals[0], attempt), scores(c.evals[k], attempt))
                 for s, c in sorted(by_seed.items())
                 if 0 in c.evals and (k := final_iteration(c))
             ]
@@ -102,7 +104,7 @@ def comparisons(results: list[CellResult], bootstrap: int) -> list[dict[str, Any
                 c1, c2 = methods[m1][s], methods[m2][s]
                 k1, k2 = final_iteration(c1), final_iteration(c2)
                 if k1 is not None and k2 is not None:
-                    pairs.append((s, scores(c1.evals[k1]), scores(c2.evals[k2])))
+                    pairs.append((s, scores(c1.evals[k1], attempt), scores(c2.evals[k2], attempt)))
             rows += _compare(point, m1, m2, pairs, bootstrap)
     return rows
 
@@ -124,6 +126,60 @@ def comparison_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['p_value']:.3g} |"
         )
     return lines
+
+
+# --- self-correction: pass@1 at Iter-1..Iter-K (the MURPHY paper's table) when the evaluation retried ------------
+def depth(results: list[CellResult]) -> int:
+    """K: the most attempts any completed cell's evaluation gave a problem (1: no retry from feedback)."""
+    return max((attempts(u) for c in results if c.completed for u in c.evals.values()), default=1)
+
+
+def self_correction(
+    results: list[CellResult], rows: list[dict[str, Any]], bootstrap: int
+) -> tuple[list[str], dict[str, Any]]:
+    """The report's self-correction section and its results.json entry (nothing when no evaluation retried):
+    per completed cell pass@1 at Iter-1..K of its warm start and final evaluation, then the pooled comparisons
+    of ``comparisons`` at each k (``rows``: those at k = 1). Iter-k counts a problem solved if one of its first k
+    attempts passed, so each k pairs like the first attempt does."""
+    k_max = depth(results)
+    if k_max < 2:
+        return [], {}
+    ks = range(1, k_max + 1)
+    acc = lambda c, i, k: h[0] if (h := held_out(c, i, k)) else None  # noqa: E731
+    cells = [
+        {"run_id": c.run_id, "method": c.method, "seed": c.seed, "point": c.point,
+         "final_iteration": final_iteration(c), "warmstart": [acc(c, 0, k) for k in ks],
+         "final": [acc(c, final_iteration(c), k) for k in ks]}
+        for c in results if c.completed
+    ]  # fmt: skip
+    by_k = {1: rows, **{k: comparisons(results, bootstrap, attempt=k) for k in ks if k > 1}}
+    pooled = [
+        {**r, "iteration": k} for k in ks for r in by_k[k] if r["scope"] == "pooled" and "error" not in r
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    head = ["cell", "method", "seed", *(f"warm start Iter-{k}" for k in ks), *(f"final Iter-{k}" for k in ks)]
+    md = [
+        f"## Self-correction: pass@1 at Iter-1..Iter-{k_max}",
+        "",
+        "Iter-k: a problem counts as solved if one of its first k attempts passes, each retry prompted with the",
+        "failed attempt's test feedback (the MURPHY paper's table). Warm start = the cell's iteration 0.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+        *(f"| `{r['run_id']}` | {r['method']} | {r['seed']} | " + " | ".join(fmt(v) for v in r["warmstart"] + r["final"])
+          + " |" for r in cells),
+        "",
+        "| comparison | Iter-k | seeds | pairs | Δ pass@1 [95% CI] | better / worse | p (exact sign test) |",
+        "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in pooled:
+        label = f"{r['b']} − {r['a']}" + (f" ({r['point']})" if r["point"] else "")
+        md.append(
+            f"| {label} | {r['iteration']} | {', '.join(map(str, r['seeds']))} | {r['pairs']:.0f} | "
+            f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['wins']:.0f} / {r['losses']:.0f} | "
+            f"{r['p_value']:.3g} |"
+        )
+    return md + [""], {"iterations": k_max, "cells": cells, "comparisons": pooled}
 
 
 # --- the cells and their compute ------------------------------------------------------------------------------
@@ -265,7 +321,6 @@ def summary_metrics(
 
 def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, command: str) -> StageOutput:
     from stages.study.plots import learning_curves
-    from stages.study.self_correction import lines as self_correction
 
     out.mkdir(parents=True, exist_ok=True)
     rows = comparisons(results, bootstrap)
@@ -304,7 +359,7 @@ def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, co
         *(comparison_lines(rows) if rows else ["(no completed cells to compare)"]),
         "",
     ]
-    retry_md, retry = self_correction(results, groups(results), bootstrap)
+    retry_md, retry = self_correction(results, rows, bootstrap)
     md += retry_md
     heldout = heldout_lines(results)
     (out / "heldout.jsonl").write_text("".join(line + "\n" for line in heldout))
