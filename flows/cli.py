@@ -196,28 +196,14 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 
 def cmd_runs(a: argparse.Namespace) -> int:
-    import time
-
-    from flows.console import run_summary_cells, stage_versions
+    from flows.console import runs_table, stage_versions
     from flows.runstore import RunStore, list_runs
 
     if a.run:  # one run: every stage's versions, the current one, a rerun's overrides, staleness
         print(stage_versions(RunStore(a.root, a.run)))
         return 0
     runs = list_runs(a.root)
-    if not runs:
-        print(f"no runs under {a.root}")
-        return 0
-    print(
-        f"{'run id':<28} {'status':<12} {'algorithm':<9} {'iters':>5} {'reward':>7}  {'held-out':<14} created"
-    )
-    for m in runs:
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created_at", 0)))
-        algo = m.get("params", {}).get("algorithm", "-")
-        iters, reward, held = run_summary_cells(m)
-        print(
-            f"{m['run_id']:<28} {m.get('status', '?'):<12} {algo:<9} {iters:>5} {reward:>7}  {held:<14} {created}"
-        )
+    print(runs_table(runs) if runs else f"no runs under {a.root}")
     return 0
 
 
@@ -231,6 +217,14 @@ def cmd_verify(a: argparse.Namespace) -> int:
     for line in old:
         print(f"note: {line}")
     return 1 if bad else 0
+
+
+def cmd_prune(a: argparse.Namespace) -> int:
+    from flows.prune import prune_run
+
+    for run in a.run:
+        print(prune_run(a.root, run, dry_run=a.dry_run).summary(a.dry_run))
+    return 0
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -327,6 +321,12 @@ def parser() -> argparse.ArgumentParser:
     vf.add_argument("run", help="run id (see `turntree runs`)")
     common(vf, sets=False)
     vf.set_defaults(fn=cmd_verify)
+
+    pr = sub.add_parser("prune", help="drop the optimizer state of a run's superseded checkpoints (~2/3 of it)")
+    pr.add_argument("run", nargs="+", help="run ids (see `turntree runs`); their latest checkpoint is kept whole")
+    pr.add_argument("--dry-run", action="store_true", help="say what would be pruned; change nothing")
+    common(pr, sets=False)
+    pr.set_defaults(fn=cmd_prune)
 
     ls = sub.add_parser("runs", help="list runs with their status (RUN: its stages' versions and staleness)")
     ls.add_argument("run", nargs="?", help="a run id: show every stage's versions, overrides and staleness")

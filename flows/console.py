@@ -294,6 +294,19 @@ def run_story(manifest: dict[str, Any], experiment_id: str | None, root: str) ->
     return "\n".join(lines + links(manifest, experiment_id, root))
 
 
+def runs_table(runs: list[dict[str, Any]]) -> str:
+    """``turntree runs``: one line per run manifest (id, status, algorithm, iterations, reward, held-out)."""
+    lines = [f"{'run id':<28} {'status':<12} {'algorithm':<9} {'iters':>5} {'reward':>7}  {'held-out':<14} created"]
+    for m in runs:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.get("created_at", 0)))
+        algo = m.get("params", {}).get("algorithm", "-")
+        iters, reward, held = run_summary_cells(m)
+        lines.append(
+            f"{m['run_id']:<28} {m.get('status', '?'):<12} {algo:<9} {iters:>5} {reward:>7}  {held:<14} {created}"
+        )
+    return "\n".join(lines)
+
+
 def run_summary_cells(manifest: dict[str, Any]) -> tuple[str, str, str]:
     """(iterations done, last mean reward, last held-out score) for `turntree runs`."""
     per_iter = iteration_metrics(manifest)

@@ -267,10 +267,18 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
     tracking(root)
     stage_params(name, record["params"], overrides)  # the stage flow's own check, before Prefect starts
     store = RunStore(root, rid)
+    inputs = store.current_inputs(record["inputs"])[0]  # what the rerun will read
     try:
-        check_inputs(store, store.current_inputs(record["inputs"])[0])  # what the rerun will read
+        check_inputs(store, inputs)
     except IntegrityError as e:
         raise PreflightError(str(e)) from None
+    pruned = {p["uri"]: p["stage"] for p in store.load().get("pruned", [])}
+    if name == "update" and inputs.get("checkpoint") in pruned:  # flows/prune.py: AdamW cannot continue
+        k = pruned[inputs["checkpoint"]].split("/")[0].removeprefix("iter-")
+        raise PreflightError(
+            f"the checkpoint this update continues ({inputs['checkpoint']}) had its optimizer state pruned "
+            f"(turntree prune); rerun that update first: turntree stage update --run {rid} --iter {k}"
+        )
 
 
 def compare_entries(root: str, entries: list[str]) -> dict[str, str]:

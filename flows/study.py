@@ -42,11 +42,18 @@ from stages.study.plan import Cell, cells
 
 
 @task(name="study-cell", cache_policy=NONE, task_run_name="{params.run_id}")
-def run_cell(params: PipelineParams) -> dict[str, Any]:
-    """One cell: the pipeline as a subflow (it resumes a run that exists). Never raises, so the other cells run."""
+def run_cell(params: PipelineParams, prune: bool = True) -> dict[str, Any]:
+    """One cell: the pipeline as a subflow (it resumes a run that exists), then, once it completed, its
+    superseded optimizer states pruned (``flows.prune``). Never raises, so the other cells run."""
     from flows.pipeline import pipeline
+    from flows.prune import prune_run
 
     state = pipeline(params, return_state=True)
+    if prune and state.is_completed():
+        try:
+            get_run_logger().info(prune_run(params.run_root, params.run_id).summary())
+        except Exception as e:  # noqa: BLE001 - a cell that ran is reported whatever pruning made of it
+            get_run_logger().warning("cell %s: not pruned: %s", params.run_id, e)
     return {"run_id": params.run_id, "completed": state.is_completed(), "message": str(state.message or "")}
 
 
@@ -84,7 +91,8 @@ def gather(cell: Cell) -> CellResult:
 def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str) -> str:
     """The study's MLflow run: the one of this study file (same name and contents) when it exists."""
     body = study.model_dump(mode="json", by_alias=True)
-    what = {k: v for k, v in body.items() if k != "concurrency"}  # how the cells run is not what the study is
+    how = ("concurrency", "keep_optimizer_states")  # how the cells run and are stored is not what the study is
+    what = {k: v for k, v in body.items() if k not in how}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     found = tracker.client.search_runs(
         [tracker.experiment_id],
@@ -133,9 +141,9 @@ def _run_and_report(study, name, todo: list[Cell], tracker: Tracker, parent: str
     if study.concurrency == 1:
         for i, c in enumerate(todo, 1):
             logger.info("cell %d/%d: %s", i, len(todo), c.run_id)
-            outcomes[c.run_id] = run_cell(c.params)
+            outcomes[c.run_id] = run_cell(c.params, not study.keep_optimizer_states)
     else:  # a cell whose process died is reported as its manifest left it
-        futures = {c.run_id: run_cell.submit(c.params) for c in todo}
+        futures = {c.run_id: run_cell.submit(c.params, not study.keep_optimizer_states) for c in todo}
         for rid, f in futures.items():
             got = f.result(raise_on_failure=False)
             outcomes[rid] = got if isinstance(got, dict) else {"completed": False, "message": str(got)}

@@ -53,6 +53,10 @@ class Trainer:
         device, self.amp_dtype = resolve_device(params.device, params.dtype)
         self.device = self.world.device(device)
         state = ckpt.load_trainer_state(self.source)
+        if state and state.get("optimizer_pruned") and bool(state.get("lora_base")) == bool(params.lora_rank):
+            raise ckpt.CheckpointError(  # flows/prune.py dropped its moments: AdamW cannot continue from it
+                f"{self.source}: its optimizer state was pruned (turntree prune); rerun the update that wrote it"
+            )
         self.step = int(state["step"]) if state else 0
         self.update_idx = int(state.get("update_idx", 0)) if state else 0
         self.lineage = str(state.get("lineage", self.source)) if state else str(self.source)

@@ -1,0 +1,195 @@
+"""``turntree prune``: drop the optimizer state of a run's superseded checkpoints, keeping everything a report,
+an evaluation, ``turntree verify`` or a resume reads.
+
+Every update writes a full checkpoint, and its ``trainer_state.pt`` (AdamW's two moments in fp32) is twice the
+weights: SmolLM2-135M's 0.5 GB of weights come with 1.1 GB of optimizer state, so an 8-iteration run stores
+~13 GB, of which only the latest checkpoint's optimizer state is ever read again (by the next update, when the run
+is resumed or extended). Pruning rewrites every other update checkpoint's ``trainer_state.pt`` without the
+optimizer moments (step, scheduler position, RNG and lineage stay) and marks it ``optimizer_pruned``; the weights
+are untouched, so evaluations, comparisons and study reports read the same model.
+
+The run store stays verified: each pruned checkpoint's recorded sha256 and size are rewritten, and so are the
+content fingerprints of every stage version that read it, so a resumed run still reuses its stages. The new
+records are written before the file is replaced (with a ``pruned`` entry naming the old and new sha256 and the
+staged file), so a prune stopped between the two is finished by the next one. A run being written (its run lock
+held) is refused, and a checkpoint that no longer matches its record is left alone and reported. An update
+rerun from a pruned checkpoint is refused by the trainer (``stages.update.trainer``) rather than silently
+restarting AdamW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.history import parse_key
+from flows.integrity import check_ref, content_size, is_local
+from flows.locks import manifest_lock, run_lock
+from flows.runstore import RunNotFound, RunStore
+from runtime.tableio import sha256_file
+
+TRAINER_STATE = "trainer_state.pt"  # runtime.checkpoint.TRAINER_STATE (not imported: it imports torch)
+_STAGED = ".trainer_state.pruned.pt"  # beside the checkpoint directory, outside what its sha256 covers
+
+
+@dataclass
+class Pruned:
+    run_id: str
+    checkpoints: list[str] = field(default_factory=list)  # pruned now (or finished from an earlier prune)
+    freed: int = 0  # bytes
+    kept: str | None = None  # the latest checkpoint, whose optimizer state the next update reads
+    skipped: list[str] = field(default_factory=list)  # "uri: why"
+
+    def summary(self, dry_run: bool = False) -> str:
+        verb = "would prune" if dry_run else "pruned"
+        line = (
+            f"{self.run_id}: {verb} the optimizer state of {len(self.checkpoints)} checkpoint(s), "
+            f"{self.freed / 2**30:.1f} GiB"
+        )
+        if self.kept:
+            line += f"; kept {self.kept}"
+        return "\n".join([line, *(f"  not pruned: {s}" for s in self.skipped)])
+
+
+def _dir_sha256(root: Path, replaced: dict[str, str]) -> str:
+    """``flows.integrity.content_sha256`` of a local directory, with the sha256 of some files (by relative
+    path) taken from ``replaced`` instead of from disk."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        h.update(f"{rel}\t{replaced.get(rel) or sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _update_checkpoints(manifest: dict[str, Any]) -> tuple[list[tuple[str, str, dict]], tuple[str, str] | None]:
+    """Every (stage key, version, checkpoint ref) of the run's updates, and the (key, version) to keep: the
+    current version of the last iteration's update."""
+    found, last = [], None
+    for key, entry in manifest["stages"].items():
+        stage, it = parse_key(key)
+        if stage != "update":
+            continue
+        for version, record in entry.get("versions", {}).items():
+            ref = record.get("output", {}).get("tables", {}).get("checkpoint")
+            if ref:
+                found.append((key, version, ref))
+        if entry.get("current") and (last is None or it > parse_key(last[0])[1]):
+            last = (key, entry["current"])
+    return found, last
+
+
+def _refingerprint(manifest: dict[str, Any], uri: str, old: str, new: str) -> None:
+    """Every stage version that read ``uri`` with fingerprint ``old`` now names ``new`` (same weights)."""
+    for entry in manifest["stages"].values():
+        for record in entry.get("versions", {}).values():
+            prints = record.get("fingerprints") or {}
+            for name, read in (record.get("inputs") or {}).items():
+                if read == uri and prints.get(name) == old[:16]:
+                    prints[name] = new[:16]
+
+
+def _swap_in(staged: Path, ckpt: Path) -> None:
+    """Replace the checkpoint's trainer state with the slimmed one (atomic within the filesystem)."""
+    os.replace(staged, ckpt / TRAINER_STATE)
+
+
+def _mark_done(store: RunStore, uri: str) -> None:
+    def done(manifest: dict[str, Any]) -> None:
+        for item in manifest.get("pruned", []):
+            if item["uri"] == uri:
+                item["done"] = True
+
+    with manifest_lock(store.root, store.run_id):
+        store._read_modify_write(done)
+
+
+def _finish_pending(store: RunStore, result: Pruned) -> None:
+    """Complete prunes whose records were written but whose file was not yet replaced."""
+    for item in store.load().get("pruned", []):
+        if item.get("done"):
+            continue
+        ckpt, staged = Path(item["uri"]), Path(item["staged"])
+        if staged.exists() and check_ref(str(ckpt), item["old_sha256"], None) is None:
+            _swap_in(staged, ckpt)
+        if check_ref(str(ckpt), item["new_sha256"], None) is not None:
+            result.skipped.append(f"{ckpt}: an interrupted prune cannot be finished (run `turntree verify`)")
+            continue
+        _mark_done(store, item["uri"])
+        result.checkpoints.append(str(ckpt))
+
+
+def _state(ckpt: Path) -> dict[str, Any] | None:
+    """``ckpt``'s trainer state (memory-mapped: cheap) when it still holds optimizer moments, else None."""
+    import torch
+
+    if not (ckpt / TRAINER_STATE).is_file():
+        return None
+    state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True, mmap=True)
+    return state if isinstance(state, dict) and state.get("optimizer") is not None else None
+
+
+def _slim(state: dict[str, Any], staged: Path) -> None:
+    """Write the trainer state without the optimizer moments (and marked so) to ``staged``."""
+    import torch
+
+    torch.save({**{k: v for k, v in state.items() if k != "optimizer"}, "optimizer_pruned": True}, staged)
+
+
+def prune_run(root: str, run_id: str, *, dry_run: bool = False) -> Pruned:
+    """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring)."""
+    if not is_local(root):
+        raise ValueError(f"turntree prune works on a local run store; {root} is not one")
+    store = RunStore(root, run_id)
+    if not store.exists():
+        raise RunNotFound(f"no run {run_id!r} under {root}")
+    result = Pruned(run_id)
+    with run_lock(root, run_id, wait=False):  # RunLocked (one line) while a pipeline or stage writes it
+        if not dry_run:
+            _finish_pending(store, result)
+        found, last = _update_checkpoints(store.load())
+        for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
+            ckpt = Path(ref["uri"])
+            if (key, version) == last:
+                result.kept = str(ckpt)
+                continue
+            state = ckpt / TRAINER_STATE
+            if (loaded := _state(ckpt)) is None:  # none, or already without moments
+                continue
+            if why := check_ref(str(ckpt), ref["sha256"], ref.get("size")):
+                result.skipped.append(f"{ckpt}: {why}, not what the manifest recorded (run `turntree verify`)")
+                continue
+            staged = ckpt.parent / _STAGED
+            if dry_run:
+                result.checkpoints.append(str(ckpt))
+                result.freed += state.stat().st_size  # about: the moments are nearly all of it
+                continue
+            _slim(loaded, staged)
+            del loaded  # the memory map of the file about to be replaced
+            freed = state.stat().st_size - staged.stat().st_size
+            new = _dir_sha256(ckpt, {TRAINER_STATE: sha256_file(staged)})
+            size = ref["size"] - freed if ref.get("size") is not None else None
+            item = {
+                "uri": str(ckpt), "stage": key, "version": version, "old_sha256": ref["sha256"],
+                "new_sha256": new, "staged": str(staged), "freed": freed, "at": time.time(), "done": False,
+            }  # fmt: skip
+
+            def record(manifest: dict[str, Any], key=key, version=version, item=item, size=size) -> None:
+                out = manifest["stages"][key]["versions"][version]["output"]["tables"]["checkpoint"]
+                out["sha256"], out["size"] = item["new_sha256"], size
+                _refingerprint(manifest, item["uri"], item["old_sha256"], item["new_sha256"])
+                manifest.setdefault("pruned", []).append(item)
+
+            with manifest_lock(root, run_id):
+                store._read_modify_write(record)
+            _swap_in(staged, ckpt)
+            if content_size(str(ckpt)) != size:
+                result.skipped.append(f"{ckpt}: its size after pruning differs from the recorded one")
+                continue
+            _mark_done(store, str(ckpt))
+            result.checkpoints.append(str(ckpt))
+            result.freed += freed
+    return result

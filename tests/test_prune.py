@@ -1,0 +1,133 @@
+"""`turntree prune` on a real two-iteration tiny run (one ephemeral Prefect server, ~2-3 min on 2 cores): a
+dry run changes nothing; a study cell (``flows.study.run_cell``) prunes its superseded checkpoint's optimizer
+moments and keeps the latest whole, the weights byte-identical; the run still verifies and a rerun reuses every
+stage; an update rerun from a pruned checkpoint is refused in one line, and one from the rerun of the update
+that wrote it is not; a prune stopped between its manifest write and its file replacement is finished by the
+next one; a run whose lock is held is refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows import prune
+from flows.cli import main
+from flows.runstore import RunStore
+from schemas.params import PipelineParams
+from schemas.params.presets import tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _versions(store: RunStore) -> dict[str, str]:
+    return {k: ",".join(sorted(e["versions"])) + ":" + e["current"] for k, e in store.load()["stages"].items()}
+
+
+def _state(ckpt: str) -> dict:
+    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_continue(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+    from flows.study import run_cell
+
+    root = tmp_path / "runs"
+    params = PipelineParams.model_validate(
+        tiny_pipeline(
+            str(tiny_model), str(root), iterations=2, run_id="pruned", eval={"max_problems": 1, "iterations": 1}
+        )
+    )
+    with prefect_test_harness(server_startup_timeout=180):
+        rid = pipeline(params)["run_id"]
+        store = RunStore(str(root), rid)
+        first, last = (store.current_output("update", k).uri("checkpoint") for k in (1, 2))
+        weights = (Path(first) / "model.safetensors").read_bytes()
+        moments = _state(first)["optimizer"]
+        assert moments["state"]  # AdamW's moments are stored
+
+        # a dry run says what it would free and changes nothing
+        manifest = (root / rid / "manifest.json").read_bytes()
+        capsys.readouterr()
+        assert main(["prune", rid, "--root", str(root), "--dry-run"]) == 0
+        assert f"{rid}: would prune the optimizer state of 1 checkpoint(s)" in capsys.readouterr().out
+        assert (root / rid / "manifest.json").read_bytes() == manifest and "optimizer" in _state(first)
+
+        # a study cell: the pipeline resumes (reuses everything), then prunes all but the latest checkpoint
+        before = _versions(store)
+        got = flow(lambda: run_cell(params))()
+        assert got["completed"] and _versions(store) == before
+        pruned, kept = _state(first), _state(last)
+        assert "optimizer" not in pruned and pruned["optimizer_pruned"] is True
+        assert pruned["step"] > 0 and "scheduler" in pruned and "rng" in pruned  # its position is kept
+        assert kept["optimizer"]["state"] and "optimizer_pruned" not in kept
+        assert (Path(first) / "model.safetensors").read_bytes() == weights
+        assert [p["uri"] for p in store.load()["pruned"]] == [first] and store.load()["pruned"][0]["done"]
+
+        # still verified, and a rerun reuses every stage (the readers' fingerprints were rewritten)
+        assert main(["verify", rid, "--root", str(root)]) == 0
+        pipeline(params)
+        assert _versions(store) == before
+
+        # the next update cannot continue AdamW from the pruned checkpoint: one line, before Prefect starts
+        capsys.readouterr()
+        assert main(["stage", "update", "--run", rid, "--root", str(root), "--iter", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "optimizer state pruned" in err
+        assert f"turntree stage update --run {rid} --iter 1" in err
+        assert _versions(store) == before
+
+        # rerunning the update that wrote it (from the warm start) gives a new iteration-1 checkpoint, whole
+        assert main(["stage", "update", "--run", rid, "--root", str(root), "--iter", "1"]) == 0
+        rerun = store.current_output("update", 1).uri("checkpoint")
+        assert rerun != first and _state(rerun)["optimizer"]["state"]
+
+        # a prune stopped after its manifest write: verify names the checkpoint, the next prune finishes it
+        def gone(*_):
+            raise OSError("disk gone")
+
+        with monkeypatch.context() as m:
+            m.setattr(prune, "_swap_in", gone)
+            with pytest.raises(OSError, match="disk gone"):
+                prune.prune_run(str(root), rid)
+        capsys.readouterr()
+        assert main(["verify", rid, "--root", str(root)]) == 1
+        assert rerun in capsys.readouterr().out
+        capsys.readouterr()
+        assert main(["prune", rid, "--root", str(root)]) == 0
+        out = capsys.readouterr().out
+        assert "pruned the optimizer state of 1 checkpoint(s)" in out and f"kept {last}" in out
+        assert "optimizer" not in _state(rerun) and main(["verify", rid, "--root", str(root)]) == 0
+        assert main(["stage", "update", "--run", rid, "--root", str(root), "--iter", "2"]) == 2
+
+        # nothing left to prune: a second prune frees nothing
+        capsys.readouterr()
+        assert main(["prune", rid, "--root", str(root)]) == 0
+        assert "of 0 checkpoint(s), 0.0 GiB" in capsys.readouterr().out
+
+    # a run being written (its lock held by another process) is refused in one line, untouched
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from flows.locks import run_lock\n"
+         f"with run_lock({str(root)!r}, {rid!r}):\n print('held', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        manifest = json.loads((root / rid / "manifest.json").read_text())
+        capsys.readouterr()
+        assert main(["prune", rid, "--root", str(root)]) == 2
+        assert str(holder.pid) in capsys.readouterr().err
+        assert json.loads((root / rid / "manifest.json").read_text()) == manifest
+    finally:
+        holder.kill()
+    assert main(["prune", "no-such-run", "--root", str(root)]) == 2
