@@ -341,13 +341,14 @@ def describe_params(model: Any, prefix: str = "") -> list[str]:
 
 def stage_versions(store) -> str:
     """``turntree runs RUN``: one line per stage of the run, in pipeline order: its versions (the current one
-    starred), the current version's rerun overrides, and whether it is stale (made from a superseded version
-    of an upstream stage's output)."""
+    starred), the current version's rerun overrides, whether it is stale (made from a superseded version
+    of an upstream stage's output), and which of its checkpoints lost their optimizer state (``turntree prune``)."""
     from flows.runstore import parse_key
     from stages import PIPELINE_STAGES
 
     manifest = store.load()
     stale = store.stale_stages()
+    pruned = {(p["stage"], p["version"]) for p in manifest.get("pruned", []) if p.get("done")}
 
     def order(key: str) -> tuple[int, int]:
         stage, it = parse_key(key)
@@ -369,6 +370,8 @@ def stage_versions(store) -> str:
             notes.append(f"rerun with {overrides_text(record['overrides'])}")
         if key in stale:
             notes.append(f"STALE: {stale[key]}")
+        if gone := [v for v in sorted(entry["versions"]) if (key, v) in pruned]:
+            notes.append(f"optimizer state pruned: {' '.join(gone)}")
         lines.append(f"{key:<22} {versions:<16} {'; '.join(notes)}")
     return "\n".join(lines)
 

@@ -74,6 +74,12 @@ def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_contin
         assert (Path(first) / "model.safetensors").read_bytes() == weights
         assert [p["uri"] for p in store.load()["pruned"]] == [first] and store.load()["pruned"][0]["done"]
 
+        capsys.readouterr()
+        assert main(["runs", rid, "--root", str(root)]) == 0
+        lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+        assert "optimizer state pruned: v1" in lines["iter-1/update"]
+        assert "pruned" not in lines["iter-2/update"]
+
         # still verified, and a rerun reuses every stage (the readers' fingerprints were rewritten)
         assert main(["verify", rid, "--root", str(root)]) == 0
         pipeline(params)
