@@ -152,7 +152,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         from flows.compare import paired_evaluations
 
         if len(a.entries) != 2:
-            raise UserError("--paired takes two evaluations, RUN:ITER RUN:ITER")
+            raise UserError("--paired takes two evaluations, RUN:ITER RUN:ITER (or a `turntree eval` run id for either)")
         r = paired_evaluations(a.root, *a.entries)
         text = (
             f"{r['b']} - {r['a']}: {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (paired bootstrap 95%),"

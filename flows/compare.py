@@ -26,7 +26,7 @@ from schemas.params import EvalParams
 
 def paired_evaluations(run_root: str, a: str, b: str, resamples: int = 10_000) -> dict[str, Any]:
     """b − a of two stored held-out evaluations ``RUN:ITER`` (e.g. a run's starting policy ``r:0`` and its last
-    iteration ``r:3``) on the problems both scored: mean difference, paired bootstrap 95% CI, and the exact
+    iteration ``r:3``), or ``RUN`` for a ``turntree eval`` run, on the problems both scored: mean difference, paired bootstrap 95% CI, and the exact
     McNemar (sign) test on the problems that changed (``maths.paired.paired_comparison``)."""
     import numpy as np
 
@@ -36,12 +36,15 @@ def paired_evaluations(run_root: str, a: str, b: str, resamples: int = 10_000) -
     from schemas.tables import EVAL_RESULTS
 
     def scores(ref: str) -> dict[str, float]:
-        run, _, it = ref.rpartition(":")
-        if not run or not it.isdigit():
-            raise ValueError(f"--paired takes RUN:ITER (e.g. my-run:0 my-run:3), got {ref!r}")
-        out = RunStore(run_root, run).current_output("evaluate", int(it))
+        run, colon, it = ref.rpartition(":")
+        if not colon:  # a `turntree eval` run: its one evaluation has no iteration
+            run, it = ref, None
+        elif not run or not it.isdigit():
+            raise ValueError(f"--paired takes RUN:ITER (e.g. my-run:0 my-run:3) or an eval run's id, got {ref!r}")
+        out = RunStore(run_root, run).current_output("evaluate", None if it is None else int(it))
         if out is None:
-            raise ValueError(f"run {run!r} has no evaluation at iteration {it}")
+            at = "" if it is None else f" at iteration {it}"
+            raise ValueError(f"run {run!r} has no evaluation{at} (RUN:ITER names a training run's iteration)")
         return problem_scores(sample_records(read_table(out.uri("eval_results"), EVAL_RESULTS)))
 
     sa, sb = scores(a), scores(b)

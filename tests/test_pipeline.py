@@ -477,3 +477,26 @@ def test_compare_paired_reads_two_stored_evaluations(gtpo_run, capsys):
     assert r["ci_low"] <= r["diff"] <= r["ci_high"] and 0 <= r["p_value"] <= 1
     assert main(["compare", "--paired", f"{rid}:0", f"{rid}:7", "--root", root]) == 2
     assert "has no evaluation at iteration 7" in capsys.readouterr().err
+
+    # a `turntree eval` run (its one evaluation has no iteration) pairs by its id: here one holding a copy of
+    # iteration 1's table, so it pairs with iteration 1 at +0.000 and with iteration 0 as iteration 1 does
+    from runtime.tableio import write_table
+    from schemas.outputs import StageOutput
+
+    ev = RunStore(root, "an-eval")
+    ev.create_or_open({"kind": "eval"})
+    scratch = ev.scratch_dir("evaluate", None)
+    rows = read_table(RunStore(root, rid).current_output("evaluate", 1).uri("eval_results"), tables.EVAL_RESULTS)
+    ref = write_table(rows, tables.EVAL_RESULTS, scratch / "eval_results.parquet")
+    ev.commit("evaluate", None, scratch, StageOutput(stage="evaluate", tables={"eval_results": ref}),
+              inputs={}, params={}, params_field="eval")  # fmt: skip
+    capsys.readouterr()
+    assert main(["compare", "--paired", f"{rid}:1", "an-eval", "--root", root, "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["diff"] == 0 and same["wins"] == same["losses"] == 0
+    assert main(["compare", "--paired", f"{rid}:0", "an-eval", "--root", root, "--json"]) == 0
+    assert {k: v for k, v in json.loads(capsys.readouterr().out).items() if k not in ("a", "b")} == {
+        k: v for k, v in r.items() if k not in ("a", "b")
+    }
+    assert main(["compare", "--paired", rid, "an-eval", "--root", root]) == 2  # a training run needs :ITER
+    assert f"run {rid!r} has no evaluation (RUN:ITER" in capsys.readouterr().err
