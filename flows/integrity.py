@@ -42,8 +42,10 @@ def content_size(uri: str) -> int | None:
     return None
 
 
-def content_sha256(uri: str) -> str:
-    """sha256 of a file's bytes; of a directory, over its sorted (relative path, file sha256) pairs."""
+def content_sha256(uri: str, replaced: dict[str, str] | None = None) -> str:
+    """sha256 of a file's bytes; of a directory, over its sorted (relative path, file sha256) pairs. ``replaced``
+    (local directories): the sha256 to use for some files by relative path, e.g. of a file about to replace one
+    (``flows.prune`` records a checkpoint's new hash before swapping its file in)."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -54,7 +56,8 @@ def content_sha256(uri: str) -> str:
     if isinstance(fs, pafs.LocalFileSystem):
         root = Path(path)
         for f in _local_files(root):
-            h.update(f"{f.relative_to(root).as_posix()}\t{sha256_file(f)}\n".encode())
+            rel = f.relative_to(root).as_posix()
+            h.update(f"{rel}\t{(replaced or {}).get(rel) or sha256_file(f)}\n".encode())
         return h.hexdigest()
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):

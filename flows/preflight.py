@@ -262,7 +262,7 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
     read must still be what their stages committed (else: the file and the command that rewrites it)."""
     from flows.integrity import IntegrityError
     from flows.runner import check_inputs, stage_params
-    from flows.runstore import RunStore
+    from flows.runstore import RunStore, parse_key
 
     tracking(root)
     stage_params(name, record["params"], overrides)  # the stage flow's own check, before Prefect starts
@@ -274,7 +274,7 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
         raise PreflightError(str(e)) from None
     pruned = {p["uri"]: p["stage"] for p in store.load().get("pruned", [])}
     if name == "update" and inputs.get("checkpoint") in pruned:  # flows/prune.py: AdamW cannot continue
-        k = pruned[inputs["checkpoint"]].split("/")[0].removeprefix("iter-")
+        k = parse_key(pruned[inputs["checkpoint"]])[1]
         raise PreflightError(
             f"the checkpoint this update continues ({inputs['checkpoint']}) had its optimizer state pruned "
             f"(turntree prune); rerun that update first: turntree stage update --run {rid} --iter {k}"

@@ -19,7 +19,6 @@ restarting AdamW.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.history import parse_key
-from flows.integrity import check_ref, content_size, is_local
+from flows.integrity import check_ref, content_sha256, content_size, is_local
 from flows.locks import manifest_lock, run_lock
 from flows.runstore import RunNotFound, RunStore
 from runtime.tableio import sha256_file
@@ -53,16 +52,6 @@ class Pruned:
         if self.kept:
             line += f"; kept {self.kept}"
         return "\n".join([line, *(f"  not pruned: {s}" for s in self.skipped)])
-
-
-def _dir_sha256(root: Path, replaced: dict[str, str]) -> str:
-    """``flows.integrity.content_sha256`` of a local directory, with the sha256 of some files (by relative
-    path) taken from ``replaced`` instead of from disk."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = f.relative_to(root).as_posix()
-        h.update(f"{rel}\t{replaced.get(rel) or sha256_file(f)}\n".encode())
-    return h.hexdigest()
 
 
 def _update_checkpoints(manifest: dict[str, Any]) -> tuple[list[tuple[str, str, dict]], tuple[str, str] | None]:
@@ -170,7 +159,7 @@ def prune_run(root: str, run_id: str, *, dry_run: bool = False) -> Pruned:
             _slim(loaded, staged)
             del loaded  # the memory map of the file about to be replaced
             freed = state.stat().st_size - staged.stat().st_size
-            new = _dir_sha256(ckpt, {TRAINER_STATE: sha256_file(staged)})
+            new = content_sha256(str(ckpt), {TRAINER_STATE: sha256_file(staged)})
             size = ref["size"] - freed if ref.get("size") is not None else None
             item = {
                 "uri": str(ckpt), "stage": key, "version": version, "old_sha256": ref["sha256"],

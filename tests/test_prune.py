@@ -92,6 +92,14 @@ def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_contin
         assert "\n" not in err and "optimizer state pruned" in err
         assert f"turntree stage update --run {rid} --iter 1" in err
         assert _versions(store) == before
+        # and the trainer itself refuses to continue from it (any other way of starting an update there)
+        from runtime.checkpoint import CheckpointError
+        from schemas.params.update import UpdateParams
+        from stages.update.trainer import Trainer
+
+        with pytest.raises(CheckpointError, match="optimizer state was pruned"):
+            Trainer(first, UpdateParams(device="cpu"))
+        Trainer(last, UpdateParams(device="cpu"))  # the kept checkpoint continues AdamW
 
         # rerunning the update that wrote it (from the warm start) gives a new iteration-1 checkpoint, whole
         assert main(["stage", "update", "--run", rid, "--root", str(root), "--iter", "1"]) == 0
