@@ -15,6 +15,10 @@ A daemon thread watches two things while a run is active (``Watchdog.start`` …
   raises ``TerminationSignal``), and if the process is still there ``grace_s`` later it dumps the stacks, prints
   one line and exits at once (143 for SIGTERM, 130 for SIGINT). Runs resume from their last completed stage.
 
+Either forced exit first ends the process's children (SIGTERM, then SIGKILL after ``child_grace_s``): ``os._exit``
+skips the atexit hooks that would have stopped them, and a run must not leave its temporary Prefect server, vLLM
+engine or sandbox workers behind.
+
 ``suspended()`` pauses stall detection while the process waits on purpose for work done elsewhere (a stage
 dispatched to a Prefect work pool). Everything the watchdog writes goes through ``os.write`` and
 ``faulthandler``: it never needs the logging lock that the threads it reports on may hold.
@@ -90,6 +94,27 @@ def _tree_cpu_seconds() -> float:
     return total
 
 
+def _end_children(grace_s: float) -> None:
+    """SIGTERM every descendant of this process, SIGKILL those still there ``grace_s`` later (a forced exit)."""
+    import psutil
+
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for kid in kids:
+        try:
+            kid.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(kids, timeout=grace_s)
+    for kid in alive:
+        try:
+            kid.kill()
+        except psutil.Error:
+            pass
+
+
 def _say(line: str) -> None:
     try:
         os.write(2, f"turntree: {line}\n".encode())
@@ -105,14 +130,16 @@ class Watchdog:
         dump_path: Path,
         stall_s: float = DEFAULT_STALL_S,
         *,
-        grace_s: float = 5.0,
+        grace_s: float = 10.0,
         poll_s: float = 1.0,
         idle_cpu: float = 0.05,
         exit_grace_s: float = 30.0,
+        child_grace_s: float = 3.0,
     ):
         self.dump_path = Path(dump_path)
         self.stall_s, self.grace_s, self.poll_s, self.idle_cpu = stall_s, grace_s, poll_s, idle_cpu
         self.exit_grace_s = exit_grace_s  # after StageStalled is raised: time for the run to fail cleanly
+        self.child_grace_s = child_grace_s  # a forced exit: time for the children to end on SIGTERM
         self.label = "starting"
         self.suspend_depth = 0
         self._last = time.monotonic()
@@ -208,6 +235,7 @@ class Watchdog:
             f"{name} received while {self.label}; the process had not ended {self.grace_s:g} s later"
         )
         _say(f"{name}: ended while {self.label} (a thread was stuck; every thread's stack is in {where})")
+        _end_children(self.child_grace_s)
         os._exit(128 + signum)
 
     def _check_progress(self) -> None:
@@ -235,6 +263,7 @@ class Watchdog:
         if self._stop.wait(self.exit_grace_s):
             return
         _say(f"{self.stalled}; the stuck process did not unwind and was ended")
+        _end_children(self.child_grace_s)
         os._exit(3)
 
     def _dump(self, why: str) -> Path:

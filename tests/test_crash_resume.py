@@ -224,7 +224,8 @@ def test_second_writer_is_refused_and_sigterm_stops_the_prefect_server(tiny_mode
     while time.monotonic() < deadline and any(_alive(p) for p in started):
         time.sleep(0.2)
     left = [_cmdline(p) for p in started if _alive(p)]
-    assert not left, f"processes the run started are still running: {left}"
+    log = (tmp_path / "first.log").read_text()[-3000:]
+    assert not left, f"processes the run started are still running: {left}\n{log}"
     (manifest,) = list_runs(str(root))
     assert manifest["status"] == "failed"
     assert not list((root / manifest["run_id"]).rglob(".tmp-*"))

@@ -35,6 +35,14 @@ def _start(path: Path) -> subprocess.Popen:
     )
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _wait_for(proc: subprocess.Popen, line: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -134,11 +142,19 @@ def test_sigterm_ends_a_process_whose_handler_is_stuck(tmp_path):
         tmp_path,
         STUCK
         + f"""
-import signal
+import signal, subprocess
 def handler(*_):
     held.acquire()   # stands for a handler that needs a lock a deadlocked thread holds
 signal.signal(signal.SIGTERM, handler)
-with watchdog.Watchdog({str(dump)!r}, stall_s=0, grace_s=1.0, poll_s=0.2):
+# what a run starts (a temporary Prefect server, a vLLM engine): one ends on SIGTERM, one ignores it
+quiet = dict(stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the test reads the scenario's pipes to EOF
+polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.DEVNULL, **quiet)
+deaf = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('deaf', flush=True); time.sleep(600)"],
+    stdout=subprocess.PIPE, text=True, **quiet)
+assert deaf.stdout.readline().strip() == "deaf"
+print("children", polite.pid, deaf.pid, flush=True)
+with watchdog.Watchdog({str(dump)!r}, stall_s=0, grace_s=1.0, poll_s=0.2, child_grace_s=1.0):
     watchdog.beat("evaluate (iteration 0)")
     print("ready", flush=True)
     while True:
@@ -146,7 +162,11 @@ with watchdog.Watchdog({str(dump)!r}, stall_s=0, grace_s=1.0, poll_s=0.2):
 """,
     )
     proc = _start(path)
+    first = proc.stdout.readline().split()
+    assert first[0] == "children", first
+    children = [int(pid) for pid in first[1:]]
     _wait_for(proc, "ready")
+    assert all(_alive(pid) for pid in children)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -159,6 +179,10 @@ with watchdog.Watchdog({str(dump)!r}, stall_s=0, grace_s=1.0, poll_s=0.2):
     err = proc.stderr.read()
     assert "SIGTERM: ended while evaluate (iteration 0)" in err
     assert "handler" in dump.read_text()
+    deadline = time.monotonic() + 10  # os._exit skips atexit: the watchdog itself ended both children
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)]
 
 
 def test_a_handler_that_returns_ends_the_process_normally(tmp_path):
