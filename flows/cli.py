@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flows.config import UserError, build, load_config, parse_sets
 from flows.datacmd import cmd_data_list, cmd_data_prepare, cmd_model_prepare
+from flows.storecmd import cmd_prune, cmd_runs, cmd_verify
 from schemas.benchmarks import sources_help
 from stages import PIPELINE_STAGES  # the stage table (a dataclass: no heavy import)
 
@@ -54,12 +55,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     set_env_defaults(params.run_root)
     from flows.console import progress_display, run_story
     from flows.pipeline import pipeline
+    from flows.prefect_local import start_local_server
     from flows.runstore import RunStore
     from flows.tracking import Tracker
     from flows.watch import watched
 
     # one writer per run (a second exits 2, or waits); a stalled stage or a stuck SIGTERM ends it (flows.watch)
     with run_lock(params.run_root, run_id, wait=a.wait), watched(params.run_root, run_id):
+        start_local_server()
         with progress_display():
             state = pipeline(params, return_state=True)
     store = RunStore(params.run_root, run_id)
@@ -103,8 +106,10 @@ def cmd_stage(a: argparse.Namespace) -> int:
     from flows.watch import watched
 
     with run_lock(a.root, a.run, wait=a.wait), watched(a.root, a.run):
+        from flows.prefect_local import start_local_server
         from flows.stage import stage_flow
 
+        start_local_server()
         state = stage_flow(a.run, a.name, iteration, overrides, a.root, pins, return_state=True)
     if not state.is_completed():  # exit 2 bad input, 75 transient (retry), 1 failed (flows.tasks.exit_code)
         from flows.tasks import exit_code
@@ -134,7 +139,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     set_env_defaults(a.root)
     from flows.console import progress_display
     from flows.evaluate import evaluate_flow
+    from flows.prefect_local import start_local_server
 
+    start_local_server()
     with progress_display():
         state = evaluate_flow(checkpoint, params, a.root, return_state=True)
     if not state.is_completed():
@@ -152,7 +159,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
         from flows.compare import paired_evaluations
 
         if len(a.entries) != 2:
-            raise UserError("--paired takes two evaluations, RUN:ITER RUN:ITER (or a `turntree eval` run id for either)")
+            raise UserError(
+                "--paired takes two evaluations, RUN:ITER RUN:ITER (or a `turntree eval` run id for either)"
+            )
         r = paired_evaluations(a.root, *a.entries)
         text = (
             f"{r['b']} - {r['a']}: {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (paired bootstrap 95%),"
@@ -168,7 +177,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
     entries = preflight.compare_entries(a.root, a.entries)
     set_env_defaults(a.root)
     from flows.compare import compare_flow
+    from flows.prefect_local import start_local_server
 
+    start_local_server()
     state = compare_flow(entries, params, a.root, a.out, return_state=True)
     if not state.is_completed():
         print(f"turntree: comparison failed: {state.message}", file=sys.stderr)
@@ -192,39 +203,10 @@ def cmd_study(a: argparse.Namespace) -> int:
         return report_now(
             study, name, a.root, out, f"turntree study --config {a.config}{sets} --root {a.root}"
         )
+    from flows.prefect_local import start_local_server
+
+    start_local_server()  # one server for every cell, in a session of its own (flows.prefect_local)
     return run_study(study, name, a.root, out, a.config, a.set, a.wait)
-
-
-def cmd_runs(a: argparse.Namespace) -> int:
-    from flows.console import runs_table, stage_versions
-    from flows.runstore import RunStore, list_runs
-
-    if a.run:  # one run: every stage's versions, the current one, a rerun's overrides, staleness
-        print(stage_versions(RunStore(a.root, a.run)))
-        return 0
-    runs = list_runs(a.root)
-    print(runs_table(runs) if runs else f"no runs under {a.root}")
-    return 0
-
-
-def cmd_verify(a: argparse.Namespace) -> int:
-    from flows.runstore import RunStore
-
-    store = RunStore(a.root, a.run)
-    bad = store.verify()  # every current output against its recorded sha256 and size
-    old = store.superseded_problems()  # superseded versions: reported, not fatal
-    print("\n".join(bad) or f"run {a.run}: every current output matches its manifest")
-    for line in old:
-        print(f"note: {line}")
-    return 1 if bad else 0
-
-
-def cmd_prune(a: argparse.Namespace) -> int:
-    from flows.prune import prune_run
-
-    for run in a.run:
-        print(prune_run(a.root, run, dry_run=a.dry_run).summary(a.dry_run))
-    return 0
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -322,8 +304,12 @@ def parser() -> argparse.ArgumentParser:
     common(vf, sets=False)
     vf.set_defaults(fn=cmd_verify)
 
-    pr = sub.add_parser("prune", help="drop the optimizer state of a run's superseded checkpoints (~2/3 of it)")
-    pr.add_argument("run", nargs="+", help="run ids (see `turntree runs`); their latest checkpoint is kept whole")
+    pr = sub.add_parser(
+        "prune", help="drop the optimizer state of a run's superseded checkpoints (~2/3 of it)"
+    )
+    pr.add_argument(
+        "run", nargs="+", help="run ids (see `turntree runs`); their latest checkpoint is kept whole"
+    )
     pr.add_argument("--dry-run", action="store_true", help="say what would be pruned; change nothing")
     common(pr, sets=False)
     pr.set_defaults(fn=cmd_prune)

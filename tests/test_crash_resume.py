@@ -231,3 +231,74 @@ def test_second_writer_is_refused_and_sigterm_stops_the_prefect_server(tiny_mode
     assert not list((root / manifest["run_id"]).rglob(".tmp-*"))
     with run_lock(str(root), manifest["run_id"]):  # released
         pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, sig", [("study", signal.SIGTERM), ("run", signal.SIGINT)])
+def test_a_signal_to_the_whole_process_group_ends_the_command_promptly(command, sig, tiny_model, tmp_path):
+    """`kill -- -PGID` (a scheduler ending a job) or Ctrl-C in a terminal signals every process of the group at
+    once. The temporary Prefect server lives in a session of its own (flows.prefect_local), so it is still there
+    while the run reports its crash: the command ends in seconds (a study used to retry against a dead server for
+    minutes), marks its run failed and leaves no process behind."""
+    from flows.locks import run_lock
+
+    root = tmp_path / "runs"
+    if command == "study":
+        smoke = REPO / "configs" / "studies" / "smoke.yaml"
+        argv = [
+            "study",
+            "--config",
+            str(smoke),
+            "--set",
+            f"base.model={tiny_model}",
+            "--set",
+            "methods=[grpo]",
+        ]
+        argv += ["--set", "seeds=[0]", "--root", str(root), "--out", str(tmp_path / "report")]
+    else:
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text(json.dumps(_config(tiny_model, root)))
+        argv = ["run", "--config", str(cfg)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOCAL_STORAGE_PATH=str(root / ".prefect-results")
+    )
+    with open(tmp_path / "out.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "turntree"), *argv],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job has
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = list_runs(str(root)) if root.exists() else []
+            if runs and runs[0].get("status") == "running" and "data" in runs[0]["stages"]:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
+        started = _descendants(proc.pid)
+        assert any("uvicorn" in _cmdline(p) for p in started), [_cmdline(p) for p in started]
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{command} still running 90 s after a group {sig.name}")
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "out.log").read_text()[-3000:]
+    assert code == 128 + sig and took < 45, (code, took, log)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in started):
+        time.sleep(0.2)
+    assert not [_cmdline(p) for p in started if _alive(p)], log
+    (manifest,) = list_runs(str(root))
+    assert manifest["status"] == "failed", log
+    with run_lock(str(root), manifest["run_id"]):  # released
+        pass
