@@ -8,6 +8,8 @@
   seeds: one problem's seeds are not independent draws), and the sign test on the S·P pairs.
 - ``mean_ci(values)``: the mean of a few seeds' values with its Student-t 95% interval (the band of a
   learning curve across seeds).
+- ``across_seeds(deltas)``: one Δ per seed as the sample (``mean_ci``, and how many seeds went each way): the
+  interval that includes run-to-run variation, which the pooled bootstrap leaves out.
 
 Pure integer and numpy arithmetic; no scipy.
 """
@@ -107,3 +109,20 @@ def mean_ci(values) -> tuple[float, float, float]:
         return mean, mean, mean
     half = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
     return mean, mean - half, mean + half
+
+
+def across_seeds(deltas) -> dict[str, float | None]:
+    """The seeds' own Δs as the sample: their mean with a Student-t 95% interval, and how many went each way.
+    Unlike the pooled bootstrap (problems resampled, every seed's run held fixed) its width includes
+    run-to-run variation; with 2-3 seeds it is wide, and no p-value is given."""
+    deltas = np.asarray(deltas, dtype=np.float64).ravel()
+    mean, low, high = mean_ci(deltas)
+    return {
+        "diff": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "wins": float((deltas > 0).sum()),
+        "losses": float((deltas < 0).sum()),
+        "p_value": None,
+        "pairs": float(len(deltas)),
+    }

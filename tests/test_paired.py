@@ -119,3 +119,17 @@ def test_paired_comparison_counts_and_mean(seeds, problems, seed):
     assert r["ci_low"] - 1e-12 <= r["diff"] <= r["ci_high"] + 1e-12
     swapped = paired_comparison(b, a, resamples=200, seed=1)
     assert swapped["p_value"] == r["p_value"] and swapped["diff"] == pytest.approx(-r["diff"])
+
+
+def test_across_seeds_by_hand():
+    """Two seeds' Δs −0.075 and +0.015: mean −0.030, s = 0.09/√2, half-width t(1) · s/√2 = 12.7062 · 0.045."""
+    from maths.paired import across_seeds
+
+    r = across_seeds([-0.075, 0.015])
+    assert r["diff"] == pytest.approx(-0.030)
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((-0.030 - 0.571779, -0.030 + 0.571779), abs=1e-6)
+    assert (r["wins"], r["losses"], r["pairs"], r["p_value"]) == (1, 1, 2, None)
+    # three seeds 0.34, 0.31, 0.28: s = 0.03, half-width 4.3027 · 0.03/√3
+    r = across_seeds([0.34, 0.31, 0.28])
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((0.31 - 0.0745249, 0.31 + 0.0745249), abs=1e-6)
+    assert (r["wins"], r["losses"]) == (3, 0)

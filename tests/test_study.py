@@ -73,14 +73,22 @@ def test_paired_comparisons_pooled_and_per_seed(study):
     pairs = [(r["a"], r["b"], r["scope"]) for r in rows]
     for a, b in (("warm start", "grpo"), ("warm start", "gtpo"), ("grpo", "gtpo")):
         assert [(x, y, s) for x, y, s in pairs if (x, y) == (a, b)] == [
-            (a, b, "pooled"), (a, b, "seed 0"), (a, b, "seed 1")
+            (a, b, "pooled"), (a, b, "seed 0"), (a, b, "seed 1"), (a, b, "across seeds")
         ]  # fmt: skip
     for r in rows:
+        if r["scope"] == "across seeds":  # the two seeds' Δs as the sample: their mean, a t interval, no p
+            seed_rows = [
+                x for x in rows if (x["a"], x["b"]) == (r["a"], r["b"]) and x["scope"].startswith("seed")
+            ]
+            assert r["diff"] == pytest.approx(sum(x["diff"] for x in seed_rows) / 2)
+            assert r["pairs"] == 2 and r["p_value"] is None and r["ci_low"] <= r["diff"] <= r["ci_high"]
+            continue
         n = 4 if r["scope"] == "pooled" else 2  # 2 held-out problems × seeds
         assert r["pairs"] == n and r["wins"] + r["losses"] <= n and 0 < r["p_value"] <= 1
         assert r["ci_low"] <= r["diff"] <= r["ci_high"]
     md = (out / "report.md").read_text()
     assert "| gtpo − grpo | pooled 0, 1 | 4 |" in md and "p (exact sign test)" in md
+    assert "| | across seeds (t) | 2 seeds |" in md
 
 
 def test_mlflow_study_run_holds_the_cells(study):

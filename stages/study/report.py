@@ -1,6 +1,6 @@
 """The study's numbers and its Markdown: the cells' table, compute planned and measured, the inputs the cells
 shared, and the paired comparisons (each method against its warm start, each pair of methods), pooled over
-seeds and per seed (``maths.paired``).
+seeds, per seed, and across seeds (the seeds' Δs as the sample) (``maths.paired``).
 
 Held-out accuracy is per problem from each run's stored ``eval_results`` table (``maths.eval_metrics``:
 pass@1 at the first attempt for code, answer accuracy for math; one greedy sample per problem makes it 0 or
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from maths.eval_metrics import bench_key
-from maths.paired import paired_comparison
+from maths.paired import across_seeds, paired_comparison
 from runtime.tableio import sha256_file
 from schemas.outputs import StageOutput, TableRef
 from stages.study import CellResult, attempts, scores
@@ -81,6 +81,7 @@ def _compare(point: str, a: str, b: str, pairs: list, bootstrap: int) -> list[di
             rows.append(
                 row(f"seed {s}", [s], paired_comparison(A[i : i + 1], B[i : i + 1], resamples=bootstrap))
             )
+        rows.append(row("across seeds", seeds, across_seeds((B - A).mean(axis=1))))
     return rows
 
 
@@ -121,6 +122,12 @@ def comparison_lines(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {label} | {scope} | 0 | {r['error']} | | |")
             continue
         ci = f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        if r["scope"] == "across seeds":  # the seeds are the sample (t interval), see across_seeds
+            lines.append(
+                f"| | across seeds (t) | {r['pairs']:.0f} seeds | {ci} | {r['wins']:.0f} / {r['losses']:.0f}"
+                " seeds | – |"
+            )
+            continue
         lines.append(
             f"| {label} | {scope} | {r['pairs']:.0f} | {ci} | {r['wins']:.0f} / {r['losses']:.0f} | "
             f"{r['p_value']:.3g} |"
@@ -354,7 +361,9 @@ def write(results: list[CellResult], out: Path, *, name: str, bootstrap: int, co
         "Final held-out evaluation against the warm start (the same runs' iteration 0), and method against method",
         "seed by seed, on the same problems. Δ: mean difference over problems × seeds; 95% CI: paired bootstrap",
         f"({bootstrap} resamples of problems, each with all its seeds); better / worse: (problem, seed) pairs that",
-        "changed; p: exact two-sided sign test on them (McNemar's exact test on 0/1 scores).",
+        "changed; p: exact two-sided sign test on them (McNemar's exact test on 0/1 scores). Both hold each seed's",
+        "run fixed; the 'across seeds' row treats the seeds' own Δs as the sample instead (mean, Student-t 95%",
+        "interval, seeds up / down), so run-to-run variation is in its width: with 2-3 seeds it is wide.",
         "",
         *(comparison_lines(rows) if rows else ["(no completed cells to compare)"]),
         "",
