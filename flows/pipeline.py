@@ -370,13 +370,20 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
         )
         log_health(tracker, ctx.mlflow_parent, store.load())  # the RL health chart, redrawn
 
+    failed = False
     try:
         with notices() as seen, tracker.system_metrics(ctx.mlflow_parent):
-            checkpoint, summary = drive(
-                params, ctx, _call, prepare_model(params.model), table_artifact, _submit, skipped_stage
-            )
+            try:
+                checkpoint, summary = drive(
+                    params, ctx, _call, prepare_model(params.model), table_artifact, _submit, skipped_stage
+                )
+            except BaseException:  # the manifest first: MLflow's teardown may wait on a stuck lock
+                store.update(status="failed")
+                failed = True
+                raise
     except BaseException:
-        store.update(status="failed")
+        if not failed:
+            store.update(status="failed")
         tracker.end(ctx.mlflow_parent, "FAILED")
         raise
     store.update(status="completed", final_checkpoint=checkpoint)

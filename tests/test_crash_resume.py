@@ -182,6 +182,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _running_with_its_server(proc: subprocess.Popen, root: Path, log: Path) -> set[int]:
+    """Wait until the command's run is past its data stage; return the processes it started (its temporary
+    Prefect server among them)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = list_runs(str(root)) if root.exists() else []
+        if runs and runs[0].get("status") == "running" and "data" in runs[0]["stages"]:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    started = _descendants(proc.pid)
+    assert any("uvicorn" in _cmdline(p) for p in started), [_cmdline(p) for p in started]
+    return started
+
+
 @pytest.mark.slow
 def test_second_writer_is_refused_and_sigterm_stops_the_prefect_server(tiny_model, tmp_path):
     """Two `turntree run` with one run id: the second exits 2 naming the first's pid; SIGTERM to the first stops
@@ -201,15 +216,7 @@ def test_second_writer_is_refused_and_sigterm_stops_the_prefect_server(tiny_mode
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and first.poll() is None:
-            runs = list_runs(str(root)) if root.exists() else []
-            if runs and runs[0].get("status") == "running" and "data" in runs[0]["stages"]:
-                break
-            time.sleep(0.2)
-        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        started = _descendants(first.pid)
-        assert any("uvicorn" in _cmdline(p) for p in started), [_cmdline(p) for p in started]
+        started = _running_with_its_server(first, root, tmp_path / "first.log")
 
         second = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stderr[-3000:]
@@ -273,15 +280,7 @@ def test_a_signal_to_the_whole_process_group_ends_the_command_promptly(command, 
             start_new_session=True,  # a group of its own, as a terminal's foreground job has
         )
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list_runs(str(root)) if root.exists() else []
-            if runs and runs[0].get("status") == "running" and "data" in runs[0]["stages"]:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
-        started = _descendants(proc.pid)
-        assert any("uvicorn" in _cmdline(p) for p in started), [_cmdline(p) for p in started]
+        started = _running_with_its_server(proc, root, tmp_path / "out.log")
         t0 = time.monotonic()
         os.killpg(proc.pid, sig)
         try:
