@@ -91,7 +91,8 @@ def gather(cell: Cell) -> CellResult:
 def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str) -> str:
     """The study's MLflow run: the one of this study file (same name and contents) when it exists."""
     body = study.model_dump(mode="json", by_alias=True)
-    how = ("concurrency", "keep_optimizer_states")  # how the cells run and are stored is not what the study is
+    # how the cells run and are stored is not what the study is
+    how = ("concurrency", "keep_optimizer_states")
     what = {k: v for k, v in body.items() if k not in how}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     found = tracker.client.search_runs(
@@ -215,21 +216,17 @@ def run_study(
 def one_server(concurrency: int) -> Iterator[None]:
     """With cells in processes of their own, every process talks to the same Prefect server (so each cell's
     pipeline is a subflow of the study in one UI): the configured one, exported to the children, or a temporary
-    one started here for the study's duration (without it each child would start a temporary server of its own)."""
+    one (``flows.prefect_local``; without it each child would start a temporary server of its own)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if concurrency <= 1:
         yield
         return
-    saved = os.environ.get("PREFECT_API_URL")
-    server = None
-    url = PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
+    from flows.prefect_local import start_local_server
 
-        server = SubprocessASGIServer()
-        server.start()
-        url = server.api_url
+    saved = os.environ.get("PREFECT_API_URL")
+    # `turntree study` has started it already; None from start_local_server: only the environment names one
+    url = PREFECT_API_URL.value() or start_local_server() or saved
     os.environ["PREFECT_API_URL"] = url
     try:
         with temporary_settings({PREFECT_API_URL: url}):
@@ -239,8 +236,6 @@ def one_server(concurrency: int) -> Iterator[None]:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = saved
-        if server is not None:
-            server.stop()
 
 
 def report_now(study: StudyParams, name: str, root: str, out: str, command: str) -> int:

@@ -17,6 +17,7 @@ from flows.runstore import list_runs
 from runtime.tableio import read_table
 from schemas import tables
 from schemas.params.presets import tiny_pipeline
+from tests.procs import alive
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -175,13 +176,6 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _running_with_its_server(proc: subprocess.Popen, root: Path, log: Path) -> set[int]:
     """Wait until the command's run is past its data stage; return the processes it started (its temporary
     Prefect server among them)."""
@@ -228,9 +222,9 @@ def test_second_writer_is_refused_and_sigterm_stops_the_prefect_server(tiny_mode
         if first.poll() is None:
             first.kill()
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in started):
+    while time.monotonic() < deadline and any(alive(p) for p in started):
         time.sleep(0.2)
-    left = [_cmdline(p) for p in started if _alive(p)]
+    left = [_cmdline(p) for p in started if alive(p)]
     log = (tmp_path / "first.log").read_text()[-3000:]
     assert not left, f"processes the run started are still running: {left}\n{log}"
     (manifest,) = list_runs(str(root))
@@ -294,9 +288,9 @@ def test_a_signal_to_the_whole_process_group_ends_the_command_promptly(command, 
     log = (tmp_path / "out.log").read_text()[-3000:]
     assert code == 128 + sig and took < 45, (code, took, log)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in started):
+    while time.monotonic() < deadline and any(alive(p) for p in started):
         time.sleep(0.2)
-    assert not [_cmdline(p) for p in started if _alive(p)], log
+    assert not [_cmdline(p) for p in started if alive(p)], log
     (manifest,) = list_runs(str(root))
     assert manifest["status"] == "failed", log
     with run_lock(str(root), manifest["run_id"]):  # released

@@ -12,14 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.procs import alive
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_server_has_its_own_session_and_dies_with_a_killed_command(tmp_path):
@@ -51,9 +46,9 @@ def test_server_has_its_own_session_and_dies_with_a_killed_command(tmp_path):
         cmd.send_signal(signal.SIGKILL)
         cmd.wait(timeout=30)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _alive(server):
+        while time.monotonic() < deadline and alive(server):
             time.sleep(0.1)
-        assert not _alive(server), "the server outlived the command that was killed"
+        assert not alive(server), "the server outlived the command that was killed"
     finally:
         if cmd.poll() is None:
             cmd.kill()

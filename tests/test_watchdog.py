@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import alive
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,14 +35,6 @@ def _start(path: Path) -> subprocess.Popen:
         start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper has ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _wait_for(proc: subprocess.Popen, line: str, timeout: float = 60) -> None:
@@ -166,7 +160,7 @@ with watchdog.Watchdog({str(dump)!r}, stall_s=0, grace_s=1.0, poll_s=0.2, child_
     assert first[0] == "children", first
     children = [int(pid) for pid in first[1:]]
     _wait_for(proc, "ready")
-    assert all(_alive(pid) for pid in children)
+    assert all(alive(pid) for pid in children)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -180,9 +174,9 @@ with watchdog.Watchdog({str(dump)!r}, stall_s=0, grace_s=1.0, poll_s=0.2, child_
     assert "SIGTERM: ended while evaluate (iteration 0)" in err
     assert "handler" in dump.read_text()
     deadline = time.monotonic() + 10  # os._exit skips atexit: the watchdog itself ended both children
-    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+    while time.monotonic() < deadline and any(alive(pid) for pid in children):
         time.sleep(0.1)
-    assert not [pid for pid in children if _alive(pid)]
+    assert not [pid for pid in children if alive(pid)]
 
 
 def test_a_handler_that_returns_ends_the_process_normally(tmp_path):
