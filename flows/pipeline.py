@@ -27,6 +27,7 @@ from prefect.states import State
 from flows.health_view import log_health
 from flows.locks import run_lock
 from flows.notices import notices
+from flows.prune import prune_as_it_goes
 from flows.runner import RunContext, default_run_id, fingerprint, params_field, source_tags
 from flows.runstore import RunStore
 from flows.summaries import run_summary_md
@@ -369,6 +370,8 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
             description=f"run {ctx.run_id}, iteration {k}",
         )
         log_health(tracker, ctx.mlflow_parent, store.load())  # the RL health chart, redrawn
+        if params.prune_optimizer_states:
+            prune_as_it_goes(params.run_root, ctx.run_id, logger, before=k - params.max_staleness)
 
     failed = False
     try:
@@ -386,6 +389,8 @@ def _pipeline(params: PipelineParams) -> dict[str, Any]:
             store.update(status="failed")
         tracker.end(ctx.mlflow_parent, "FAILED")
         raise
+    if params.prune_optimizer_states:
+        prune_as_it_goes(params.run_root, ctx.run_id, logger)
     store.update(status="completed", final_checkpoint=checkpoint)
     register_final(store, ctx, tracker, checkpoint, params)
     tracker.log_dict(ctx.mlflow_parent, store.load(), "manifest.json")

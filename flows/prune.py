@@ -128,15 +128,17 @@ def _slim(state: dict[str, Any], staged: Path) -> None:
     torch.save({**{k: v for k, v in state.items() if k != "optimizer"}, "optimizer_pruned": True}, staged)
 
 
-def prune_run(root: str, run_id: str, *, dry_run: bool = False) -> Pruned:
-    """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring)."""
+def prune_run(root: str, run_id: str, *, dry_run: bool = False, before: int | None = None) -> Pruned:
+    """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring); with
+    ``before``, only those of iterations before it. The run lock is re-entrant within a process, so the pipeline
+    writing the run may call this (``prune_as_it_goes``)."""
     if not is_local(root):
         raise ValueError(f"turntree prune works on a local run store; {root} is not one")
     store = RunStore(root, run_id)
     if not store.exists():
         raise RunNotFound(f"no run {run_id!r} under {root}")
     result = Pruned(run_id)
-    with run_lock(root, run_id, wait=False):  # RunLocked (one line) while a pipeline or stage writes it
+    with run_lock(root, run_id, wait=False):  # RunLocked (one line) while another process writes it
         if not dry_run:
             _finish_pending(store, result)
         found, last = _update_checkpoints(store.load())
@@ -144,6 +146,8 @@ def prune_run(root: str, run_id: str, *, dry_run: bool = False) -> Pruned:
             ckpt = Path(ref["uri"])
             if (key, version) == last:
                 result.kept = str(ckpt)
+                continue
+            if before is not None and parse_key(key)[1] >= before:
                 continue
             state = ckpt / TRAINER_STATE
             if (loaded := _state(ckpt)) is None:  # none, or already without moments
@@ -182,3 +186,21 @@ def prune_run(root: str, run_id: str, *, dry_run: bool = False) -> Pruned:
             result.checkpoints.append(str(ckpt))
             result.freed += freed
     return result
+
+
+def prune_as_it_goes(root: str, run_id: str, log: Any, before: int | None = None) -> None:
+    """``prune_optimizer_states``: called by the pipeline (which holds the run lock) as iteration k ends, with
+    ``before`` = k - max_staleness, and once more when the run ends, with None. When iteration k ends every stage
+    that read an update checkpoint before k has finished, but for the rollout running ahead under
+    ``max_staleness``, which reads one a version older than the latest (so up to max_staleness of them stay whole
+    until the next iteration ends); the latest update's, which the next update continues, is always kept. A run
+    store that is not local, or a prune that fails, costs disk space, never the run: it is logged."""
+    if not is_local(root):
+        return
+    try:
+        result = prune_run(root, run_id, before=before)
+    except Exception as e:  # noqa: BLE001 - disk space is not worth a run
+        log.warning("run %s: superseded optimizer states not pruned: %s", run_id, e)
+        return
+    if result.checkpoints or result.skipped:
+        log.info(result.summary())

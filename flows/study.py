@@ -48,6 +48,8 @@ def run_cell(params: PipelineParams, prune: bool = True) -> dict[str, Any]:
     from flows.pipeline import pipeline
     from flows.prune import prune_run
 
+    if prune:  # as it goes too: a running cell holds ~1.6 GB per SmolLM2 iteration otherwise
+        params = params.model_copy(update={"prune_optimizer_states": True})
     state = pipeline(params, return_state=True)
     if prune and state.is_completed():
         try:

@@ -3,7 +3,8 @@ dry run changes nothing; a study cell (``flows.study.run_cell``) prunes its supe
 moments and keeps the latest whole, the weights byte-identical; the run still verifies and a rerun reuses every
 stage; an update rerun from a pruned checkpoint is refused in one line, and one from the rerun of the update
 that wrote it is not; a prune stopped between its manifest write and its file replacement is finished by the
-next one; a run whose lock is held is refused."""
+next one; a run whose lock is held is refused. And ``prune_optimizer_states`` (two 3–4-iteration tiny runs, one
+sequential, one asynchronous): the pipeline prunes as each iteration ends."""
 
 from __future__ import annotations
 
@@ -30,6 +31,43 @@ def _versions(store: RunStore) -> dict[str, str]:
 
 def _state(ckpt: str) -> dict:
     return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("staleness, every", [(0, 1), (1, 3)])
+def test_a_run_that_prunes_as_it_goes_keeps_the_latest_state_whole_and_stays_verified(
+    tiny_model, tmp_path, staleness, every
+):
+    """``prune_optimizer_states``: a checkpoint's optimizer state is dropped once no stage can read it (before
+    the run ends in the sequential run; under max_staleness the rollout running ahead reads one older than the
+    latest, which stays whole until a later iteration ends; with ``every`` 3 iterations end with and without an
+    evaluation running beside the next), the latest stays whole, the manifest records no new parameter (the run
+    resumes whether or not it prunes) and a rerun reuses every stage (every reader's fingerprint was rewritten)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    root, n = tmp_path / "runs", 3 + staleness
+    body = tiny_pipeline(
+        str(tiny_model), str(root), iterations=n, run_id=f"as-it-goes-{staleness}", max_staleness=staleness,
+        evaluate_every=every, eval={"max_problems": 1, "iterations": 1},
+    )  # fmt: skip
+    params = PipelineParams.model_validate({**body, "prune_optimizer_states": True})
+    with prefect_test_harness(server_startup_timeout=180):
+        rid = pipeline(params)["run_id"]
+        store = RunStore(str(root), rid)
+        manifest = store.load()
+        ckpts = [store.current_output("update", k).uri("checkpoint") for k in range(1, n + 1)]
+        assert [p["uri"] for p in manifest["pruned"]] == ckpts[:-1] and all(p["done"] for p in manifest["pruned"])
+        assert all("optimizer" not in _state(c) for c in ckpts[:-1]) and _state(ckpts[-1])["optimizer"]["state"]
+        if staleness == 0:  # iteration 1's went when iteration 2 ended, before iteration 3 generated
+            third = manifest["stages"]["iter-3/rollout"]
+            assert manifest["pruned"][0]["at"] < third["versions"][third["current"]]["finished_at"]
+        assert "prune_optimizer_states" not in manifest["params"]
+        assert main(["verify", rid, "--root", str(root)]) == 0
+        before = _versions(store)
+        pipeline(params.model_copy(update={"prune_optimizer_states": False}))  # the same run: resumes
+        assert _versions(store) == before
 
 
 @pytest.mark.slow
@@ -145,3 +183,4 @@ def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_contin
     finally:
         holder.kill()
     assert main(["prune", "no-such-run", "--root", str(root)]) == 2
+

@@ -83,8 +83,8 @@ class StudyParams(BaseModel):
     )
     keep_optimizer_states: bool = Field(
         False,
-        description="Keep every checkpoint's optimizer state (else a finished cell keeps only its last one's: "
-        "`turntree prune`, ~1.1 of every 1.6 GB per SmolLM2 iteration)",
+        description="Keep every checkpoint's optimizer state (else a cell drops each superseded one as it runs, "
+        "`prune_optimizer_states`, and keeps only its last one's: ~1.1 of every 1.6 GB per SmolLM2 iteration)",
     )
     bootstrap: int = Field(10_000, ge=0, le=1_000_000, description="Bootstrap resamples of the paired CIs")
 
