@@ -209,7 +209,7 @@ def test_health_rows_and_chart_from_the_manifest():
 def test_a_typed_flow_run_name_is_kept_and_prefects_own_is_replaced_by_the_run_id():
     from prefect.utilities.names import generate_slug
 
-    from flows.pipeline import generated_name
+    from flows.flowrun import generated_name
 
     assert all(generated_name(generate_slug(2)) for _ in range(500))
     for typed in ("my-baseline", "gtpo lr 1e-5", "grpo-seed0", "Ablation-Run", "nightly"):
