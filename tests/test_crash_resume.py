@@ -176,6 +176,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _default_sigint() -> None:
+    """A shell starts a background job with SIGINT ignored, and a process inherits that (Python then installs no
+    KeyboardInterrupt handler): a suite run as `infra/test.sh &` would hand every command it starts SIGINT ignored,
+    unlike a terminal's foreground job, which is what the Ctrl-C test stands for."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _running_with_its_server(proc: subprocess.Popen, root: Path, log: Path) -> set[int]:
     """Wait until the command's run is past its data stage; return the processes it started (its temporary
     Prefect server among them)."""
@@ -272,6 +279,7 @@ def test_a_signal_to_the_whole_process_group_ends_the_command_promptly(command, 
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a group of its own, as a terminal's foreground job has
+            preexec_fn=_default_sigint,  # and SIGINT not ignored, even when this suite runs in the background
         )
     try:
         started = _running_with_its_server(proc, root, tmp_path / "out.log")
