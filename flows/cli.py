@@ -311,6 +311,7 @@ def parser() -> argparse.ArgumentParser:
         "run", nargs="+", help="run ids (see `turntree runs`); their latest checkpoint is kept whole"
     )
     pr.add_argument("--dry-run", action="store_true", help="say what would be pruned; change nothing")
+    pr.add_argument("--final", action="store_true", help="a completed run's latest checkpoint too (1.1 GB more)")
     common(pr, sets=False)
     pr.set_defaults(fn=cmd_prune)
 

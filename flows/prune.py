@@ -14,7 +14,7 @@ records are written before the file is replaced (with a ``pruned`` entry naming 
 staged file), so a prune stopped between the two is finished by the next one. A run being written (its run lock
 held) is refused, and a checkpoint that no longer matches its record is left alone and reported. An update
 rerun from a pruned checkpoint is refused by the trainer (``stages.update.trainer``) rather than silently
-restarting AdamW.
+restarting AdamW. ``--final`` prunes a completed run's latest checkpoint too: no update of the run reads it again.
 """
 
 from __future__ import annotations
@@ -128,9 +128,12 @@ def _slim(state: dict[str, Any], staged: Path) -> None:
     torch.save({**{k: v for k, v in state.items() if k != "optimizer"}, "optimizer_pruned": True}, staged)
 
 
-def prune_run(root: str, run_id: str, *, dry_run: bool = False, before: int | None = None) -> Pruned:
+def prune_run(
+    root: str, run_id: str, *, dry_run: bool = False, before: int | None = None, final: bool = False
+) -> Pruned:
     """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring); with
-    ``before``, only those of iterations before it. The run lock is re-entrant within a process, so the pipeline
+    ``before``, only those of iterations before it; with ``final``, the latest's too, of a completed run (no update
+    of it reads that any more; a new run continuing from that checkpoint, ``model=`` it, is refused by the trainer). The run lock is re-entrant within a process, so the pipeline
     writing the run may call this (``prune_as_it_goes``)."""
     if not is_local(root):
         raise ValueError(f"turntree prune works on a local run store; {root} is not one")
@@ -141,7 +144,15 @@ def prune_run(root: str, run_id: str, *, dry_run: bool = False, before: int | No
     with run_lock(root, run_id, wait=False):  # RunLocked (one line) while another process writes it
         if not dry_run:
             _finish_pending(store, result)
-        found, last = _update_checkpoints(store.load())
+        manifest = store.load()
+        if final and manifest.get("status") != "completed":
+            raise ValueError(
+                f"run {run_id!r} is {manifest.get('status')}, not completed: --final would take the optimizer state "
+                "its next update continues from; prune without --final"
+            )
+        found, last = _update_checkpoints(manifest)
+        if final:
+            last = None
         for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
             ckpt = Path(ref["uri"])
             if (key, version) == last:

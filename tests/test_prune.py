@@ -3,7 +3,8 @@ dry run changes nothing; a study cell (``flows.study.run_cell``) prunes its supe
 moments and keeps the latest whole, the weights byte-identical; the run still verifies and a rerun reuses every
 stage; an update rerun from a pruned checkpoint is refused in one line, and one from the rerun of the update
 that wrote it is not; a prune stopped between its manifest write and its file replacement is finished by the
-next one; a run whose lock is held is refused. And ``prune_optimizer_states`` (two 3–4-iteration tiny runs, one
+next one; ``--final`` takes a completed run's latest state too and refuses any other run; a run whose lock is held
+is refused. And ``prune_optimizer_states`` (two 3–4-iteration tiny runs, one
 sequential, one asynchronous): the pipeline prunes as each iteration ends."""
 
 from __future__ import annotations
@@ -166,6 +167,20 @@ def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_contin
         capsys.readouterr()
         assert main(["prune", rid, "--root", str(root)]) == 0
         assert "of 0 checkpoint(s), 0.0 GiB" in capsys.readouterr().out
+
+        # --final: a completed run's latest state goes too (still verified; nothing can continue AdamW from it);
+        # a run that did not complete keeps it, refused in one line
+        store.update(status="failed")
+        capsys.readouterr()
+        assert main(["prune", rid, "--root", str(root), "--final"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "not completed" in err and _state(last)["optimizer"]["state"]
+        store.update(status="completed")
+        assert main(["prune", rid, "--root", str(root), "--final"]) == 0
+        assert "pruned the optimizer state of 1 checkpoint(s)" in capsys.readouterr().out
+        assert "optimizer" not in _state(last) and main(["verify", rid, "--root", str(root)]) == 0
+        with pytest.raises(CheckpointError, match="optimizer state was pruned"):
+            Trainer(last, UpdateParams(device="cpu"))
 
     # a run being written (its lock held by another process) is refused in one line, untouched
     holder = subprocess.Popen(
