@@ -131,10 +131,11 @@ def _slim(state: dict[str, Any], staged: Path) -> None:
 def prune_run(
     root: str, run_id: str, *, dry_run: bool = False, before: int | None = None, final: bool = False
 ) -> Pruned:
-    """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring); with
-    ``before``, only those of iterations before it; with ``final``, the latest's too, of a completed run (no update
-    of it reads that any more; a new run continuing from that checkpoint, ``model=`` it, is refused by the trainer). The run lock is re-entrant within a process, so the pipeline
-    writing the run may call this (``prune_as_it_goes``)."""
+    """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring).
+
+    ``before``: only those of iterations before it. ``final``: the latest's too, of a completed run (no update of it
+    reads that any more; a new run continued from that checkpoint, ``model=`` it, is refused by the trainer). The
+    run lock is re-entrant within a process, so the pipeline writing the run may call this (``prune_as_it_goes``)."""
     if not is_local(root):
         raise ValueError(f"turntree prune works on a local run store; {root} is not one")
     store = RunStore(root, run_id)
