@@ -199,3 +199,24 @@ def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_contin
         holder.kill()
     assert main(["prune", "no-such-run", "--root", str(root)]) == 2
 
+
+
+def test_pruning_as_it_goes_never_fails_the_run(tmp_path, monkeypatch, caplog):
+    """A prune that fails (here: the run vanished under it) costs disk space, never the run: one warning naming
+    the run; a run store that is not local is skipped without a word."""
+    import logging
+
+    log = logging.getLogger("turntree.test")
+    with caplog.at_level(logging.INFO, logger="turntree.test"):
+        prune.prune_as_it_goes(str(tmp_path), "gone", log, before=3)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "gone" in record.getMessage() and "not pruned" in record.getMessage()
+
+    def boom(*a, **kw):
+        raise AssertionError("a non-local run store must not be pruned")
+
+    monkeypatch.setattr(prune, "prune_run", boom)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="turntree.test"):
+        prune.prune_as_it_goes("s3://bucket/runs", "r", log)
+    assert not caplog.records
