@@ -43,19 +43,14 @@ from stages.study.plan import Cell, cells
 
 @task(name="study-cell", cache_policy=NONE, task_run_name="{params.run_id}")
 def run_cell(params: PipelineParams, prune: bool = True) -> dict[str, Any]:
-    """One cell: the pipeline as a subflow (it resumes a run that exists), then, once it completed, its
-    superseded optimizer states pruned (``flows.prune``). Never raises, so the other cells run."""
+    """One cell: the pipeline as a subflow (it resumes a run that exists), with ``prune``: its superseded optimizer
+    states dropped as it runs and when it ends (``prune_optimizer_states``, ``flows.prune``; a running SmolLM2 cell
+    holds ~1.6 GB per iteration otherwise). Never raises, so the other cells run."""
     from flows.pipeline import pipeline
-    from flows.prune import prune_run
 
-    if prune:  # as it goes too: a running cell holds ~1.6 GB per SmolLM2 iteration otherwise
+    if prune:
         params = params.model_copy(update={"prune_optimizer_states": True})
     state = pipeline(params, return_state=True)
-    if prune and state.is_completed():
-        try:
-            get_run_logger().info(prune_run(params.run_root, params.run_id).summary())
-        except Exception as e:  # noqa: BLE001 - a cell that ran is reported whatever pruning made of it
-            get_run_logger().warning("cell %s: not pruned: %s", params.run_id, e)
     return {"run_id": params.run_id, "completed": state.is_completed(), "message": str(state.message or "")}
 
 
@@ -93,8 +88,7 @@ def gather(cell: Cell) -> CellResult:
 def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str) -> str:
     """The study's MLflow run: the one of this study file (same name and contents) when it exists."""
     body = study.model_dump(mode="json", by_alias=True)
-    # how the cells run and are stored is not what the study is
-    how = ("concurrency", "keep_optimizer_states")
+    how = ("concurrency", "keep_optimizer_states")  # how the cells run and are stored is not what the study is
     what = {k: v for k, v in body.items() if k not in how}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     found = tracker.client.search_runs(
