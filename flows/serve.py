@@ -52,8 +52,11 @@ def prefect_server_env(port: int, env: dict | None = None) -> dict[str, str]:
 
 
 def start_prefect_server(port: int, log_file=None, env: dict | None = None) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:``port``, its SQLite writes begun IMMEDIATE (flows/prefect_sqlite.py:
+    without that, a UI action collided with a worker's poll and was answered 503)."""
+    prefect = [sys.executable, "-m", "flows.prefect_sqlite"]
     return subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log_file or subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -54,6 +54,18 @@ def _get(url: str, data: dict | None = None) -> dict:
         return json.loads(r.read())
 
 
+def _wait_for_flow_runs(api: str, timeout_s: float) -> list[dict]:
+    """The flow runs on the server once at least one exists (after a short settle for a duplicate), else []."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = _get(f"{api}/flow_runs/filter", {"limit": 10})
+        if runs:
+            time.sleep(2)  # a double-submitted Quick run would show up as a second run: let it
+            return _get(f"{api}/flow_runs/filter", {"limit": 10})
+        time.sleep(1)
+    return []
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -120,9 +132,10 @@ def test_quick_run_from_the_prefect_ui_shows_up_in_mlflow(tiny_model, tmp_path):
             page.screenshot(path=ARTIFACTS / "prefect-deployment.png")
             run_button.click()
             page.get_by_text("Quick run", exact=True).click(timeout=30_000)
-            page.wait_for_timeout(2000)
+            # the UI posts the flow run asynchronously: wait for it to exist rather than a fixed pause. (CI once
+            # saw none: Prefect had answered the POST 503, "database is locked"; see flows/prefect_sqlite.py)
+            runs = _wait_for_flow_runs(api, timeout_s=120)
             page.screenshot(path=ARTIFACTS / "prefect-quick-run.png")
-            runs = _get(f"{api}/flow_runs/filter", {"limit": 10})
             assert len(runs) == 1, runs
             flow_run = runs[0]
             deadline = time.monotonic() + 900
