@@ -97,6 +97,11 @@ def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str
         f"and tags.`turntree.study_hash` = '{digest}'",
         max_results=1,
     )
+    # this process holds the study's lock: another grid's run of this study name still RUNNING is a killed
+    # attempt's (ended KILLED; reopened if that grid runs again); this grid's own run is reopened below
+    stale = f"tags.stage = 'study' and tags.`turntree.study` = '{name}' and tags.`turntree.study_hash` != "
+    why = "a later run of this study: its process ended without closing it"
+    tracker.end_stale(tracker.experiment_id, f"{stale}'{digest}'", why)
     if found:
         run = found[0].info.run_id
         tracker.client.update_run(run, status="RUNNING")

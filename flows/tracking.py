@@ -119,6 +119,17 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def end_stale(self, experiment_id: str, filter_string: str, why: str) -> list[str]:
+        """End as KILLED the runs of ``experiment_id`` matching ``filter_string`` that are still RUNNING, with
+        ``why`` in their ``turntree.ended_by`` tag; their ids. Only for runs whose writer is gone: the caller holds
+        the lock any process writing them held (a SIGKILLed process never closes its MLflow runs)."""
+        running = f"{filter_string} and attributes.status = 'RUNNING'"
+        found = self.client.search_runs([experiment_id], filter_string=running, max_results=1000)
+        for run in found:
+            self.set_tags(run.info.run_id, {"turntree.ended_by": why})
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        return [run.info.run_id for run in found]
+
     def experiment_url(self) -> str:
         """The experiment's runs in the MLflow UI's Model training view."""
         base = ui_base() or "http://127.0.0.1:5000"

@@ -95,6 +95,16 @@ def test_sigkill_mid_run_then_resume(tiny_model, tmp_path):
                 if ref["uri"].endswith(".parquet"):
                     read_table(ref["uri"], tables.ALL[name])  # every stored table still reads
     assert "completed)" in out and "Prefect:" in out and "MLflow:" in out  # the run story and its links
+    # MLflow: no run is left RUNNING; the stage runs the killed attempt left open were ended KILLED, with why
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(str(root)))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments, "attributes.status = 'RUNNING'") == []
+    killed = client.search_runs(experiments, "attributes.status = 'KILLED'")
+    assert all("later attempt" in r.data.tags["turntree.ended_by"] for r in killed)
 
 
 @pytest.mark.slow

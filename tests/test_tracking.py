@@ -95,3 +95,27 @@ def test_evaluations_have_their_own_experiment_and_children_follow_their_parent(
     assert client.get_run(child).info.experiment_id == evals.experiment_id
     assert {r.info.run_name for r in client.search_runs([train.experiment_id])} == set()
     assert evals.experiment_url().endswith(f"/#/experiments/{evals.experiment_id}?workflowType=machine_learning")
+
+
+def test_end_stale_kills_only_the_running_children_of_that_parent(tmp_path, monkeypatch):
+    """A SIGKILLed attempt leaves its stage runs RUNNING; the next attempt (holding the run's lock) ends exactly those
+    as KILLED, tagged with why, and touches neither finished children nor another parent's running ones."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = Tracker(str(tmp_path))
+    parent, other = (t.start_parent(n, {}, {"stage": "pipeline"}) for n in ("run-a", "run-b"))
+    done, left_a, left_b = (t.start_child(parent, n, {}, {"stage": n}) for n in ("data", "rollout", "update"))
+    t.end(done)
+    elsewhere = t.start_child(other, "rollout", {}, {"stage": "rollout"})
+    ended = t.end_stale(t.experiment_id, f"tags.mlflow.parentRunId = '{parent}'", "killed attempt")
+    assert sorted(ended) == sorted([left_a, left_b])
+    status = {r: t.client.get_run(r).info.status for r in (parent, done, left_a, left_b, elsewhere, other)}
+    assert status == {
+        parent: "RUNNING",
+        done: "FINISHED",
+        left_a: "KILLED",
+        left_b: "KILLED",
+        elsewhere: "RUNNING",
+        other: "RUNNING",
+    }
+    assert t.client.get_run(left_a).data.tags["turntree.ended_by"] == "killed attempt"
+    assert t.end_stale(t.experiment_id, f"tags.mlflow.parentRunId = '{parent}'", "again") == []
