@@ -117,7 +117,7 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
     parent = manifest.get("mlflow_run_id")
     if parent:
         tracker.client.update_run(parent, status="RUNNING")
-        # the stage runs an earlier, killed attempt left open (this process holds the run's lock: none is live)
+        # the stage runs an earlier, killed attempt left open: those whose process is gone
         experiment = tracker.client.get_run(parent).info.experiment_id
         why = "a later attempt of this run: the process that ran this stage ended without closing it"
         if tracker.end_stale(experiment, f"tags.mlflow.parentRunId = '{parent}'", why):

@@ -20,22 +20,43 @@ from contextlib import asynccontextmanager
 
 def begin_sqlite_writes_immediately() -> bool:
     """Patch Prefect's SQLite configuration so that ``session_context(begin_transaction=True)`` begins
-    IMMEDIATE; True when patched."""
+    IMMEDIATE; True when patched.
+
+    Prefect picks the BEGIN of every SQLite session from a context variable that a transaction sets for its whole
+    body, so a plain session opened inside one (``begin_transaction=False``: Prefect means no BEGIN; e.g. the work
+    queue status event read inside the pause/resume update) inherits it. Unpatched that inner session began
+    DEFERRED and read; begun IMMEDIATE it would wait on its own caller's lock. So a plain session's body runs with
+    no BEGIN mode, as Prefect intends."""
     try:
-        from prefect.server.database.configurations import AioSqliteConfiguration
+        from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
+        from prefect.server.database.interface import PrefectDBInterface
     except ImportError:
         return False
     deferred_or_immediate = getattr(AioSqliteConfiguration, "begin_transaction", None)
-    if deferred_or_immediate is None or getattr(deferred_or_immediate, "_turntree_immediate", False):
-        return deferred_or_immediate is not None
+    plain_or_transaction = getattr(PrefectDBInterface, "session_context", None)
+    if deferred_or_immediate is None or plain_or_transaction is None:
+        return False
+    if getattr(deferred_or_immediate, "_turntree_immediate", False):
+        return True
 
     @asynccontextmanager
     async def begin_transaction(self, session, with_for_update: bool = False):
         async with deferred_or_immediate(self, session, with_for_update=True) as transaction:
             yield transaction
 
+    @asynccontextmanager
+    async def session_context(self, begin_transaction: bool = False, with_for_update: bool = False):
+        token = None if begin_transaction else SQLITE_BEGIN_MODE.set(None)
+        try:
+            async with plain_or_transaction(self, begin_transaction, with_for_update) as session:
+                yield session
+        finally:
+            if token is not None:
+                SQLITE_BEGIN_MODE.reset(token)
+
     begin_transaction._turntree_immediate = True
     AioSqliteConfiguration.begin_transaction = begin_transaction
+    PrefectDBInterface.session_context = session_context
     return True
 
 

@@ -35,7 +35,7 @@ from prefect.cache_policies import NONE
 from flows.provenance import git_sha
 from flows.runstore import RunStore
 from flows.tasks import artifact_key
-from flows.tracking import Tracker
+from flows.tracking import Tracker, writer_tags
 from schemas.params import PipelineParams, StudyParams
 from stages.study import CellResult, report
 from stages.study.plan import Cell, cells
@@ -97,14 +97,15 @@ def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str
         f"and tags.`turntree.study_hash` = '{digest}'",
         max_results=1,
     )
-    # this process holds the study's lock: another grid's run of this study name still RUNNING is a killed
-    # attempt's (ended KILLED; reopened if that grid runs again); this grid's own run is reopened below
+    # another grid's run of this study name still RUNNING whose process is gone was killed (ended KILLED;
+    # reopened if that grid runs again); this grid's own run is reopened below
     stale = f"tags.stage = 'study' and tags.`turntree.study` = '{name}' and tags.`turntree.study_hash` != "
     why = "a later run of this study: its process ended without closing it"
     tracker.end_stale(tracker.experiment_id, f"{stale}'{digest}'", why)
     if found:
         run = found[0].info.run_id
         tracker.client.update_run(run, status="RUNNING")
+        tracker.set_tags(run, writer_tags())
         return run
     tags = {
         "stage": "study",
@@ -113,6 +114,7 @@ def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str
         "algo": ",".join(m.name for m in study.methods),
         "git_sha": git_sha(),
         "prefect.flow_run_id": flow_run_id,
+        **writer_tags(),
     }
     run = tracker.start_parent(f"study-{name}", body, tags)
     tracker.log_dict(run, body, "study.json")

@@ -13,11 +13,13 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flows.locks import pid_alive
 from flows.uris import redact, redact_all, without_userinfo
 
 log = logging.getLogger("turntree.tracking")
@@ -102,9 +104,8 @@ class Tracker:
     def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         """A run nested under ``parent_id``, in the parent's experiment (training or evaluation)."""
         experiment = self.client.get_run(parent_id).info.experiment_id
-        run = self.client.create_run(
-            experiment, run_name=name, tags=redact_all({**tags, "mlflow.parentRunId": parent_id})
-        )
+        tags = {**writer_tags(), **tags, "mlflow.parentRunId": parent_id}
+        run = self.client.create_run(experiment, run_name=name, tags=redact_all(tags))
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -120,15 +121,18 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def end_stale(self, experiment_id: str, filter_string: str, why: str) -> list[str]:
-        """End as KILLED the runs of ``experiment_id`` matching ``filter_string`` that are still RUNNING, with
-        ``why`` in their ``turntree.ended_by`` tag; their ids. Only for runs whose writer is gone: the caller holds
-        the lock any process writing them held (a SIGKILLed process never closes its MLflow runs)."""
+        """End as KILLED the runs of ``experiment_id`` matching ``filter_string`` that are still RUNNING and whose
+        writer is gone (a SIGKILLed process never closes its MLflow runs), with ``why`` in their
+        ``turntree.ended_by`` tag; their ids. Gone: the run's ``writer_tags`` name this host and a process that no
+        longer exists. A run written on another host (a dispatched stage on a worker), or without those tags,
+        is left as it is: it may be live."""
         running = f"{filter_string} and attributes.status = 'RUNNING'"
         found = self.client.search_runs([experiment_id], filter_string=running, max_results=1000)
-        for run in found:
-            self.set_tags(run.info.run_id, {"turntree.ended_by": why})
-            self.client.set_terminated(run.info.run_id, status="KILLED")
-        return [run.info.run_id for run in found]
+        gone = [run.info.run_id for run in found if _writer_gone(run.data.tags)]
+        for run_id in gone:
+            self.set_tags(run_id, {"turntree.ended_by": why})
+            self.client.set_terminated(run_id, status="KILLED")
+        return gone
 
     def experiment_url(self) -> str:
         """The experiment's runs in the MLflow UI's Model training view."""
@@ -327,6 +331,16 @@ class Tracker:
             name, source=source, run_id=run_id, description=description, tags=tags
         )
         return str(version.version)
+
+
+def writer_tags() -> dict[str, str]:
+    """Which process writes a run (``end_stale`` ends a RUNNING run only when that process is gone)."""
+    return {"turntree.host": socket.gethostname(), "turntree.pid": str(os.getpid())}
+
+
+def _writer_gone(tags: dict[str, str]) -> bool:
+    pid = tags.get("turntree.pid", "")
+    return tags.get("turntree.host") == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def _finite(v: Any) -> bool:

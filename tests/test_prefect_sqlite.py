@@ -61,8 +61,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _call(api: str, path: str, data: dict | None = None) -> tuple[int, object]:
-    """One request, no retry (as the Prefect UI sends it); a POST carries the server's CSRF token."""
+def _call(api: str, path: str, data: dict | None = None, method: str | None = None) -> tuple[int, object]:
+    """One request, no retry (as the Prefect UI sends it); one with a body carries the server's CSRF token."""
     headers = {"Content-Type": "application/json"}
     if data is not None:
         with urllib.request.urlopen(f"{api}/csrf-token?client=tt-sqlite", timeout=60) as r:
@@ -70,8 +70,10 @@ def _call(api: str, path: str, data: dict | None = None) -> tuple[int, object]:
         headers |= {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": "tt-sqlite"}
     body = json.dumps(data).encode() if data is not None else None
     try:
-        with urllib.request.urlopen(urllib.request.Request(api + path, body, headers), timeout=120) as r:
-            return r.status, json.loads(r.read())
+        with urllib.request.urlopen(
+            urllib.request.Request(api + path, body, headers, method=method), timeout=120
+        ) as r:
+            return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, e.read()[:300]
 
@@ -132,6 +134,13 @@ def test_creating_flow_runs_beside_polling_workers_is_never_answered_503(tmp_pat
             answers += [answer] if code != 201 else []
             time.sleep(0.3)
         assert codes == [201] * 60, (codes, answers[:2])
+        # the UI's pause toggle: the queue's update reads the pool in a plain session nested in its transaction,
+        # which must not wait on its own caller's lock (it did for 60 s, then 503, until plain sessions ran
+        # without a BEGIN mode)
+        started = time.monotonic()
+        code, answer = _call(api, "/work_pools/tt-sqlite/queues/default", {"is_paused": True}, method="PATCH")
+        assert code == 204 and time.monotonic() - started < 30, (code, answer, time.monotonic() - started)
+        assert _call(api, "/work_pools/tt-sqlite/queues/default")[1]["is_paused"] is True
         assert "database is locked" not in log_path.read_text()
     finally:
         for w in workers:

@@ -97,25 +97,31 @@ def test_evaluations_have_their_own_experiment_and_children_follow_their_parent(
     assert evals.experiment_url().endswith(f"/#/experiments/{evals.experiment_id}?workflowType=machine_learning")
 
 
-def test_end_stale_kills_only_the_running_children_of_that_parent(tmp_path, monkeypatch):
-    """A SIGKILLed attempt leaves its stage runs RUNNING; the next attempt (holding the run's lock) ends exactly those
-    as KILLED, tagged with why, and touches neither finished children nor another parent's running ones."""
+def test_end_stale_kills_only_the_running_children_of_that_parent_whose_process_is_gone(tmp_path, monkeypatch):
+    """A SIGKILLed attempt leaves its stage runs RUNNING; the next attempt ends exactly those as KILLED, tagged with
+    why: not finished children, not another parent's, not one whose process still runs here, not one written on
+    another host (a dispatched stage may be live there)."""
+    import subprocess
+    import sys
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t = Tracker(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = dead.stdout.strip()  # a process that has exited
     parent, other = (t.start_parent(n, {}, {"stage": "pipeline"}) for n in ("run-a", "run-b"))
-    done, left_a, left_b = (t.start_child(parent, n, {}, {"stage": n}) for n in ("data", "rollout", "update"))
+    names = ("data", "rollout", "update", "evaluate", "remote")
+    done, left_a, left_b, live, remote = (t.start_child(parent, n, {}, {"stage": n}) for n in names)
+    assert t.client.get_run(live).data.tags["turntree.pid"] == str(os.getpid())  # every child names its writer
     t.end(done)
+    for run in (left_a, left_b, remote):
+        t.set_tags(run, {"turntree.pid": dead_pid})
+    t.set_tags(remote, {"turntree.host": "another-host"})
     elsewhere = t.start_child(other, "rollout", {}, {"stage": "rollout"})
+    t.set_tags(elsewhere, {"turntree.pid": dead_pid})
     ended = t.end_stale(t.experiment_id, f"tags.mlflow.parentRunId = '{parent}'", "killed attempt")
     assert sorted(ended) == sorted([left_a, left_b])
-    status = {r: t.client.get_run(r).info.status for r in (parent, done, left_a, left_b, elsewhere, other)}
-    assert status == {
-        parent: "RUNNING",
-        done: "FINISHED",
-        left_a: "KILLED",
-        left_b: "KILLED",
-        elsewhere: "RUNNING",
-        other: "RUNNING",
-    }
+    runs = (parent, done, left_a, left_b, live, remote, elsewhere, other)
+    status = [t.client.get_run(r).info.status for r in runs]
+    assert status == ["RUNNING", "FINISHED", "KILLED", "KILLED", "RUNNING", "RUNNING", "RUNNING", "RUNNING"]
     assert t.client.get_run(left_a).data.tags["turntree.ended_by"] == "killed attempt"
     assert t.end_stale(t.experiment_id, f"tags.mlflow.parentRunId = '{parent}'", "again") == []
