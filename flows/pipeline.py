@@ -118,9 +118,8 @@ def start_run(p: PipelineParams) -> tuple[RunStore, RunContext, Tracker]:
     if parent:
         tracker.client.update_run(parent, status="RUNNING")
         # the stage runs an earlier, killed attempt left open: those whose process is gone
-        experiment = tracker.client.get_run(parent).info.experiment_id
         why = "a later attempt of this run: the process that ran this stage ended without closing it"
-        if tracker.end_stale(experiment, f"tags.mlflow.parentRunId = '{parent}'", why):
+        if tracker.end_stale(tracker.experiment_id, f"tags.mlflow.parentRunId = '{parent}'", why):
             get_run_logger().info("marked the MLflow runs of an earlier, killed attempt's stages KILLED")
     else:
         tags = {

@@ -4,8 +4,8 @@ own CLI, with every SQLite write transaction begun IMMEDIATE.
 Why: Prefect 3.7 begins its SQLite transactions DEFERRED. A transaction that reads (the deployment) and then writes
 (the new flow run) fails at once with "database is locked" when another connection wrote in between, because
 SQLite cannot upgrade a stale read snapshot, and no busy timeout helps. A worker's polls write every few seconds,
-so on a loaded machine the Prefect UI's Run → Quick run was answered 503 ("Oops. Something went wrong") about half
-the time with a worker running (Prefect issues #23051 and #10188). The UI does not retry; Prefect's Python client
+so the Prefect UI's Run → Quick run could be answered 503 ("Oops. Something went wrong"): about 5% of run
+creations with two workers polling every second (Prefect issues #23051 and #10188). The UI does not retry; Prefect's Python client
 does, which is why only the UI showed it. BEGIN IMMEDIATE takes the write lock first and waits its turn (busy
 timeout 60 s), so transactions queue instead of failing. Reads outside a transaction are untouched. With a
 PostgreSQL database (``PREFECT_API_DATABASE_CONNECTION_URL``) nothing changes: only the SQLite configuration is

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.serve import start_prefect_server, stop, wait_healthy
+from tests.backends import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -55,12 +55,6 @@ print(Session.modes)
     assert out.stdout.split("\n")[-2] == "['DEFERRED', 'IMMEDIATE', 'IMMEDIATE', 'IMMEDIATE']"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _call(api: str, path: str, data: dict | None = None, method: str | None = None) -> tuple[int, object]:
     """One request, no retry (as the Prefect UI sends it); one with a body carries the server's CSRF token."""
     headers = {"Content-Type": "application/json"}
@@ -80,7 +74,7 @@ def _call(api: str, path: str, data: dict | None = None, method: str | None = No
 
 @pytest.mark.slow
 def test_creating_flow_runs_beside_polling_workers_is_never_answered_503(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
