@@ -312,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--dry-run", action="store_true", help="say what would be pruned; change nothing")
     pr.add_argument("--final", action="store_true", help="a completed run's latest checkpoint too (1.1 GB more)")
+    pr.add_argument("--weights", action="store_true", help="a completed run's superseded weights too (0.5 GB each)")
     common(pr, sets=False)
     pr.set_defaults(fn=cmd_prune)
 

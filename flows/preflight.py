@@ -112,6 +112,10 @@ def model(spec: str, what: str = "model") -> None:
         raise PreflightError(f"{what} {spec} is a file, not a model directory")
     if not (p / "config.json").is_file():
         raise PreflightError(f"{what} {spec} is not a model directory (no config.json)")
+    if (p / "WEIGHTS_PRUNED.json").is_file():  # runtime.checkpoint.WEIGHTS_PRUNED (not imported: torch)
+        raise PreflightError(
+            f"{what} {spec}: its weights were removed by `turntree prune --weights`; use the run's final checkpoint"
+        )
     if not any(next(p.glob(g), None) for g in _WEIGHTS):
         raise PreflightError(f"{what} {spec} has no weights (no *.safetensors / *.bin file)")
 

@@ -15,10 +15,21 @@ staged file), so a prune stopped between the two is finished by the next one. A 
 held) is refused, and a checkpoint that no longer matches its record is left alone and reported. An update
 rerun from a pruned checkpoint is refused by the trainer (``stages.update.trainer``) rather than silently
 restarting AdamW. ``--final`` prunes a completed run's latest checkpoint too: no update of the run reads it again.
+
+``--weights`` (a completed run) also drops the *weights* of every update checkpoint but the latest, the 0.5 GB per
+iteration that stays after the optimizer state is gone: their evaluations, trajectories, tables, MLflow curves and
+every report or paired comparison built from them stay; what needs the weights themselves (evaluating that
+iteration again, rerunning a stage that reads it, ``model=`` that directory) is refused in one line by
+``runtime.checkpoint.check_checkpoint``, which finds the ``WEIGHTS_PRUNED.json`` left in their place. The same
+crash-safe order holds: the new sha256 and size (of the directory without its weights, with the marker) are
+recorded first, then the marker is written and the weight files removed; a prune stopped between the two is
+finished by the next one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,13 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from flows.history import parse_key
-from flows.integrity import check_ref, content_sha256, content_size, is_local
+from flows.integrity import _local_files, check_ref, content_sha256, content_size, is_local
 from flows.locks import manifest_lock, run_lock
 from flows.runstore import RunNotFound, RunStore
 from runtime.tableio import sha256_file
 
 TRAINER_STATE = "trainer_state.pt"  # runtime.checkpoint.TRAINER_STATE (not imported: it imports torch)
 _STAGED = ".trainer_state.pruned.pt"  # beside the checkpoint directory, outside what its sha256 covers
+WEIGHTS_PRUNED = "WEIGHTS_PRUNED.json"  # runtime.checkpoint.WEIGHTS_PRUNED
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")  # runtime.checkpoint's
 
 
 @dataclass
@@ -43,12 +56,17 @@ class Pruned:
     kept: str | None = None  # the latest checkpoint, whose optimizer state the next update reads
     skipped: list[str] = field(default_factory=list)  # "uri: why"
 
+    weights: list[str] = field(default_factory=list)  # checkpoints whose weights went (``--weights``)
+    weights_freed: int = 0
+
     def summary(self, dry_run: bool = False) -> str:
         verb = "would prune" if dry_run else "pruned"
         line = (
             f"{self.run_id}: {verb} the optimizer state of {len(self.checkpoints)} checkpoint(s), "
             f"{self.freed / 2**30:.1f} GiB"
         )
+        if self.weights:
+            line += f", and the weights of {len(self.weights)}, {self.weights_freed / 2**30:.1f} GiB"
         if self.kept:
             line += f"; kept {self.kept}"
         return "\n".join([line, *(f"  not pruned: {s}" for s in self.skipped)])
@@ -101,14 +119,79 @@ def _finish_pending(store: RunStore, result: Pruned) -> None:
     for item in store.load().get("pruned", []):
         if item.get("done"):
             continue
-        ckpt, staged = Path(item["uri"]), Path(item["staged"])
-        if staged.exists() and check_ref(str(ckpt), item["old_sha256"], None) is None:
+        ckpt = Path(item["uri"])
+        if item.get("kind") == "weights":
+            _drop_weights(ckpt, item)
+        elif (staged := Path(item["staged"])).exists() and check_ref(str(ckpt), item["old_sha256"], None) is None:
             _swap_in(staged, ckpt)
         if check_ref(str(ckpt), item["new_sha256"], None) is not None:
             result.skipped.append(f"{ckpt}: an interrupted prune cannot be finished (run `turntree verify`)")
             continue
         _mark_done(store, item["uri"])
-        result.checkpoints.append(str(ckpt))
+        (result.weights if item.get("kind") == "weights" else result.checkpoints).append(str(ckpt))
+
+
+def _weight_files(ckpt: Path) -> list[Path]:
+    return sorted({p for pat in WEIGHT_PATTERNS for p in ckpt.glob(pat) if p.is_file()})
+
+
+def _drop_weights(ckpt: Path, item: dict[str, Any]) -> None:
+    """Leave the marker recorded in ``item`` in place of the checkpoint's weight files (idempotent)."""
+    marker = ckpt / WEIGHTS_PRUNED
+    if not marker.is_file() or marker.read_text() != item["marker"]:
+        tmp = ckpt.parent / f".{ckpt.name}.{WEIGHTS_PRUNED}"  # outside what the directory's sha256 covers
+        tmp.write_text(item["marker"])
+        os.replace(tmp, marker)
+    for name in item["files"]:
+        (ckpt / name).unlink(missing_ok=True)
+
+
+def _prune_weights(store: RunStore, key: str, version: str, ref: dict[str, Any], result: Pruned, dry_run: bool) -> None:
+    """Record, then drop, the weights of one superseded update checkpoint (module docstring)."""
+    ckpt = Path(ref["uri"])
+    files = _weight_files(ckpt)
+    if not files or (ckpt / WEIGHTS_PRUNED).exists():
+        return
+    if why := check_ref(str(ckpt), ref["sha256"], ref.get("size")):
+        result.skipped.append(f"{ckpt}: {why}, not what the manifest recorded (run `turntree verify`)")
+        return
+    sizes = {f.relative_to(ckpt).as_posix(): f.stat().st_size for f in files}
+    freed = sum(sizes.values())
+    if dry_run:
+        result.weights.append(str(ckpt))
+        result.weights_freed += freed
+        return
+    marker = json.dumps(
+        {"pruned_by": "turntree prune --weights", "run": store.run_id, "stage": key, "version": version,
+         "old_sha256": ref["sha256"], "removed": sizes}, indent=1, sort_keys=True,
+    ) + "\n"  # fmt: skip
+    digests = {f.relative_to(ckpt).as_posix(): None for f in _local_files(ckpt) if f not in files}
+    digests[WEIGHTS_PRUNED] = hashlib.sha256(marker.encode()).hexdigest()
+    h = hashlib.sha256()  # flows.integrity.content_sha256's formula over the directory as it will be
+    for rel in sorted(digests):
+        h.update(f"{rel}\t{digests[rel] or content_sha256(str(ckpt / rel))}\n".encode())
+    size = ref["size"] - freed + len(marker.encode()) if ref.get("size") is not None else None
+    item = {
+        "uri": str(ckpt), "stage": key, "version": version, "kind": "weights", "old_sha256": ref["sha256"],
+        "new_sha256": h.hexdigest(), "files": sorted(sizes), "marker": marker, "freed": freed, "at": time.time(),
+        "done": False,
+    }  # fmt: skip
+
+    def record(manifest: dict[str, Any]) -> None:
+        out = manifest["stages"][key]["versions"][version]["output"]["tables"]["checkpoint"]
+        out["sha256"], out["size"] = item["new_sha256"], size
+        _refingerprint(manifest, item["uri"], item["old_sha256"], item["new_sha256"])
+        manifest.setdefault("pruned", []).append(item)
+
+    with manifest_lock(store.root, store.run_id):
+        store._read_modify_write(record)
+    _drop_weights(ckpt, item)
+    if content_size(str(ckpt)) != size:
+        result.skipped.append(f"{ckpt}: its size after pruning differs from the recorded one")
+        return
+    _mark_done(store, str(ckpt))
+    result.weights.append(str(ckpt))
+    result.weights_freed += freed
 
 
 def _state(ckpt: Path) -> dict[str, Any] | None:
@@ -129,13 +212,20 @@ def _slim(state: dict[str, Any], staged: Path) -> None:
 
 
 def prune_run(
-    root: str, run_id: str, *, dry_run: bool = False, before: int | None = None, final: bool = False
+    root: str,
+    run_id: str,
+    *,
+    dry_run: bool = False,
+    before: int | None = None,
+    final: bool = False,
+    weights: bool = False,
 ) -> Pruned:
     """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring).
 
     ``before``: only those of iterations before it. ``final``: the latest's too, of a completed run (no update of it
     reads that any more; a new run continued from that checkpoint, ``model=`` it, is refused by the trainer). The
-    run lock is re-entrant within a process, so the pipeline writing the run may call this (``prune_as_it_goes``)."""
+    run lock is re-entrant within a process, so the pipeline writing the run may call this (``prune_as_it_goes``).
+    ``weights``: the weights of every update checkpoint but the latest too, of a completed run."""
     if not is_local(root):
         raise ValueError(f"turntree prune works on a local run store; {root} is not one")
     store = RunStore(root, run_id)
@@ -151,7 +241,18 @@ def prune_run(
                 f"run {run_id!r} is {manifest.get('status')}, not completed: --final would take the optimizer state "
                 "its next update continues from; prune without --final"
             )
+        if weights and manifest.get("status") != "completed":
+            raise ValueError(
+                f"run {run_id!r} is {manifest.get('status')}, not completed: its stages may still read earlier "
+                "checkpoints' weights; prune without --weights"
+            )
         found, last = _update_checkpoints(manifest)
+        if weights:
+            for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
+                if (key, version) != last and (before is None or parse_key(key)[1] < before):
+                    _prune_weights(store, key, version, ref, result, dry_run)
+            manifest = store.load()  # their records changed
+            found, last = _update_checkpoints(manifest)
         if final:
             last = None
         for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):

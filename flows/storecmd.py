@@ -33,5 +33,5 @@ def cmd_prune(a: argparse.Namespace) -> int:
     from flows.prune import prune_run
 
     for run in a.run:
-        print(prune_run(a.root, run, dry_run=a.dry_run, final=a.final).summary(a.dry_run))
+        print(prune_run(a.root, run, dry_run=a.dry_run, final=a.final, weights=a.weights).summary(a.dry_run))
     return 0

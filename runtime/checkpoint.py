@@ -30,6 +30,7 @@ from schemas.outputs import TableRef
 
 TRAINER_STATE = "trainer_state.pt"
 LORA_DIR = "lora"
+WEIGHTS_PRUNED = "WEIGHTS_PRUNED.json"  # left by `turntree prune --weights` in place of the weights (flows.prune)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 # Files the model's own save_pretrained writes (or that describe another model): not copied from the input.
 _NOT_COPIED = {"config.json", "generation_config.json", TRAINER_STATE, "turntree-model.json"}
@@ -54,11 +55,20 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
         )
     if not (p / "config.json").is_file():
         raise CheckpointError(f"checkpoint {p} has no config.json: not a model directory")
+    if (p / WEIGHTS_PRUNED).is_file():
+        raise CheckpointError(weights_pruned_message(p))
     if not _weight_files(p):
         raise CheckpointError(f"checkpoint {p} has no weights (*.safetensors / pytorch_model*.bin)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise CheckpointError(f"checkpoint {p} has no tokenizer files")
     return p
+
+
+def weights_pruned_message(p: Path) -> str:
+    return (
+        f"checkpoint {p}: its weights were removed by `turntree prune --weights` (its evaluations and tables are "
+        "kept); use the run's final checkpoint, or rerun that iteration's update to recreate them"
+    )
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -3,8 +3,8 @@ dry run changes nothing; a study cell (``flows.study.run_cell``) prunes its supe
 moments and keeps the latest whole, the weights byte-identical; the run still verifies and a rerun reuses every
 stage; an update rerun from a pruned checkpoint is refused in one line, and one from the rerun of the update
 that wrote it is not; a prune stopped between its manifest write and its file replacement is finished by the
-next one; ``--final`` takes a completed run's latest state too and refuses any other run; a run whose lock is held
-is refused. And ``prune_optimizer_states`` (two 3–4-iteration tiny runs, one
+next one; ``--final`` takes a completed run's latest state too and refuses any other run; ``--weights`` takes
+the superseded checkpoints' weights of a completed run (same checks); a run whose lock is held is refused. And ``prune_optimizer_states`` (two 3–4-iteration tiny runs, one
 sequential, one asynchronous): the pipeline prunes as each iteration ends."""
 
 from __future__ import annotations
@@ -181,6 +181,42 @@ def test_prune_keeps_the_run_verified_reusable_and_refuses_what_it_cannot_contin
         assert "optimizer" not in _state(last) and main(["verify", rid, "--root", str(root)]) == 0
         with pytest.raises(CheckpointError, match="optimizer state was pruned"):
             Trainer(last, UpdateParams(device="cpu"))
+
+        # --weights: a completed run's superseded weights go (the final checkpoint's stay, byte-identical) and it
+        # still verifies; what needs them is refused in one line; a run that did not complete is refused; a prune
+        # stopped between its manifest write and the files' removal is finished by the next one
+        from runtime.checkpoint import load_model
+
+        final_weights = (Path(last) / "model.safetensors").read_bytes()
+        store.update(status="failed")
+        assert main(["prune", rid, "--root", str(root), "--weights"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "not completed" in err and (Path(first) / "model.safetensors").is_file()
+        store.update(status="completed")
+        with monkeypatch.context() as m:
+            m.setattr(prune, "_drop_weights", gone)
+            with pytest.raises(OSError, match="disk gone"):
+                prune.prune_run(str(root), rid, weights=True)
+        capsys.readouterr()
+        main(["verify", rid, "--root", str(root)])  # a superseded version: named in a note, not fatal
+        assert (Path(first) / "model.safetensors").is_file() and first in capsys.readouterr().out
+        assert main(["prune", rid, "--root", str(root), "--weights", "--dry-run"]) == 0
+        assert "would prune the optimizer state of 0 checkpoint(s), 0.0 GiB, and the weights of 1" in capsys.readouterr().out
+        assert main(["prune", rid, "--root", str(root), "--weights"]) == 0
+        assert "and the weights of 2" in capsys.readouterr().out  # the interrupted one and the rerun's
+        for ckpt in (first, rerun):
+            assert not list(Path(ckpt).glob("*.safetensors")) and (Path(ckpt) / "WEIGHTS_PRUNED.json").is_file()
+            with pytest.raises(CheckpointError, match="prune --weights"):
+                load_model(ckpt)
+        assert (Path(last) / "model.safetensors").read_bytes() == final_weights
+        capsys.readouterr()
+        assert main(["verify", rid, "--root", str(root)]) == 0
+        assert first not in capsys.readouterr().out  # the superseded version's new record matches too
+        assert main(["eval", "--checkpoint", first, "--root", str(root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "prune --weights" in err
+        assert main(["prune", rid, "--root", str(root), "--weights"]) == 0  # nothing left: frees nothing
+        assert "weights of" not in capsys.readouterr().out
 
     # a run being written (its lock held by another process) is refused in one line, untouched
     holder = subprocess.Popen(
