@@ -348,7 +348,10 @@ def stage_versions(store) -> str:
 
     manifest = store.load()
     stale = store.stale_stages()
-    pruned = {(p["stage"], p["version"]) for p in manifest.get("pruned", []) if p.get("done")}
+    pruned: dict[tuple[str, str], set[str]] = {}
+    for p in manifest.get("pruned", []):
+        if p.get("done"):
+            pruned.setdefault((p["stage"], p["version"]), set()).add(p.get("kind", "optimizer"))
 
     def order(key: str) -> tuple[int, int]:
         stage, it = parse_key(key)
@@ -370,8 +373,9 @@ def stage_versions(store) -> str:
             notes.append(f"rerun with {overrides_text(record['overrides'])}")
         if key in stale:
             notes.append(f"STALE: {stale[key]}")
-        if gone := [v for v in sorted(entry["versions"]) if (key, v) in pruned]:
-            notes.append(f"optimizer state pruned: {' '.join(gone)}")
+        for kind, what in (("optimizer", "optimizer state"), ("weights", "weights")):
+            if gone := [v for v in sorted(entry["versions"]) if kind in pruned.get((key, v), ())]:
+                notes.append(f"{what} pruned: {' '.join(gone)}")
         lines.append(f"{key:<22} {versions:<16} {'; '.join(notes)}")
     return "\n".join(lines)
 

@@ -276,7 +276,13 @@ def stage(root: str, rid: str, name: str, record: dict[str, Any], overrides: dic
         check_inputs(store, inputs)
     except IntegrityError as e:
         raise PreflightError(str(e)) from None
-    pruned = {p["uri"]: p["stage"] for p in store.load().get("pruned", [])}
+    items = store.load().get("pruned", [])
+    for uri in {u for u in inputs.values() if isinstance(u, str)} & {p["uri"] for p in items if p.get("kind") == "weights"}:
+        raise PreflightError(
+            f"the checkpoint this {name} reads ({uri}) had its weights removed (turntree prune --weights); "
+            "only a run's warm start and final checkpoint keep theirs"
+        )
+    pruned = {p["uri"]: p["stage"] for p in items if p.get("kind", "optimizer") == "optimizer"}
     if name == "update" and inputs.get("checkpoint") in pruned:  # flows/prune.py: AdamW cannot continue
         k = parse_key(pruned[inputs["checkpoint"]])[1]
         raise PreflightError(

@@ -16,7 +16,8 @@ held) is refused, and a checkpoint that no longer matches its record is left alo
 rerun from a pruned checkpoint is refused by the trainer (``stages.update.trainer``) rather than silently
 restarting AdamW. ``--final`` prunes a completed run's latest checkpoint too: no update of the run reads it again.
 
-``--weights`` (a completed run) also drops the *weights* of every update checkpoint but the latest, the 0.5 GB per
+``--weights`` (a completed run) also drops the *weights* of every update checkpoint but the latest (and the run's
+``final_checkpoint``, which compare and MLflow name, when a later rerun is current), the 0.5 GB per
 iteration that stays after the optimizer state is gone: their evaluations, trajectories, tables, MLflow curves and
 every report or paired comparison built from them stay; what needs the weights themselves (evaluating that
 iteration again, rerunning a stage that reads it, ``model=`` that directory) is refused in one line by
@@ -33,7 +34,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flows.history import parse_key
@@ -128,7 +129,11 @@ def _finish_pending(store: RunStore, result: Pruned) -> None:
             result.skipped.append(f"{ckpt}: an interrupted prune cannot be finished (run `turntree verify`)")
             continue
         _mark_done(store, item["uri"])
-        (result.weights if item.get("kind") == "weights" else result.checkpoints).append(str(ckpt))
+        if item.get("kind") == "weights":
+            result.weights.append(str(ckpt))
+            result.weights_freed += item["freed"]
+        else:
+            result.checkpoints.append(str(ckpt))
 
 
 def _weight_files(ckpt: Path) -> list[Path]:
@@ -136,14 +141,15 @@ def _weight_files(ckpt: Path) -> list[Path]:
 
 
 def _drop_weights(ckpt: Path, item: dict[str, Any]) -> None:
-    """Leave the marker recorded in ``item`` in place of the checkpoint's weight files (idempotent)."""
+    """Leave the marker recorded in ``item`` in place of the checkpoint's weight files (idempotent). The files go
+    first: on a full disk the marker may not fit until they are gone."""
+    for name in item["files"]:
+        (ckpt / name).unlink(missing_ok=True)
     marker = ckpt / WEIGHTS_PRUNED
     if not marker.is_file() or marker.read_text() != item["marker"]:
         tmp = ckpt.parent / f".{ckpt.name}.{WEIGHTS_PRUNED}"  # outside what the directory's sha256 covers
         tmp.write_text(item["marker"])
         os.replace(tmp, marker)
-    for name in item["files"]:
-        (ckpt / name).unlink(missing_ok=True)
 
 
 def _prune_weights(store: RunStore, key: str, version: str, ref: dict[str, Any], result: Pruned, dry_run: bool) -> None:
@@ -168,7 +174,7 @@ def _prune_weights(store: RunStore, key: str, version: str, ref: dict[str, Any],
     digests = {f.relative_to(ckpt).as_posix(): None for f in _local_files(ckpt) if f not in files}
     digests[WEIGHTS_PRUNED] = hashlib.sha256(marker.encode()).hexdigest()
     h = hashlib.sha256()  # flows.integrity.content_sha256's formula over the directory as it will be
-    for rel in sorted(digests):
+    for rel in sorted(digests, key=lambda r: PurePosixPath(r).parts):  # _local_files' order: Paths, part by part
         h.update(f"{rel}\t{digests[rel] or content_sha256(str(ckpt / rel))}\n".encode())
     size = ref["size"] - freed + len(marker.encode()) if ref.get("size") is not None else None
     item = {
@@ -186,8 +192,8 @@ def _prune_weights(store: RunStore, key: str, version: str, ref: dict[str, Any],
     with manifest_lock(store.root, store.run_id):
         store._read_modify_write(record)
     _drop_weights(ckpt, item)
-    if content_size(str(ckpt)) != size:
-        result.skipped.append(f"{ckpt}: its size after pruning differs from the recorded one")
+    if why := check_ref(str(ckpt), item["new_sha256"], size):
+        result.skipped.append(f"{ckpt}: after pruning its weights, {why}, not what was recorded (`turntree verify`)")
         return
     _mark_done(store, str(ckpt))
     result.weights.append(str(ckpt))
@@ -225,7 +231,8 @@ def prune_run(
     ``before``: only those of iterations before it. ``final``: the latest's too, of a completed run (no update of it
     reads that any more; a new run continued from that checkpoint, ``model=`` it, is refused by the trainer). The
     run lock is re-entrant within a process, so the pipeline writing the run may call this (``prune_as_it_goes``).
-    ``weights``: the weights of every update checkpoint but the latest too, of a completed run."""
+    ``weights``: the weights of every update checkpoint but the latest and the run's ``final_checkpoint`` too, of
+    a completed run (after the optimizer pass, so what is left to hash is small)."""
     if not is_local(root):
         raise ValueError(f"turntree prune works on a local run store; {root} is not one")
     store = RunStore(root, run_id)
@@ -247,12 +254,6 @@ def prune_run(
                 "checkpoints' weights; prune without --weights"
             )
         found, last = _update_checkpoints(manifest)
-        if weights:
-            for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
-                if (key, version) != last and (before is None or parse_key(key)[1] < before):
-                    _prune_weights(store, key, version, ref, result, dry_run)
-            manifest = store.load()  # their records changed
-            found, last = _update_checkpoints(manifest)
         if final:
             last = None
         for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
@@ -298,6 +299,13 @@ def prune_run(
             _mark_done(store, str(ckpt))
             result.checkpoints.append(str(ckpt))
             result.freed += freed
+        if weights:  # after the optimizer pass: what is left to hash is then small
+            manifest = store.load()
+            found, last = _update_checkpoints(manifest)
+            final_ckpt = manifest.get("final_checkpoint")  # what compare / MLflow name (a later rerun may not be it)
+            for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
+                if (key, version) != last and ref["uri"] != final_ckpt:
+                    _prune_weights(store, key, version, ref, result, dry_run)
     return result
 
 

@@ -256,3 +256,35 @@ def test_pruning_as_it_goes_never_fails_the_run(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="turntree.test"):
         prune.prune_as_it_goes("s3://bucket/runs", "r", log)
     assert not caplog.records
+
+
+def test_pruning_weights_records_the_hash_verify_computes_and_keeps_the_final_checkpoint(tmp_path):
+    """``--weights`` on a hand-made completed run of three update checkpoints: the recorded sha256 of a checkpoint
+    whose files sort differently as paths and as strings (``lora/…`` before ``lora.json``) is the one
+    ``content_sha256`` computes after the drop; the run's ``final_checkpoint`` (a later rerun is current) and the
+    latest keep their weights; a reader's fingerprint follows."""
+    from flows.integrity import check_ref, content_sha256, content_size
+
+    root, store = tmp_path / "runs", RunStore(str(tmp_path / "runs"), "hand")
+    ckpts, stages = [], {}
+    for k in (1, 2, 3):
+        d = root / "hand" / f"iter-{k}" / "update" / "v1" / "checkpoint"
+        (d / "lora").mkdir(parents=True)
+        for name, body in [("model.safetensors", f"weights {k}" * 1000), ("lora.json", "{}"), ("config.json", "{}"),
+                           ("lora/adapter_config.json", "{}"), ("a-b.txt", "x")]:  # fmt: skip
+            (d / name).write_text(body)
+        ckpts.append(str(d))
+        ref = {"uri": str(d), "sha256": content_sha256(str(d)), "size": content_size(str(d))}
+        stages[f"iter-{k}/update"] = {"current": "v1", "versions": {"v1": {"output": {"tables": {"checkpoint": ref}}}}}
+    reader = {"inputs": {"checkpoint": ckpts[0]}, "fingerprints": {"checkpoint": stages["iter-1/update"]["versions"]["v1"]["output"]["tables"]["checkpoint"]["sha256"][:16]}}  # fmt: skip
+    stages["iter-2/rollout"] = {"current": "v1", "versions": {"v1": reader}}
+    store.save({"run_id": "hand", "status": "completed", "final_checkpoint": ckpts[1], "stages": stages})
+
+    got = prune.prune_run(str(root), "hand", weights=True)
+    assert got.weights == [ckpts[0]] and not got.skipped
+    manifest = store.load()
+    ref = manifest["stages"]["iter-1/update"]["versions"]["v1"]["output"]["tables"]["checkpoint"]
+    assert check_ref(ckpts[0], ref["sha256"], ref["size"]) is None  # what verify computes
+    assert manifest["stages"]["iter-2/rollout"]["versions"]["v1"]["fingerprints"]["checkpoint"] == ref["sha256"][:16]
+    assert not (Path(ckpts[0]) / "model.safetensors").exists() and (Path(ckpts[0]) / "lora.json").is_file()
+    assert all((Path(c) / "model.safetensors").is_file() for c in ckpts[1:])

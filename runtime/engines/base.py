@@ -271,10 +271,10 @@ def load_checkpoint_weights(ckpt: Path) -> list[tuple[str, Any]]:
     from safetensors.torch import load_file
 
     files = sorted(Path(ckpt).glob("*.safetensors"))
-    if not files and (Path(ckpt) / "WEIGHTS_PRUNED.json").is_file():  # runtime.checkpoint.WEIGHTS_PRUNED
-        raise EngineError(
-            f"checkpoint {ckpt}: its weights were removed by `turntree prune --weights`; use the run's final checkpoint"
-        )
+    if not files and (Path(ckpt) / "WEIGHTS_PRUNED.json").is_file():
+        from runtime.checkpoint import CheckpointError, weights_pruned_message
+
+        raise CheckpointError(weights_pruned_message(Path(ckpt)))
     if not files:
         raise EngineError(f"checkpoint {ckpt} has no *.safetensors files")
     tensors: dict[str, Any] = {}
