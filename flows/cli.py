@@ -156,19 +156,14 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from schemas.params import EvalParams
 
     if a.paired:  # two stored evaluations: no model is run
-        from flows.compare import paired_evaluations
+        from flows.compare import paired_evaluations, paired_text
 
         if len(a.entries) != 2:
             raise UserError(
-                "--paired takes two evaluations, RUN:ITER RUN:ITER (or a `turntree eval` run id for either)"
+                "--paired takes two evaluations, RUN:ITER RUN:ITER (or a `turntree eval` run id; or equal lists A,A B,B)"
             )
         r = paired_evaluations(a.root, *a.entries)
-        text = (
-            f"{r['b']} - {r['a']}: {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (paired bootstrap 95%),"
-            f" {r['wins']:.0f} gained / {r['losses']:.0f} lost of {r['problems']:.0f} problems, exact McNemar p = "
-            f"{r['p_value']:.3g}; {r['a']} scored {r['a_mean']:.3f}"
-        )
-        print(json.dumps(r, indent=2) if a.json else text)
+        print(json.dumps(r, indent=2) if a.json else paired_text(r))
         return 0
 
     params = build(EvalParams, {**parse_sets(a.set), **({"benchmark": a.benchmark} if a.benchmark else {})})
@@ -284,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="evaluate checkpoints/runs on the same problems; table + plots")
     c.add_argument("entries", nargs="+", metavar="NAME=CHECKPOINT_OR_RUN_ID | RUN:ITER (--paired)")
     c.add_argument(
-        "--paired", action="store_true", help="two stored evaluations RUN:ITER: paired CI and McNemar p"
+        "--paired", action="store_true", help="two stored evaluations RUN:ITER (or lists, pooled): paired CI, McNemar p"
     )
     c.add_argument("--benchmark")
     c.add_argument("--out", default="reports/compare", help="report directory")

@@ -26,12 +26,15 @@ from schemas.params import EvalParams
 
 def paired_evaluations(run_root: str, a: str, b: str, resamples: int = 10_000) -> dict[str, Any]:
     """b − a of two stored held-out evaluations ``RUN:ITER`` (e.g. a run's starting policy ``r:0`` and its last
-    iteration ``r:3``), or ``RUN`` for a ``turntree eval`` run, on the problems both scored: mean difference, paired bootstrap 95% CI, and the exact
-    McNemar (sign) test on the problems that changed (``maths.paired.paired_comparison``)."""
+    iteration ``r:3``), or ``RUN`` for a ``turntree eval`` run, on the problems both scored: mean difference, paired
+    bootstrap 95% CI, and the exact McNemar (sign) test on the problems that changed
+    (``maths.paired.paired_comparison``). Comma-separated lists of equal length (``a-s0:8,a-s1:8``) pair up in
+    order, one pair per seed, pooled as a study pools them (problems resampled with all their seeds, on the problems
+    every evaluation scored), with the seeds' own Δs as ``across_seeds``."""
     import numpy as np
 
     from maths.eval_metrics import problem_scores, sample_records
-    from maths.paired import paired_comparison
+    from maths.paired import across_seeds, paired_comparison
     from runtime.tableio import read_table
     from schemas.tables import EVAL_RESULTS
 
@@ -47,14 +50,33 @@ def paired_evaluations(run_root: str, a: str, b: str, resamples: int = 10_000) -
             raise ValueError(f"run {run!r} has no evaluation{at} (RUN:ITER names a training run's iteration)")
         return problem_scores(sample_records(read_table(out.uri("eval_results"), EVAL_RESULTS)))
 
-    sa, sb = scores(a), scores(b)
-    common = sorted(set(sa) & set(sb))
+    left, right = a.split(","), b.split(",")
+    if len(left) != len(right) or "" in left + right:
+        raise ValueError(f"--paired lists pair up in order: {len(left)} evaluation(s) against {len(right)}")
+    sa, sb = [scores(r) for r in left], [scores(r) for r in right]
+    common = sorted(set.intersection(*(set(x) for x in sa + sb)))
     if not common:
         raise ValueError(f"{a} and {b} share no problem")
-    result = paired_comparison(
-        np.array([sa[p] for p in common]), np.array([sb[p] for p in common]), resamples=resamples
+    A = np.array([[x[p] for p in common] for x in sa])
+    B = np.array([[y[p] for p in common] for y in sb])
+    result = paired_comparison(A, B, resamples=resamples)
+    out = {"a": a, "b": b, "a_mean": float(A.mean()), **result}
+    if len(left) > 1:
+        out["across_seeds"] = across_seeds((B - A).mean(axis=1))
+    return out
+
+
+def paired_text(r: dict[str, Any]) -> str:
+    """``paired_evaluations``' result as ``turntree compare --paired`` prints it."""
+    of = f"{r['problems']:.0f} problems" + (f" x {r['seeds']:.0f} seeds" if "across_seeds" in r else "")
+    text = (
+        f"{r['b']} - {r['a']}: {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (paired bootstrap 95%), "
+        f"{r['wins']:.0f} gained / {r['losses']:.0f} lost of {of}, exact McNemar p = {r['p_value']:.3g}; "
+        f"{r['a']} scored {r['a_mean']:.3f}"
     )
-    return {"a": a, "b": b, "a_mean": float(np.mean([sa[p] for p in common])), **result}
+    if x := r.get("across_seeds"):
+        text += f"\nacross seeds (their own deltas, t 95%): {x['diff']:+.3f} [{x['ci_low']:+.3f}, {x['ci_high']:+.3f}]"
+    return text
 
 
 def _target(run_root: str, target: str) -> tuple[str, str | None]:

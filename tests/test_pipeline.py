@@ -500,3 +500,15 @@ def test_compare_paired_reads_two_stored_evaluations(gtpo_run, capsys):
     }
     assert main(["compare", "--paired", rid, "an-eval", "--root", root]) == 2  # a training run needs :ITER
     assert f"run {rid!r} has no evaluation (RUN:ITER" in capsys.readouterr().err
+
+    # lists pair up in order and pool as a study does: (0 vs 1) and (the copy of 1 vs 1, all ties) give half of
+    # the one pair's difference, its gains and losses, and the two seeds' own deltas (Δ and 0)
+    assert main(["compare", "--paired", f"{rid}:0,an-eval", f"{rid}:1,{rid}:1", "--root", root, "--json"]) == 0
+    pooled = json.loads(capsys.readouterr().out)
+    assert pooled["diff"] == pytest.approx(r["diff"] / 2) and (pooled["wins"], pooled["losses"]) == (r["wins"], r["losses"])
+    assert pooled["seeds"] == 2 and pooled["p_value"] == r["p_value"]
+    assert pooled["across_seeds"]["diff"] == pytest.approx(r["diff"] / 2)
+    assert main(["compare", "--paired", f"{rid}:0,an-eval", f"{rid}:1,{rid}:1", "--root", root]) == 0
+    assert "x 2 seeds" in capsys.readouterr().out
+    assert main(["compare", "--paired", f"{rid}:0,an-eval", f"{rid}:1", "--root", root]) == 2
+    assert "pair up in order: 2 evaluation(s) against 1" in capsys.readouterr().err
