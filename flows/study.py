@@ -42,15 +42,22 @@ from stages.study.plan import Cell, cells
 
 
 @task(name="study-cell", cache_policy=NONE, task_run_name="{params.run_id}")
-def run_cell(params: PipelineParams, prune: bool = True) -> dict[str, Any]:
+def run_cell(params: PipelineParams, prune: bool = True, prune_weights: bool = False) -> dict[str, Any]:
     """One cell: the pipeline as a subflow (it resumes a run that exists), with ``prune``: its superseded optimizer
     states dropped as it runs and when it ends (``prune_optimizer_states``, ``flows.prune``; a running SmolLM2 cell
-    holds ~1.6 GB per iteration otherwise). Never raises, so the other cells run."""
+    holds ~1.6 GB per iteration otherwise); with ``prune_weights``, once it completes, its superseded weights too.
+    Never raises, so the other cells run (a failed prune costs disk space: a warning)."""
     from flows.pipeline import pipeline
+    from flows.prune import prune_run
 
     if prune:
         params = params.model_copy(update={"prune_optimizer_states": True})
     state = pipeline(params, return_state=True)
+    if prune_weights and state.is_completed():
+        try:
+            get_run_logger().info(prune_run(params.run_root, params.run_id, weights=True).summary())
+        except Exception as e:  # noqa: BLE001 - disk space is not worth the study
+            get_run_logger().warning("cell %s: superseded weights not pruned: %s", params.run_id, e)
     return {"run_id": params.run_id, "completed": state.is_completed(), "message": str(state.message or "")}
 
 
@@ -88,7 +95,7 @@ def gather(cell: Cell) -> CellResult:
 def _study_run(tracker: Tracker, study: StudyParams, name: str, flow_run_id: str) -> str:
     """The study's MLflow run: the one of this study file (same name and contents) when it exists."""
     body = study.model_dump(mode="json", by_alias=True)
-    how = ("concurrency", "keep_optimizer_states")  # how the cells run and are stored is not what the study is
+    how = ("concurrency", "keep_optimizer_states", "prune_weights")  # how cells run and are stored: not what it is
     what = {k: v for k, v in body.items() if k not in how}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     found = tracker.client.search_runs(
@@ -145,9 +152,9 @@ def _run_and_report(study, name, todo: list[Cell], tracker: Tracker, parent: str
     if study.concurrency == 1:
         for i, c in enumerate(todo, 1):
             logger.info("cell %d/%d: %s", i, len(todo), c.run_id)
-            outcomes[c.run_id] = run_cell(c.params, not study.keep_optimizer_states)
+            outcomes[c.run_id] = run_cell(c.params, not study.keep_optimizer_states, study.prune_weights)
     else:  # a cell whose process died is reported as its manifest left it
-        futures = {c.run_id: run_cell.submit(c.params, not study.keep_optimizer_states) for c in todo}
+        futures = {c.run_id: run_cell.submit(c.params, not study.keep_optimizer_states, study.prune_weights) for c in todo}
         for rid, f in futures.items():
             got = f.result(raise_on_failure=False)
             outcomes[rid] = got if isinstance(got, dict) else {"completed": False, "message": str(got)}

@@ -164,11 +164,19 @@ def test_report_only_reports_the_cells_as_they_stand_and_runs_none(study, tmp_pa
 
 
 def test_cells_run_concurrently_in_processes_of_their_own(harness, tiny_model, tmp_path):
-    """concurrency 2: two cells at once, each in a process of its own (Prefect's process pool)."""
+    """concurrency 2: two cells at once, each in a process of its own (Prefect's process pool); two iterations
+    with ``prune_weights``: each completed cell's superseded update checkpoint loses its weights, the final one
+    keeps them, and the run still verifies."""
     root = tmp_path / "runs"
     argv = ["study", "--config", str(SMOKE), "--set", f"base.model={tiny_model}", "--set", "methods=[grpo]"]
-    argv += ["--set", "concurrency=2", "--root", str(root), "--out", str(tmp_path / "report")]
+    argv += ["--set", "concurrency=2", "--set", "base.iterations=2", "--set", "prune_weights=true"]
+    argv += ["--root", str(root), "--out", str(tmp_path / "report")]
     assert main(argv) == 0
+    for c in ("smoke-grpo-s0", "smoke-grpo-s1"):
+        store = RunStore(str(root), c)
+        first, last = (Path(store.current_output("update", k).uri("checkpoint")) for k in (1, 2))
+        assert (first / "WEIGHTS_PRUNED.json").is_file() and not (first / "model.safetensors").exists()
+        assert (last / "model.safetensors").is_file() and main(["verify", c, "--root", str(root)]) == 0
     made = {
         c: RunStore(str(root), c).load()["stages"]["iter-1/update"]["current"]
         for c in ("smoke-grpo-s0", "smoke-grpo-s1")

@@ -86,6 +86,12 @@ class StudyParams(BaseModel):
         description="Keep every checkpoint's optimizer state (else a cell drops each superseded one as it runs, "
         "`prune_optimizer_states`, and keeps only its last one's: ~1.1 of every 1.6 GB per SmolLM2 iteration)",
     )
+    prune_weights: bool = Field(
+        False,
+        description="When a cell completes, drop the weights of its superseded update checkpoints (`turntree prune "
+        "--weights`: ~0.5 GB per SmolLM2 iteration; its evaluations and the report stay, the warm start and final "
+        "policy keep theirs)",
+    )
     bootstrap: int = Field(10_000, ge=0, le=1_000_000, description="Bootstrap resamples of the paired CIs")
 
     @field_validator("methods", mode="before")
