@@ -52,7 +52,9 @@ def paired_evaluations(run_root: str, a: str, b: str, resamples: int = 10_000) -
 
     left, right = a.split(","), b.split(",")
     if len(left) != len(right) or "" in left + right:
-        raise ValueError(f"--paired lists pair up in order: {len(left)} evaluation(s) against {len(right)}")
+        raise ValueError(
+            f"--paired lists pair up in order, none empty: {len(left)} evaluation(s) against {len(right)}"
+        )
     sa, sb = [scores(r) for r in left], [scores(r) for r in right]
     common = sorted(set.intersection(*(set(x) for x in sa + sb)))
     if not common:

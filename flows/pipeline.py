@@ -317,8 +317,31 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict[str, Any]:  # Qu
         return _pipeline(params)
 
 
+def _kept_as_it_stands(params: PipelineParams) -> dict[str, Any] | None:
+    """A completed run whose superseded weights were pruned (``turntree prune --weights``) is not driven again:
+    a stage that code changes made stale (an evaluation, say) could not read the weights it needs, and the run
+    would end failed. Its result as recorded, or None for any other run."""
+    store = RunStore(params.run_root, params.run_id or default_run_id(params))
+    if not store.exists():
+        return None
+    m = store.load()
+    if m.get("status") != "completed" or not any(p.get("kind") == "weights" for p in m.get("pruned", [])):
+        return None
+    get_run_logger().info(
+        "run %s completed and its superseded weights were pruned (turntree prune --weights): kept as it stands, "
+        "no stage recomputed",
+        store.run_id,
+    )
+    return {
+        "run_id": store.run_id, "run_dir": store.base, "checkpoint": m.get("final_checkpoint"),
+        "mlflow_run_id": m.get("mlflow_run_id"), "tracking_uri": m.get("tracking_uri"), "iterations": [],
+    }  # fmt: skip
+
+
 def _pipeline(params: PipelineParams) -> dict[str, Any]:
     logger = get_run_logger()
+    if (kept := _kept_as_it_stands(params)) is not None:
+        return kept
     store, ctx, tracker = start_run(params)
     tag_flow_run(ctx, params)
     logger.info("run %s under %s; MLflow: %s", ctx.run_id, store.base, tracker.run_url(ctx.mlflow_parent))

@@ -225,6 +225,7 @@ def prune_run(
     before: int | None = None,
     final: bool = False,
     weights: bool = False,
+    optimizer: bool = True,
 ) -> Pruned:
     """Prune the optimizer state of every update checkpoint of ``run_id`` but the latest (module docstring).
 
@@ -232,7 +233,8 @@ def prune_run(
     reads that any more; a new run continued from that checkpoint, ``model=`` it, is refused by the trainer). The
     run lock is re-entrant within a process, so the pipeline writing the run may call this (``prune_as_it_goes``).
     ``weights``: the weights of every update checkpoint but the latest and the run's ``final_checkpoint`` too, of
-    a completed run (after the optimizer pass, so what is left to hash is small)."""
+    a completed run (after the optimizer pass, so what is left to hash is small). ``optimizer`` False: no
+    optimizer pass (a study that keeps its optimizer states but not its weights)."""
     if not is_local(root):
         raise ValueError(f"turntree prune works on a local run store; {root} is not one")
     store = RunStore(root, run_id)
@@ -256,7 +258,7 @@ def prune_run(
         found, last = _update_checkpoints(manifest)
         if final:
             last = None
-        for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
+        for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])) if optimizer else []:
             ckpt = Path(ref["uri"])
             if (key, version) == last:
                 result.kept = str(ckpt)
@@ -304,7 +306,7 @@ def prune_run(
             found, last = _update_checkpoints(manifest)
             final_ckpt = manifest.get("final_checkpoint")  # what compare / MLflow name (a later rerun may not be it)
             for key, version, ref in sorted(found, key=lambda f: (parse_key(f[0])[1], f[1])):
-                if (key, version) != last and ref["uri"] != final_ckpt:
+                if (key, version) != last and ref["uri"] != final_ckpt and (before is None or parse_key(key)[1] < before):
                     _prune_weights(store, key, version, ref, result, dry_run)
     return result
 

@@ -47,15 +47,16 @@ def run_cell(params: PipelineParams, prune: bool = True, prune_weights: bool = F
     states dropped as it runs and when it ends (``prune_optimizer_states``, ``flows.prune``; a running SmolLM2 cell
     holds ~1.6 GB per iteration otherwise); with ``prune_weights``, once it completes, its superseded weights too.
     Never raises, so the other cells run (a failed prune costs disk space: a warning)."""
+    from flows.integrity import is_local
     from flows.pipeline import pipeline
     from flows.prune import prune_run
 
     if prune:
         params = params.model_copy(update={"prune_optimizer_states": True})
     state = pipeline(params, return_state=True)
-    if prune_weights and state.is_completed():
+    if prune_weights and state.is_completed() and is_local(params.run_root):
         try:
-            get_run_logger().info(prune_run(params.run_root, params.run_id, weights=True).summary())
+            get_run_logger().info(prune_run(params.run_root, params.run_id, weights=True, optimizer=prune).summary())
         except Exception as e:  # noqa: BLE001 - disk space is not worth the study
             get_run_logger().warning("cell %s: superseded weights not pruned: %s", params.run_id, e)
     return {"run_id": params.run_id, "completed": state.is_completed(), "message": str(state.message or "")}

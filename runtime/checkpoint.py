@@ -67,7 +67,7 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 def weights_pruned_message(p: Path) -> str:
     return (
         f"checkpoint {p}: its weights were removed by `turntree prune --weights` (its evaluations and tables are "
-        "kept); use the run's final checkpoint, or rerun that iteration's update to recreate them"
+        "kept); use the run's final checkpoint or its warm start"
     )
 
 

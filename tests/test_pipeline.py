@@ -511,4 +511,4 @@ def test_compare_paired_reads_two_stored_evaluations(gtpo_run, capsys):
     assert main(["compare", "--paired", f"{rid}:0,an-eval", f"{rid}:1,{rid}:1", "--root", root]) == 0
     assert "x 2 seeds" in capsys.readouterr().out
     assert main(["compare", "--paired", f"{rid}:0,an-eval", f"{rid}:1", "--root", root]) == 2
-    assert "pair up in order: 2 evaluation(s) against 1" in capsys.readouterr().err
+    assert "pair up in order, none empty: 2 evaluation(s) against 1" in capsys.readouterr().err

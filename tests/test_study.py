@@ -177,6 +177,19 @@ def test_cells_run_concurrently_in_processes_of_their_own(harness, tiny_model, t
         first, last = (Path(store.current_output("update", k).uri("checkpoint")) for k in (1, 2))
         assert (first / "WEIGHTS_PRUNED.json").is_file() and not (first / "model.safetensors").exists()
         assert (last / "model.safetensors").is_file() and main(["verify", c, "--root", str(root)]) == 0
+    # rerun after a code change that makes iteration 2's rollout (which reads iteration 1's pruned weights) stale:
+    # the completed cells are kept as they stand, not driven into a failure
+    for c in ("smoke-grpo-s0", "smoke-grpo-s1"):
+        store = RunStore(str(root), c)
+        m = store.load()
+        entry = m["stages"]["iter-2/rollout"]
+        entry["versions"][entry["current"]]["code"] = "an older rollout"
+        store.save(m)
+    before = {c: RunStore(str(root), c).load()["stages"] for c in ("smoke-grpo-s0", "smoke-grpo-s1")}
+    assert main(argv) == 0
+    for c, stages in before.items():
+        after = RunStore(str(root), c).load()
+        assert after["status"] == "completed" and after["stages"] == stages
     made = {
         c: RunStore(str(root), c).load()["stages"]["iter-1/update"]["current"]
         for c in ("smoke-grpo-s0", "smoke-grpo-s1")
