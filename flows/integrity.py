@@ -11,7 +11,7 @@ import ast
 import hashlib
 import os
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
@@ -42,10 +42,11 @@ def content_size(uri: str) -> int | None:
     return None
 
 
-def content_sha256(uri: str, replaced: dict[str, str] | None = None) -> str:
+def content_sha256(uri: str, replaced: dict[str, str | None] | None = None) -> str:
     """sha256 of a file's bytes; of a directory, over its sorted (relative path, file sha256) pairs. ``replaced``
-    (local directories): the sha256 to use for some files by relative path, e.g. of a file about to replace one
-    (``flows.prune`` records a checkpoint's new hash before swapping its file in)."""
+    (local directories): the directory as it is about to become, by relative path: a sha256 for a file about to be
+    written or replaced, None for one about to be removed (``flows.prune`` records a checkpoint's new hash before
+    it changes the files)."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -55,9 +56,11 @@ def content_sha256(uri: str, replaced: dict[str, str] | None = None) -> str:
     h = hashlib.sha256()
     if isinstance(fs, pafs.LocalFileSystem):
         root = Path(path)
-        for f in _local_files(root):
-            rel = f.relative_to(root).as_posix()
-            h.update(f"{rel}\t{(replaced or {}).get(rel) or sha256_file(f)}\n".encode())
+        entries: dict[str, str | None] = {f.relative_to(root).as_posix(): "" for f in _local_files(root)}
+        entries.update(replaced or {})
+        for rel in sorted(entries, key=lambda r: PurePosixPath(r).parts):  # _local_files' order: part by part
+            if entries[rel] is not None:
+                h.update(f"{rel}\t{entries[rel] or sha256_file(root / rel)}\n".encode())
         return h.hexdigest()
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):

@@ -23,7 +23,7 @@ every report or paired comparison built from them stay; what needs the weights t
 iteration again, rerunning a stage that reads it, ``model=`` that directory) is refused in one line by
 ``runtime.checkpoint.check_checkpoint``, which finds the ``WEIGHTS_PRUNED.json`` left in their place. The same
 crash-safe order holds: the new sha256 and size (of the directory without its weights, with the marker) are
-recorded first, then the marker is written and the weight files removed; a prune stopped between the two is
+recorded first, then the weight files removed and the marker written; a prune stopped between the two is
 finished by the next one.
 """
 
@@ -34,11 +34,11 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from flows.history import parse_key
-from flows.integrity import _local_files, check_ref, content_sha256, content_size, is_local
+from flows.integrity import check_ref, content_sha256, content_size, is_local
 from flows.locks import manifest_lock, run_lock
 from flows.runstore import RunNotFound, RunStore
 from runtime.tableio import sha256_file
@@ -171,15 +171,12 @@ def _prune_weights(store: RunStore, key: str, version: str, ref: dict[str, Any],
         {"pruned_by": "turntree prune --weights", "run": store.run_id, "stage": key, "version": version,
          "old_sha256": ref["sha256"], "removed": sizes}, indent=1, sort_keys=True,
     ) + "\n"  # fmt: skip
-    digests = {f.relative_to(ckpt).as_posix(): None for f in _local_files(ckpt) if f not in files}
-    digests[WEIGHTS_PRUNED] = hashlib.sha256(marker.encode()).hexdigest()
-    h = hashlib.sha256()  # flows.integrity.content_sha256's formula over the directory as it will be
-    for rel in sorted(digests, key=lambda r: PurePosixPath(r).parts):  # _local_files' order: Paths, part by part
-        h.update(f"{rel}\t{digests[rel] or content_sha256(str(ckpt / rel))}\n".encode())
+    as_it_will_be = {**dict.fromkeys(sizes), WEIGHTS_PRUNED: hashlib.sha256(marker.encode()).hexdigest()}
+    new = content_sha256(str(ckpt), as_it_will_be)
     size = ref["size"] - freed + len(marker.encode()) if ref.get("size") is not None else None
     item = {
         "uri": str(ckpt), "stage": key, "version": version, "kind": "weights", "old_sha256": ref["sha256"],
-        "new_sha256": h.hexdigest(), "files": sorted(sizes), "marker": marker, "freed": freed, "at": time.time(),
+        "new_sha256": new, "files": sorted(sizes), "marker": marker, "freed": freed, "at": time.time(),
         "done": False,
     }  # fmt: skip
 

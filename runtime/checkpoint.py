@@ -55,8 +55,7 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
         )
     if not (p / "config.json").is_file():
         raise CheckpointError(f"checkpoint {p} has no config.json: not a model directory")
-    if (p / WEIGHTS_PRUNED).is_file():
-        raise CheckpointError(weights_pruned_message(p))
+    refuse_pruned_weights(p)
     if not _weight_files(p):
         raise CheckpointError(f"checkpoint {p} has no weights (*.safetensors / pytorch_model*.bin)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -64,11 +63,13 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def weights_pruned_message(p: Path) -> str:
-    return (
-        f"checkpoint {p}: its weights were removed by `turntree prune --weights` (its evaluations and tables are "
-        "kept); use the run's final checkpoint or its warm start"
-    )
+def refuse_pruned_weights(p: Path) -> None:
+    """CheckpointError (bad input, one line) when ``turntree prune --weights`` removed this checkpoint's weights."""
+    if (p / WEIGHTS_PRUNED).is_file():
+        raise CheckpointError(
+            f"checkpoint {p}: its weights were removed by `turntree prune --weights` (its evaluations and tables "
+            "are kept); use the run's final checkpoint or its warm start"
+        )
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> torch.nn.Module:

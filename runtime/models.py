@@ -290,10 +290,10 @@ def resolve_model(spec: str | os.PathLike) -> Path:
     if s in PREPARERS:
         return prepare(s, cache_dir() / s)
     path = Path(s).expanduser()
-    if (path / "WEIGHTS_PRUNED.json").is_file():  # runtime.checkpoint.WEIGHTS_PRUNED: bad input (exit 2)
-        from runtime.checkpoint import CheckpointError, weights_pruned_message
+    if (path / "WEIGHTS_PRUNED.json").is_file():  # looked at first: runtime.checkpoint imports torch
+        from runtime.checkpoint import refuse_pruned_weights
 
-        raise CheckpointError(weights_pruned_message(path))
+        refuse_pruned_weights(path)
     if path.is_dir() and (path / "config.json").is_file():
         return path
     raise ModelPrepError(

@@ -270,11 +270,10 @@ def load_checkpoint_weights(ckpt: Path) -> list[tuple[str, Any]]:
     files omit is filled with a copy of the input embeddings (vLLM's reload needs it)."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(ckpt).glob("*.safetensors"))
-    if not files and (Path(ckpt) / "WEIGHTS_PRUNED.json").is_file():
-        from runtime.checkpoint import CheckpointError, weights_pruned_message
+    from runtime.checkpoint import refuse_pruned_weights
 
-        raise CheckpointError(weights_pruned_message(Path(ckpt)))
+    refuse_pruned_weights(Path(ckpt))
+    files = sorted(Path(ckpt).glob("*.safetensors"))
     if not files:
         raise EngineError(f"checkpoint {ckpt} has no *.safetensors files")
     tensors: dict[str, Any] = {}
